@@ -1,0 +1,197 @@
+"""Throughput of synclone's corruption engine against the reference imagecorruptions-imaug, same CPU, same images.
+
+    .venv/bin/python bench/bench_corruptions.py                 # print the table
+    .venv/bin/python bench/bench_corruptions.py --write         # also update "## Corruptions" in bench/RESULTS.md
+
+Images: photos from ``skimage.data`` resized to 224x224 and 28x28. Every corruption runs at all five
+severities. The reference corrupts one PIL image per call (as ``imagecorruptions.corrupt`` does, calling the
+corruption function directly because ``corrupt`` refuses images under 32 pixels) and converts to uint8;
+ours corrupts a batch tensor. Both run on one thread by default (``torch.set_num_threads``,
+``cv2.setNumThreads``); the machine may be shared, so the two are timed in alternating rounds and each
+keeps its best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## Corruptions"
+
+
+def photos(size: int) -> list[np.ndarray]:
+    """A handful of colour photos from skimage.data, resized to size x size (uint8 HWC)."""
+    import skimage.data as skd
+    from PIL import Image
+
+    sources = [skd.astronaut(), skd.coffee(), skd.chelsea(), skd.rocket(), skd.immunohistochemistry()]
+    return [np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in sources]
+
+
+def time_reference(name: str, imgs: list, n: int) -> float:
+    """Seconds per image for the reference, cycling severities 1-5 over n images."""
+    from imagecorruptions import corruption_dict
+    from PIL import Image
+
+    fn = corruption_dict[name]
+    pils = [Image.fromarray(imgs[i % len(imgs)]) for i in range(n)]
+    start = time.perf_counter()
+    for i, pil in enumerate(pils):
+        np.uint8(fn(pil, i % 5 + 1))
+    return (time.perf_counter() - start) / n
+
+
+def time_ours(name: str, batch: torch.Tensor, seed: int) -> float:
+    """Seconds per image for synclone, one call per severity on the whole batch."""
+    from synclone.robustness.corruptions import corrupt
+
+    start = time.perf_counter()
+    for severity in range(1, 6):
+        corrupt(batch, name, severity, seed=seed)
+    return (time.perf_counter() - start) / (5 * batch.shape[0])
+
+
+def run(sizes, names, rounds: int, ref_images: dict, batch_sizes: dict) -> dict:
+    from synclone.robustness.corruptions import corrupt
+
+    results = {}
+    for size in sizes:
+        imgs = photos(size)
+        n = batch_sizes[size]
+        batch = torch.stack([torch.from_numpy(imgs[i % len(imgs)]) for i in range(n)]).permute(0, 3, 1, 2)
+        batch = batch.float().div(255).contiguous()
+        for name in names:
+            corrupt(batch[:2], name, 3, seed=0)  # warm caches (frost textures, kernels) outside the timing
+            time_reference(name, imgs, 1)
+            ref, ours = math.inf, math.inf
+            for r in range(rounds):
+                ref = min(ref, time_reference(name, imgs, ref_images[size]))
+                ours = min(ours, time_ours(name, batch, seed=r))
+            results[(size, name)] = (ref, ours)
+            print(f"{size:>4} {name:<18} ref {ref * 1e3:8.3f} ms  ours {ours * 1e3:8.3f} ms  x{ref / ours:6.1f}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def table(results: dict, sizes, names, common) -> str:
+    lines = ["| corruption | " + " | ".join(f"{s}x{s} ref ms/img | {s}x{s} ours ms/img | {s}x{s} speed-up"
+                                            for s in sizes) + " |",
+             "|---|" + "---:|" * (3 * len(sizes))]
+    for name in names:
+        cells = []
+        for s in sizes:
+            ref, ours = results[(s, name)]
+            cells += [f"{ref * 1e3:.3f}", f"{ours * 1e3:.3f}", f"{ref / ours:.1f}x"]
+        tag = "" if name in common else " (held out)"
+        lines.append(f"| {name}{tag} | " + " | ".join(cells) + " |")
+    for label, subset in (("geometric mean, 15 corruptions", [n for n in names if n in common]),
+                          ("geometric mean, all 19", names)):
+        if not subset:
+            continue
+        cells = []
+        for s in sizes:
+            ratios = [results[(s, n)][0] / results[(s, n)][1] for n in subset]
+            cells += ["", "", f"**{math.exp(sum(map(math.log, ratios)) / len(ratios)):.1f}x**"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the "## Corruptions" section of bench/RESULTS.md, leaving other sections alone."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = old.find(SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + ("\n\n" + old[end + 1 :] if end >= 0 else "\n")
+    RESULTS.write_text(new)
+
+
+def main(argv=None) -> None:
+    from synclone.robustness.corruptions import ALL_CORRUPTIONS, CORRUPTIONS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 28])
+    p.add_argument("--names", nargs="+", default=list(ALL_CORRUPTIONS), choices=ALL_CORRUPTIONS)
+    p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds; each side keeps its best")
+    p.add_argument("--threads", type=int, default=1, help="torch and OpenCV threads (default 1)")
+    p.add_argument("--write", action="store_true", help="update the '## Corruptions' section of bench/RESULTS.md")
+    args = p.parse_args(argv)
+
+    import cv2
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    ref_images = {224: 10, 28: 100}
+    batch_sizes = {224: 32, 28: 512}
+    for s in args.sizes:
+        ref_images.setdefault(s, 10 if s >= 128 else 100)
+        batch_sizes.setdefault(s, 32 if s >= 128 else 512)
+    start = time.perf_counter()
+    results = run(args.sizes, args.names, args.rounds, ref_images, batch_sizes)
+    elapsed = time.perf_counter() - start
+    md = table(results, args.sizes, args.names, set(CORRUPTIONS))
+    text = "\n".join([
+        SECTION,
+        "",
+        f"Command: `{command(argv)}` ({elapsed:.0f} s), on {platform.machine()} with {os.cpu_count()} cores "
+        f"(shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end). torch {torch.__version__}, "
+        f"imagecorruptions-imaug {version('imagecorruptions-imaug')}; {args.threads} thread(s) for torch and OpenCV.",
+        "Photos from skimage.data; all five severities; per size, the reference corrupts "
+        + ", ".join(f"{ref_images[s]} ({s}px)" for s in args.sizes)
+        + " images one by one and ours batches of "
+        + ", ".join(f"{batch_sizes[s]} ({s}px)" for s in args.sizes)
+        + f"; best of {args.rounds} alternating rounds. Milliseconds per image; speed-up = reference / ours.",
+        "",
+        md,
+        "",
+        reading(results, args.sizes, [n for n in args.names if n in CORRUPTIONS]),
+    ])
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+def reading(results: dict, sizes, common) -> str:
+    """The goal, what was reached, and why, under the table."""
+    if not common:
+        return ""
+    gm = {s: math.exp(sum(math.log(results[(s, n)][0] / results[(s, n)][1]) for n in common) / len(common))
+          for s in sizes}
+    reached = " and ".join(f"{gm[s]:.1f}x at {s}x{s}" for s in sizes)
+    return (
+        f"Reading: the goal was a geometric-mean speed-up of at least 10x over the 15 corruptions; this run "
+        f"reached {reached}. The reference works per image but in vectorised C (NumPy, SciPy, OpenCV, Pillow), "
+        "so at 224x224 there is little interpreter overhead to amortise, and ours keeps the reference's exact "
+        "arithmetic (the differential tests hold it to float rounding), so most corruptions still make about as "
+        "many passes over the pixels. The large gains are where the reference is wasteful: zoom blur (a SciPy "
+        "zoom per factor), frost (re-reads and resizes a texture per image), brightness and saturate (a float64 "
+        "HSV round trip), elastic, glass and motion blur. Noise is bound by random-number generation (torch "
+        "normals ~2.6 ns and PCG64 uniforms ~1.4 ns per value, one stream per image). JPEG and pixelate are "
+        "Pillow's uint8 C code in the reference, which also starts from a PIL image, while ours converts float "
+        "tensors to uint8 and back; at 28x28 batching amortises the reference's per-call overhead instead. "
+        "Timings on this shared machine vary by about 30% between runs."
+    )
+
+
+def command(argv) -> str:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return "HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_corruptions.py" + "".join(f" {a}" for a in args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Typed configs: YAML files plus dotted command-line overrides, and the run snapshot.
+
+Every config is a pydantic model that forbids unknown keys, so a typo ("epocs") is an error that
+names the key instead of a silently ignored setting. ``load_config`` merges, in order: the model's
+defaults, a YAML file, then ``key.sub=value`` overrides from the command line.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from synclone.errors import UserError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value as YAML so ``3``, ``0.1``, ``true``, ``[a, b]`` get their types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict (returns a new dict)."""
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key=value (e.g. optim.epochs=3)")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise UserError(f"override '{item}' has an empty key")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise UserError(f"override '{item}': '{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line naming each bad key, e.g. ``unknown config key 'optim.epocs'``."""
+    msgs = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        where = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+        if e["type"] == "extra_forbidden":
+            msgs.append(f"unknown config key '{where}'")
+        elif e["type"] == "missing":
+            msgs.append(f"missing config key '{where}'")
+        else:
+            msgs.append(f"bad value for '{where}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(msgs)
+
+
+def validate(cls: type[C], data: dict, source: str = "config") -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise UserError(f"{source}: {format_validation_error(err)}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file '{p}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config file '{p}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{p}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Defaults <- YAML file <- dotted overrides, validated into ``cls``."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    return validate(cls, data, source=str(path) if path else "config")
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --- run snapshot -------------------------------------------------------------------------------
+
+_TRACKED_PACKAGES = (
+    "synclone", "torch", "torchvision", "timm", "accelerate", "numpy", "diffusers", "transformers",
+    "open_clip_torch", "safetensors", "pandas",
+)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def git_sha() -> str:
+    """The git commit of the synclone source tree (or 'unknown' when installed from a wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
+        )
+        sha = res.stdout.strip()
+        if res.returncode == 0 and sha:
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                text=True, timeout=5, check=False,
+            ).stdout.strip()
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def write_run_info(out_dir: str | Path, cfg: BaseModel | None = None, command: str | None = None) -> dict:
+    """Write ``config.yaml`` (resolved) and ``run.json`` (versions, git sha, command, time) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    info = {
+        "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "versions": package_versions(),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info

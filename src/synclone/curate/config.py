@@ -1,0 +1,147 @@
+"""``CurateConfig``: what ``synclone curate CONFIG [key=value ...]`` reads.
+
+Filters are named sections rather than a list so that every knob has a dotted path for command-line
+overrides (``filters.threshold.p_label=0.6``); ``filters.order`` says in which order the enabled ones run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from synclone.config import StrictModel
+
+FILTER_NAMES = ("degenerate", "threshold", "quantile", "dedup", "he", "keep_k")
+# Scores a filter can rank or threshold on, with their ranges (probabilities, differences of them, cosines).
+SCORE_RANGES = {"p_label": (0.0, 1.0), "margin": (-1.0, 1.0), "class_sim": (-1.0, 1.0), "prompt_sim": (-1.0, 1.0)}
+Score = Literal["p_label", "margin", "class_sim", "prompt_sim"]
+
+
+class ScorerConfig(StrictModel):
+    """Which model scores the images.
+
+    - ``openclip``: ``model`` is an open_clip name (``ViT-B-32``, with ``pretrained`` a tag or a checkpoint
+      file), ``local-dir:PATH`` or a folder holding ``open_clip_config.json`` + weights, or a model-config
+      ``.json`` file (with ``pretrained`` a checkpoint file).
+    - ``hf_clip``: ``model`` is a transformers CLIP folder (``save_pretrained`` layout) or a hub id that is
+      already in the local Hugging Face cache.
+    - ``teacher``: ``model`` is a synclone model folder (``model.safetensors`` + ``config.json``).
+    """
+
+    kind: Literal["openclip", "hf_clip", "teacher"] = "openclip"
+    model: str = "ViT-B-32"
+    pretrained: str | None = "openai"
+    # CLIP only: prompt templates, "openai" (OpenAI's 80 ImageNet templates), "simple" (their 7-template
+    # subset), both from open_clip.zero_shot_metadata, or a list of strings with "{c}" for the class name.
+    templates: Literal["openai", "simple"] | list[str] = "openai"
+    # CLIP only: score over this label space (a built-in name or a .json/.txt file) instead of the dataset's
+    # classes, e.g. to add distractor classes; every dataset class must be in it.
+    label_space: str | None = None
+    # Softmax over the dataset's classes only (True), or over all classes of the scorer's label space.
+    restrict_to_dataset: bool = True
+    # CLIP only: logits = scale * cosine; None = the model's own learnt logit scale (100 for OpenAI CLIP).
+    logit_scale: float | None = Field(None, gt=0)
+    batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+
+
+class DegenerateFilter(StrictModel):
+    """Drop images a generator got wrong as a whole: NaN pixels, (near-)black, or (near-)constant."""
+
+    enabled: bool = True
+    # All-black: the brightest pixel is at most this grey level (0..255); diffusers' safety checker writes 0s.
+    black_max: float = Field(4.0, ge=0, le=255)
+    # Constant: pixel standard deviation below this many grey levels.
+    min_std: float = Field(0.5, ge=0, le=128)
+
+
+class ThresholdFilter(StrictModel):
+    """Keep an image only if each score set here is at least its minimum."""
+
+    p_label: float | None = Field(None, ge=0.0, le=1.0)
+    margin: float | None = Field(None, ge=-1.0, le=1.0)
+    class_sim: float | None = Field(None, ge=-1.0, le=1.0)
+    prompt_sim: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class QuantileFilter(StrictModel):
+    """Per class, drop the images whose ``score`` lies below that class's ``q``-quantile."""
+
+    score: Score | None = None
+    q: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class DedupFilter(StrictModel):
+    """Near-duplicates: within a class, an image whose embedding has cosine >= ``tau`` with a kept one is dropped.
+
+    Greedy over a stable order: by ``prefer`` descending (the best copy survives), ties by image id.
+    A teacher's embeddings are post-ReLU features (all non-negative), so their cosines run higher than
+    CLIP's: a tau that suits CLIP (0.9-0.95) removes distinct images under a teacher; use 0.99 or more there.
+    """
+
+    enabled: bool = False
+    tau: float = Field(0.95, gt=-1.0, le=1.0)
+    prefer: Score | Literal["id"] = "p_label"
+
+
+class HeFilter(StrictModel):
+    """He et al. (2023): keep an image if p(label) > 1/C, then the top ``k`` per class by p(label)."""
+
+    enabled: bool = False
+    k: int | None = Field(None, ge=1)
+
+
+class KeepKFilter(StrictModel):
+    """Keep at most ``k`` images per class, the best by ``by``."""
+
+    k: int | None = Field(None, ge=1)
+    by: Score = "p_label"
+
+
+class FiltersConfig(StrictModel):
+    degenerate: DegenerateFilter = DegenerateFilter()
+    threshold: ThresholdFilter = ThresholdFilter()
+    quantile: QuantileFilter = QuantileFilter()
+    dedup: DedupFilter = DedupFilter()
+    he: HeFilter = HeFilter()
+    keep_k: KeepKFilter = KeepKFilter()
+    # Unreadable images are always dropped first. Dedup runs before the top-k rules by default, so that
+    # "top k" means k distinct images.
+    order: list[Literal["degenerate", "threshold", "quantile", "dedup", "he", "keep_k"]] = list(FILTER_NAMES)
+
+    @field_validator("order")
+    @classmethod
+    def _order_unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"filters.order lists a filter twice: {v}")
+        return v
+
+
+class StatsConfig(StrictModel):
+    enabled: bool = True
+    bins: int = Field(30, ge=2)
+    # Example grids: at most this many kept / dropped images per class.
+    examples_per_class: int = Field(8, ge=0)
+    thumb_size: int = Field(64, ge=8, le=512)
+
+
+class CurateConfig(StrictModel):
+    """``synclone curate``: score a dataset folder, filter it, write a curated dataset folder."""
+
+    input: str
+    output: str
+    # Where embeddings are cached (shared by every curate run over these images); default <input>/.curate_cache.
+    cache_dir: str | None = None
+    scorer: ScorerConfig = ScorerConfig()
+    filters: FiltersConfig = FiltersConfig()
+    # none: metadata points at the source files; hardlink / copy: put the kept files into output/train/.
+    materialize: Literal["none", "hardlink", "copy"] = "none"
+    # With materialize=none: file_name relative to output/train/ (the pair moves together) or absolute.
+    paths: Literal["relative", "absolute"] = "relative"
+    # Grey level behind transparent pixels (RGBA, LA, palette with transparency).
+    alpha_background: int = Field(0, ge=0, le=255)
+    stats: StatsConfig = StatsConfig()
+    # Replace a non-empty output folder that is not an earlier curate output.
+    overwrite: bool = False
+    progress: bool = True

@@ -1,0 +1,58 @@
+"""``curate(cfg)``: score a dataset folder through the cache, filter it, and write the curated folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from synclone.config import write_run_info
+from synclone.curate.cache import FileKeys, ScorerCache
+from synclone.curate.config import CurateConfig
+from synclone.curate.filters import apply_filters
+from synclone.curate.folder import read_dataset_folder
+from synclone.curate.output import prepare_output, write_curated
+from synclone.curate.scorers import create_scorer
+from synclone.curate.scoring import score_records
+from synclone.curate.stats import write_stats
+from synclone.errors import UserError
+
+log = logging.getLogger(__name__)
+CACHE_DIR_NAME = ".curate_cache"
+
+
+def default_cache_dir(input_folder: str | Path) -> Path:
+    """``<input>/.curate_cache``: beside the images it describes, gone when the dataset is deleted."""
+    return Path(input_folder) / CACHE_DIR_NAME
+
+
+def curate(cfg: CurateConfig) -> Path:
+    """Curate ``cfg.input`` into ``cfg.output`` and return the output folder.
+
+    Embeddings, logits and text embeddings come from the cache when present, so a re-run with other
+    filter settings loads no model. ``<output>/dataset.json`` records what ran (``curation.scoring``
+    says how many images were encoded and whether a model was loaded).
+    """
+    source, out = Path(cfg.input), Path(cfg.output)
+    records, space = read_dataset_folder(source)
+    if not records:
+        raise UserError(f"dataset folder '{source}' lists no images; nothing to curate")
+    prepare_output(out, source, cfg.overwrite)
+    scorer = create_scorer(cfg.scorer, cfg.alpha_background)
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(source)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the embedding cache '{cache_root}' ({err.strerror}); set cache_dir to a "
+                        "writable folder") from None
+    scorer_id = scorer.cache_id(FileKeys(cache_root))
+    cache = ScorerCache(cache_root, scorer_id)
+    cache.set_meta(kind=cfg.scorer.kind, model=cfg.scorer.model, pretrained=cfg.scorer.pretrained)
+    result = score_records(records, space, scorer, cache, progress=cfg.progress)
+    table, steps = apply_filters(result.table, result.embeddings, cfg.filters, len(result.classes), cfg.scorer.kind)
+    write_curated(out, cfg, records, table, space, scorer_id, result.classes, steps, result.counts)
+    if cfg.stats.enabled:
+        write_stats(out / "stats", table, result.embeddings, space, cfg.stats, steps)
+    write_run_info(out, cfg, command="synclone curate")
+    kept = int(table["kept"].sum())
+    log.info("curated %s: kept %d of %d images -> %s", source, kept, len(table), out)
+    return out

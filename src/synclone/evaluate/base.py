@@ -1,0 +1,191 @@
+"""The suite runner's contract: result rows, artefacts, the shared evaluation context and the probe registry.
+
+A *probe* is a function ``probe(ctx, settings) -> list[Row]`` registered under a name with the pydantic
+model of its settings. It may loop over ``ctx.models``; clean-data logits come from
+:meth:`EvalContext.logits`, which runs each (model, dataset) pair through the model once per suite and
+caches the result on disk keyed by the model's weights hash and the data's fingerprint, so every probe
+that needs the same outputs shares one forward pass. Curves and other non-scalar results go to
+:meth:`EvalContext.add_artifact` for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from synclone.data.imageset import TensorImageSet
+from synclone.errors import UserError
+
+COLUMNS = ("model", "probe", "dataset", "variant", "metric", "value", "n", "convention")
+
+
+@dataclass
+class Row:
+    """One long-format result: ``value`` of ``metric`` for ``model`` under ``probe`` on ``dataset``/``variant``.
+
+    ``convention`` names the choices that change the number (bins, positive class, baseline, eps
+    norm, class subset...), so rows from different settings are never compared by accident.
+    """
+
+    model: str
+    probe: str
+    dataset: str
+    variant: str
+    metric: str
+    value: float
+    n: int | None = None
+    convention: str = ""
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["value"] = float(d["value"])
+        return d
+
+
+@dataclass
+class ModelEntry:
+    """A model under evaluation: its display name, folder and a hash of its weights."""
+
+    name: str
+    path: Path
+    module: torch.nn.Module
+    fingerprint: str
+    kind: str = "classifier"
+    info: dict = field(default_factory=dict)
+
+
+def file_hash(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class EvalContext:
+    """What every probe sees: models, the clean (in-distribution) test set, cached logits, artefacts."""
+
+    def __init__(self, models: dict[str, ModelEntry], clean: TensorImageSet, output: Path, *,
+                 cache_dir: Path | None = None, batch_size: int = 256, device: str = "cpu",
+                 data_root: str | None = None, max_images: int | None = None, seed: int = 0,
+                 progress: bool = True) -> None:
+        self.models = models
+        self.clean = clean
+        self.output = Path(output)
+        self.cache_dir = Path(cache_dir) if cache_dir else self.output / "cache" / "logits"
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.data_root = data_root
+        self.max_images = max_images
+        self.seed = seed
+        self.progress = progress
+        self.artifacts: list[dict] = []
+        self.forward_passes = 0  # counted so tests can check that probes share outputs
+        self._memo: dict[str, torch.Tensor] = {}
+        self._datasets: dict[str, TensorImageSet] = {}
+
+    # -- data ------------------------------------------------------------------------------------
+    def dataset(self, spec: str, split: str = "test") -> TensorImageSet:
+        """A dataset by spec (built-in name, ``name:split`` or folder), loaded once and capped at ``max_images``."""
+        key = f"{spec}|{split}"
+        if key not in self._datasets:
+            from synclone.evaluate.datasets import load_eval_dataset
+
+            self._datasets[key] = self.cap(load_eval_dataset(spec, split, self.data_root, like=self.clean))
+        return self._datasets[key]
+
+    def cap(self, data: TensorImageSet, limit: int | None = None) -> TensorImageSet:
+        """A seeded, class-stratified-by-order subset of at most ``limit`` (default ``max_images``) images."""
+        limit = limit if limit is not None else self.max_images
+        if limit is None or len(data) <= limit:
+            return data
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(data), generator=g)[:limit].sort().values
+        return data.subset(idx, data.name)
+
+    # -- outputs ---------------------------------------------------------------------------------
+    def logits(self, model: str, data: TensorImageSet, variant: str = "clean") -> torch.Tensor:
+        """Logits of ``model`` on ``data`` (float32, CPU), computed once and cached on disk.
+
+        The cache key joins the weights hash, the data fingerprint (pixels + labels) and ``variant``,
+        so a retrained model or changed data never reuses stale outputs.
+        """
+        entry = self.models[model]
+        key = hashlib.sha256(f"{entry.fingerprint}|{data.fingerprint()}|{variant}".encode()).hexdigest()[:24]
+        if key in self._memo:
+            return self._memo[key]
+        path = self.cache_dir / f"{key}.safetensors"
+        if path.is_file():
+            out = load_file(str(path))["logits"]
+        else:
+            out = self.forward(model, data.images)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"logits": out.contiguous()}, str(tmp), metadata={"model": model, "data": data.name,
+                                                                     "variant": variant})
+            tmp.replace(path)
+        self._memo[key] = out
+        return out
+
+    @torch.no_grad()
+    def forward(self, model: str, images: torch.Tensor) -> torch.Tensor:
+        """Logits of ``model`` on raw images (uint8 or float in [0, 1]); no caching (perturbed inputs)."""
+        module = self.models[model].module
+        self.forward_passes += 1
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = images[start:start + self.batch_size]
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            out.append(module(x.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def add_artifact(self, model: str, probe: str, dataset: str, kind: str, data: dict[str, Any]) -> None:
+        """Record a curve or table for the report (JSON-serialisable ``data``)."""
+        self.artifacts.append({"model": model, "probe": probe, "dataset": dataset, "kind": kind,
+                               "data": json.loads(json.dumps(data, default=_jsonable))})
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+ProbeFn = Callable[[EvalContext, BaseModel], list[Row]]
+
+
+@dataclass
+class ProbeSpec:
+    name: str
+    settings: type[BaseModel]
+    run: ProbeFn
+    description: str = ""
+
+
+PROBES: dict[str, ProbeSpec] = {}
+
+
+def register_probe(name: str, settings: type[BaseModel], description: str = "") -> Callable[[ProbeFn], ProbeFn]:
+    """Decorator adding a probe to the registry (``probes.<name>`` in the evaluate config)."""
+
+    def wrap(fn: ProbeFn) -> ProbeFn:
+        PROBES[name] = ProbeSpec(name, settings, fn, description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def get_probe(name: str) -> ProbeSpec:
+    from synclone.evaluate import probes  # noqa: F401  (registers the built-in probes)
+
+    if name not in PROBES:
+        raise UserError(f"unknown probe '{name}': choose from {', '.join(sorted(PROBES))}")
+    return PROBES[name]

@@ -1,0 +1,1 @@
+"""Placeholder: probes are being written."""

@@ -1,0 +1,291 @@
+"""``generate(config)``: label space + prompts + generator -> a dataset folder; resumable and shardable.
+
+Order of work, so that bad input fails before any image is made:
+
+1. validate: generator backend and model (offline: must be a folder or cached), labels, prompt
+   strategy (e.g. a prompt file covering every class), reference images;
+2. main process: check the output folder (a resume needs the same config), write the plan;
+3. every process: load the model, make its share of the plan (``i % n == rank``), skipping ids its
+   or any earlier run's ledgers record with a verified file;
+4. main process, after all finish: assemble ``train/metadata.jsonl`` sorted by id.
+
+Under ``accelerate launch`` each process takes its share; rerunning the same command after any
+interruption finishes the dataset with the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+
+from synclone.config import package_versions, write_run_info
+from synclone.errors import UserError
+from synclone.generate.backends import Backend, create_backend
+from synclone.generate.config import GenerateConfig
+from synclone.generate.plan import PLAN_FILE, Job, PlanSummary, build_plan, file_sha256, read_plan, shard, write_plan
+from synclone.generate.runner import generate_padded, run_shard
+from synclone.generate.writer import (
+    DATASET_JSON,
+    DatasetWriter,
+    done_ids,
+    finalize,
+    read_dataset_json,
+    write_json_atomic,
+)
+from synclone.labels import LabelSpace, get_label_space
+from synclone.prompts import PromptStrategy, create_strategy
+
+FORMAT = "synclone-generated-dataset"
+FORMAT_VERSION = 1
+DRY_RUN_JSON = "dry_run.json"
+# Files a dry run leaves in the output folder; a real run may start there.
+_OWN_FILES = {PLAN_FILE, PLAN_FILE + ".tmp", DRY_RUN_JSON}
+
+
+def resolve_labels(labels: str | list[str] | None, backend: Backend) -> LabelSpace:
+    """The configured label space, or the generator's own one when ``labels`` is not set."""
+    if labels is None:
+        own = backend.label_space()
+        if own is None:
+            raise UserError("labels: give a built-in label space name, a .json/.txt file or a list of class names")
+        return own
+    if isinstance(labels, list):
+        return LabelSpace.from_names([str(c) for c in labels], name="custom")
+    return get_label_space(labels)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    acc = getattr(torch, "accelerator", None)
+    return bool(acc.is_available()) if acc is not None else torch.cuda.is_available()
+
+
+def _distributed_state(device: str):
+    """accelerate's process state (rank, world size, device); one process when not launched."""
+    import os
+
+    from accelerate import PartialState
+
+    # Without cpu=True, accelerate ignores a torchrun launch on a machine without accelerators.
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not _has_accelerator()))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and state.num_processes != world:
+        raise UserError(
+            f"launched as {world} processes but accelerate set up {state.num_processes}: set generator.device "
+            f"to the device each process should use (e.g. 'cpu' or 'cuda')"
+        )
+    return state
+
+
+class _Run:
+    """The validated pieces of one run, shared by the real run and the dry run."""
+
+    def __init__(self, cfg: GenerateConfig, device: str):
+        self.cfg = cfg
+        self.backend = create_backend(cfg.generator, device)
+        self.labels = resolve_labels(cfg.labels, self.backend)
+        self.backend.check_labels(self.labels)
+        self.strategy: PromptStrategy = create_strategy(cfg.prompts, self.labels, cfg.seed)
+        self.references = self.backend.references(self.labels)
+        self.out = Path(cfg.output)
+        self.plan_path = self.out / PLAN_FILE
+
+    def existing(self) -> dict | None:
+        """dataset.json of an earlier run of the same config, or ``None`` for a fresh folder."""
+        if (self.out / DATASET_JSON).is_file():
+            info = read_dataset_json(self.out)
+            if info.get("config_fingerprint") != self.cfg.fingerprint():
+                raise UserError(
+                    f"output folder '{self.out}' holds a dataset made with a different config: use the same config "
+                    f"to resume it, or choose a new output folder"
+                )
+            return info
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"output '{self.out}' is a file, not a folder")
+        if self.out.is_dir():
+            foreign = sorted(p.name for p in self.out.iterdir() if p.name not in _OWN_FILES)
+            if foreign:
+                raise UserError(
+                    f"output folder '{self.out}' is not empty and is not a synclone dataset ({DATASET_JSON} is "
+                    f"missing; found {', '.join(foreign[:3])}): choose a new or empty folder"
+                )
+        return None
+
+    def write_plan(self) -> tuple[PlanSummary, dict]:
+        prompt_info = self.strategy.prepare(self.cfg.images_per_class)
+        self.out.mkdir(parents=True, exist_ok=True)
+        jobs = build_plan(self.labels, self.strategy, self.cfg.images_per_class, self.cfg.seed,
+                          self.cfg.prompts.negative_prompt, self.references)
+        return write_plan(self.plan_path, jobs), prompt_info
+
+    def ensure_plan(self, info: dict) -> None:
+        """On resume: the plan file must be the one ``dataset.json`` recorded (rebuilt if it went missing)."""
+        want = info["plan"]["sha256"]
+        if self.plan_path.is_file() and file_sha256(self.plan_path) == want:
+            return
+        summary, _ = self.write_plan()
+        if summary.sha256 != want:
+            raise UserError(
+                f"'{self.plan_path}' no longer matches {DATASET_JSON} and rebuilding it gave a different plan (a "
+                f"changed prompt file or caption model?): restore it or start a new output folder"
+            )
+
+    def dataset_info(self, plan: PlanSummary, prompt_info: dict) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "label_space": self.labels.to_dict(),
+            "generator": self.backend.describe(),
+            "prompts": {**self.cfg.prompts.model_dump(mode="json"), "info": prompt_info},
+            "images_per_class": self.cfg.images_per_class,
+            "seed": self.cfg.seed,
+            "batch_size": self.cfg.batch_size,
+            "plan": {"file": PLAN_FILE, **plan.to_dict()},
+            "config_fingerprint": self.cfg.fingerprint(),
+            "versions": package_versions(),
+        }
+
+
+def generate(config: GenerateConfig, dry_run: bool = False) -> Path:
+    """Make (or finish) the dataset ``config`` describes and return its folder.
+
+    With ``dry_run`` nothing is generated into the dataset: the plan is written, one batch is timed
+    (after one warm-up batch) and ``dry_run.json`` reports images per class and the estimated time
+    and disk space; a summary is printed.
+    """
+    cfg = config
+    state = _distributed_state(cfg.generator.device)
+    device = str(state.device) if cfg.generator.device == "auto" else cfg.generator.device
+    run = _Run(cfg, device)
+    main = state.is_main_process
+
+    if dry_run:
+        if main:
+            info = run.existing()
+            if info is None:
+                summary, _ = run.write_plan()
+            else:  # a dry run over a started dataset: report on its plan
+                run.ensure_plan(info)
+                summary = PlanSummary(**{k: info["plan"][k] for k in ("jobs", "per_class", "sha256")})
+            report = _dry_run(run, summary, state.num_processes)
+            write_json_atomic(run.out / DRY_RUN_JSON, report)
+            print(format_dry_run(report), file=sys.stdout)
+        state.wait_for_everyone()
+        return run.out
+
+    if main:
+        info = run.existing()
+        if info is None:
+            summary, prompt_info = run.write_plan()
+            run.backend.load()
+            info = run.dataset_info(summary, prompt_info)
+            write_json_atomic(run.out / DATASET_JSON, info)
+        else:
+            run.ensure_plan(info)
+            run.backend.load()
+    state.wait_for_everyone()
+    if not main:
+        run.backend.load()
+    info = read_dataset_json(run.out)
+    _check_same_generator(info["generator"], run.backend.describe(), run.out)
+    n_jobs = int(info["plan"]["jobs"])
+    rank, world = state.process_index, state.num_processes
+
+    done, _ = done_ids(run.out, n_jobs, cfg.resume_verify)
+    share = range(rank, n_jobs, world)
+    already = sum(done[i] for i in share)
+    row_base = {k: info["generator"][k] for k in ("backend", "generator", "generator_revision", "scheduler", "steps",
+                                                    "guidance_scale", "height", "width")}
+    row_base["batch_size"] = cfg.batch_size
+    jobs = (j for j in shard(read_plan(run.plan_path), rank, world) if not done[j.id])
+    writer = DatasetWriter(run.out, rank, row_base)
+    bar = _progress(cfg.progress, len(share), already, rank, world)
+    try:
+        run_shard(jobs, run.backend, writer, cfg.batch_size, cfg.generator.safety_retries, bar)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    state.wait_for_everyone()
+    if main:
+        finalize(run.out, cfg.resume_verify)
+        write_run_info(run.out, cfg)
+    state.wait_for_everyone()
+    return run.out
+
+
+def _check_same_generator(recorded: dict, current: dict, out: Path) -> None:
+    """A resumed run must load the same model (revision, scheduler, steps...) as the run that started it."""
+    changed = [k for k in recorded if recorded.get(k) != current.get(k)]
+    if changed:
+        k = changed[0]
+        raise UserError(
+            f"the generator differs from the one '{out}' was started with ({k}: {recorded.get(k)!r} then, "
+            f"{current.get(k)!r} now): restore that model or start a new output folder"
+        )
+
+
+def _progress(enabled: bool, total: int, initial: int, rank: int, world: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    desc = "generate" if world == 1 else f"generate [{rank}/{world}]"
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, position=rank, dynamic_ncols=True,
+                smoothing=0.1)
+
+
+def _dry_run(run: _Run, plan: PlanSummary, processes: int) -> dict:
+    """Time one batch of the plan's first jobs (after a warm-up batch) and extrapolate."""
+    cfg = run.cfg
+    run.backend.load()
+    head: list[Job] = []
+    for job in read_plan(run.plan_path):
+        head.append(job)
+        if len(head) == cfg.batch_size:
+            break
+    seeds = [j.seed for j in head]
+    generate_padded(run.backend, head, seeds, cfg.batch_size)  # warm-up: first calls allocate and tune
+    t0 = time.perf_counter()
+    results = generate_padded(run.backend, head, seeds, cfg.batch_size)
+    seconds = time.perf_counter() - t0
+    sizes = []
+    for r in results:
+        if r.image is not None:
+            buf = io.BytesIO()
+            r.image.save(buf, format="PNG")
+            sizes.append(len(buf.getvalue()))
+    per_second = cfg.batch_size / seconds if seconds > 0 else float("inf")
+    bytes_per_image = sum(sizes) / len(sizes) if sizes else 0.0
+    return {
+        "images": plan.jobs,
+        "per_class": plan.per_class,
+        "batch_size": cfg.batch_size,
+        "processes": processes,
+        "measured_batch_seconds": seconds,
+        "images_per_second_per_process": per_second,
+        "estimated_seconds": plan.jobs / (per_second * processes),
+        "bytes_per_image": bytes_per_image,
+        "estimated_bytes": bytes_per_image * plan.jobs,
+        "flagged_in_measured_batch": sum(r.image is None for r in results),
+        "generator": run.backend.describe(),
+    }
+
+
+def format_dry_run(report: dict) -> str:
+    """The dry run's summary as a few lines of text."""
+    per_class = report["per_class"]
+    counts = sorted(set(per_class.values()))
+    count_text = f"{counts[0]} each" if len(counts) == 1 else ", ".join(f"{c}: {n}" for c, n in per_class.items())
+    hours = report["estimated_seconds"] / 3600
+    return "\n".join([
+        f"plan: {report['images']} images, {len(per_class)} classes ({count_text})",
+        f"measured: {report['images_per_second_per_process']:.2f} images/s per process "
+        f"(batch {report['batch_size']}, {report['processes']} process(es))",
+        f"estimated time: {report['estimated_seconds']:.0f} s ({hours:.2f} h)",
+        f"estimated disk: {report['estimated_bytes'] / 1e6:.1f} MB "
+        f"({report['bytes_per_image'] / 1e3:.1f} kB per image)",
+    ])

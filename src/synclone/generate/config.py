@@ -1,0 +1,82 @@
+"""The ``synclone generate`` config: label space, prompts, generator, counts, seed, batch and output.
+
+Example (YAML)::
+
+    labels: fashion_mnist              # a built-in space, a .json/.txt file, or a list of names
+    prompts:
+      strategy: clip_templates         # classname | clip_templates | diverse | captions | contexts | file
+      negative_prompt: "blurry, text"
+      options: {mode: random}
+    generator:
+      backend: diffusers               # diffusers | img2img | classcond
+      model: stabilityai/sd-turbo      # hub id or local folder
+      scheduler: DPMSolverMultistepScheduler
+      steps: 20
+      guidance_scale: 7.5
+      height: 512
+      width: 512
+    images_per_class: 100
+    seed: 0
+    batch_size: 8
+    output: runs/my_clone
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from synclone.config import StrictModel
+from synclone.prompts import PromptConfig
+
+
+class GeneratorConfig(StrictModel):
+    """The ``generator`` section. ``steps``/``guidance_scale`` default to the model's own defaults.
+
+    ``options`` are backend-specific and checked against the backend's options model (e.g. img2img:
+    ``references`` folder and ``strength``).
+    """
+
+    backend: str = "diffusers"
+    model: str | None = None
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "auto"
+    scheduler: str | None = None
+    steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    height: int | None = Field(default=None, ge=8)
+    width: int | None = Field(default=None, ge=8)
+    safety_retries: int = Field(default=3, ge=0)
+    local_files_only: bool | None = None  # None: follow HF_HUB_OFFLINE
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check_options(self) -> GeneratorConfig:
+        from synclone.generate.backends import backend_options
+
+        backend_options(self)
+        return self
+
+
+class GenerateConfig(StrictModel):
+    """Everything that determines a generated dataset (``output`` only says where it goes)."""
+
+    labels: str | list[str] | None = None  # None: the generator's own label space (classcond)
+    prompts: PromptConfig = PromptConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    images_per_class: int = Field(default=100, ge=1, le=1_000_000)
+    seed: int = 0
+    batch_size: int = Field(default=8, ge=1)
+    output: str = "runs/generated"
+    # How resume checks images already made: "size" (fast) or "sha256" (reads every file).
+    resume_verify: Literal["size", "sha256"] = "size"
+    progress: bool = True
+
+    def fingerprint(self) -> str:
+        """A hash of every setting that shapes the dataset; resuming requires the same fingerprint."""
+        data = self.model_dump(mode="json", exclude={"output", "resume_verify", "progress"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:16]

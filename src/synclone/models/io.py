@@ -1,0 +1,78 @@
+"""Model folders: ``model.safetensors`` + ``config.json``. Loading never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from synclone.errors import UserError
+from synclone.labels import LabelSpace
+from synclone.models.classifier import Classifier, create_classifier
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def save_model(model: Classifier, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model`` to ``folder`` (created) as safetensors weights and a JSON config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / WEIGHTS)
+    cfg = model.config()
+    if extra:
+        cfg["training"] = extra
+    (folder / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_model_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model folder '{folder}' does not exist")
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file() or not (folder / WEIGHTS).is_file():
+        raise UserError(f"'{folder}' is not a synclone model folder: it needs {CONFIG} and {WEIGHTS}")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"'{cfg_path}' is not valid JSON: {err}") from None
+    for key in ("arch", "label_space", "input_size", "preprocessing"):
+        if key not in cfg:
+            raise UserError(f"'{cfg_path}' lacks the key '{key}'; re-save the model with synclone")
+    return cfg
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    """Load a model folder into a :class:`Classifier` in eval mode (pixels in [0, 1] in, logits out)."""
+    cfg = read_model_config(folder)
+    pre = cfg["preprocessing"]
+    model = create_classifier(cfg["arch"], LabelSpace.from_dict(cfg["label_space"]), tuple(cfg["input_size"]),
+                              pre.get("mean"), pre.get("std"), **cfg.get("arch_kwargs", {}))
+    try:
+        state = load_file(str(Path(folder) / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read '{Path(folder) / WEIGHTS}': {err}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"'{k}' has shape {tuple(state[k].shape)}, the config's architecture needs "
+                         f"{tuple(expected[k].shape)}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+        if missing:
+            parts.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (e.g. '{unexpected[0]}')")
+        raise UserError(f"weights in '{folder}' don't match its config (arch '{cfg['arch']}'): " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model.to(device).eval()

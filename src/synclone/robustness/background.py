@@ -1,0 +1,221 @@
+"""Background bias on ImageNet-9 and its variants (Xiao, Engstrom, Ilyas & Madry, ICLR 2021).
+
+Each variant keeps or replaces the foreground and the background of the same test images:
+
+    original    foreground and background unmodified
+    only_bg_b   foreground bounding box blacked out          only_bg_t  box filled with tiled background
+    no_fg       foreground (segmentation) blacked out        only_fg    background blacked out
+    mixed_same  foreground on the background of another image of the same class
+    mixed_rand  foreground on the background of an image of a random class
+    mixed_next  foreground on the background of an image of the next class (y + 1 mod 9)
+
+BG-gap = acc(mixed_same) - acc(mixed_rand): how much accuracy the model loses when the background
+stops agreeing with the (unchanged) foreground. A 1000-class ImageNet model is scored with an argmax
+over all 1000 classes mapped to the 9 classes; predictions outside the 9 count as wrong (the
+released ``in9_eval.py`` does the same).
+
+Folder layout (the released ``bg_challenge`` data, and what :mod:`.probe_backgrounds` writes):
+``<root>/<variant>/val/<NN_class>/<image>``, where ``NN`` is the class index (00_dog ... 08_fish).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from synclone.errors import UserError
+from synclone.labels import LabelSpace
+from synclone.robustness.probe_io import class_lookup, list_images, predict_logits, read_data_file
+
+IN9_VARIANTS = ("original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same", "mixed_rand", "mixed_next")
+_CLASS_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+@lru_cache(maxsize=1)
+def _in9() -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    data = read_data_file("labelspaces/imagenet9.json")
+    classes = tuple(data["classes"])
+    return classes, tuple(tuple(data["imagenet1k_indices"][c]) for c in classes)
+
+
+def in9_classes() -> tuple[str, ...]:
+    """The 9 ImageNet-9 classes in label order: dog, bird, wheeled vehicle, ..., fish."""
+    return _in9()[0]
+
+
+def in9_indices() -> dict[str, tuple[int, ...]]:
+    """IN-9 class -> its ImageNet-1k class indices (see ``data/labelspaces/imagenet9.json`` for the derivation)."""
+    classes, idx = _in9()
+    return dict(zip(classes, idx, strict=True))
+
+
+def in9_map() -> np.ndarray:
+    """(1000,) array: the IN-9 label of each ImageNet-1k class, -1 for classes outside the 9."""
+    out = np.full(1000, -1, dtype=np.int64)
+    for label, idx in enumerate(_in9()[1]):
+        out[list(idx)] = label
+    return out
+
+
+def load_in9_map(path: str | Path) -> np.ndarray:
+    """The official ``in_to_in9.json`` of MadryLab/backgrounds_challenge ({"<imagenet idx>": <in9 label or -1>})."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the ImageNet -> IN-9 mapping '{p}': {err}") from None
+    try:
+        mapping = {int(k): int(v) for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise UserError(f"'{p}' is not an in_to_in9.json mapping ({{\"0\": -1, \"1\": 8, ...}})") from None
+    if set(mapping) != set(range(1000)) or not set(mapping.values()) <= set(range(-1, 9)):
+        raise UserError(f"'{p}' must map every ImageNet index 0..999 to an IN-9 label 0..8 or -1")
+    return np.array([mapping[i] for i in range(1000)], dtype=np.int64)
+
+
+def in9_decision(outputs1000, mapping: np.ndarray | None = None) -> np.ndarray:
+    """IN-9 label of each row's argmax over the 1000 ImageNet classes (-1 when it lies outside the 9)."""
+    z = np.asarray(outputs1000.detach().cpu().numpy() if hasattr(outputs1000, "detach") else outputs1000)
+    if z.ndim != 2 or z.shape[1] != 1000:
+        raise UserError(f"expected ImageNet-1k outputs of shape (N, 1000), got {z.shape}")
+    m = in9_map() if mapping is None else np.asarray(mapping)
+    return m[np.argmax(z, axis=1)]
+
+
+def bg_gap(acc_mixed_same: float, acc_mixed_rand: float) -> float:
+    """BG-gap = acc(mixed_same) - acc(mixed_rand), in the accuracies' own units."""
+    return float(acc_mixed_same) - float(acc_mixed_rand)
+
+
+@dataclass
+class BackgroundResult:
+    """Accuracy per variant (fractions), the number of images per variant, and the BG-gap (NaN if not measured)."""
+
+    accuracy: dict[str, float]
+    n: dict[str, int]
+    bg_gap: float = float("nan")
+    per_class: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+
+    def to_rows(self, probe: str = "background", **columns) -> pd.DataFrame:
+        """Long-format rows: (probe, variant, metric='accuracy', value, n) per variant, plus variant 'all' bg_gap."""
+        rows = [{"probe": probe, "variant": v, "metric": "accuracy", "value": a, "n": self.n[v]}
+                for v, a in self.accuracy.items()]
+        if not math.isnan(self.bg_gap):
+            n = min(self.n["mixed_same"], self.n["mixed_rand"])
+            rows.append({"probe": probe, "variant": "all", "metric": "bg_gap", "value": self.bg_gap, "n": n})
+        df = pd.DataFrame(rows)
+        for k, v in columns.items():
+            df.insert(0, k, v)
+        return df
+
+
+def background_bias(correct_by_variant: dict[str, Sequence[bool]]) -> BackgroundResult:
+    """Accuracies and BG-gap from per-image correctness, one boolean sequence per variant."""
+    acc, n = {}, {}
+    for variant, correct in correct_by_variant.items():
+        c = np.asarray(correct, dtype=bool)
+        if c.size == 0:
+            raise UserError(f"variant '{variant}' has no images")
+        acc[variant], n[variant] = float(c.mean()), int(c.size)
+    gap = bg_gap(acc["mixed_same"], acc["mixed_rand"]) if {"mixed_same", "mixed_rand"} <= set(acc) else float("nan")
+    return BackgroundResult(acc, n, gap)
+
+
+@dataclass(frozen=True)
+class VariantImage:
+    path: Path
+    class_dir: str
+    index: int | None  # the NN of an "NN_name" folder, None for a plain name
+    name: str  # the class name part of the folder
+
+
+def read_variant_folder(root: str | Path, variant: str) -> list[VariantImage]:
+    """The images of ``<root>/<variant>/val/<class folder>/``; a missing variant stops naming its folder."""
+    folder = Path(root) / variant / "val"
+    if not folder.is_dir():
+        alt = Path(root) / variant
+        hint = f" ('{alt}' exists but has no val/ sub-folder)" if alt.is_dir() else ""
+        raise UserError(f"ImageNet-9 variant '{variant}' is missing: no folder '{folder}'{hint}; expected the "
+                        f"bg_challenge layout <root>/<variant>/val/<NN_class>/<image>, or pass variants=[...] "
+                        "to evaluate fewer variants")
+    items = []
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise UserError(f"ImageNet-9 variant folder '{folder}' has no class folders (expected 00_dog ... 08_fish)")
+    for d in class_dirs:
+        m = _CLASS_DIR.match(d.name)
+        index, name = (int(m.group(1)), m.group(2)) if m else (None, d.name)
+        items.extend(VariantImage(p, d.name, index, name) for p in list_images(d))
+    if not items:
+        raise UserError(f"ImageNet-9 variant folder '{folder}' has no images")
+    return items
+
+
+def _labels_for(items: list[VariantImage], classes: Sequence[str], lookup: dict[str, int], where: Path) -> np.ndarray:
+    """Label of each image in the decision's space: by folder name when it is known, else by its NN index."""
+    out = []
+    for it in items:
+        if it.name in lookup:
+            out.append(lookup[it.name])
+        elif it.index is not None and it.index < len(classes):
+            out.append(it.index)
+        else:
+            raise UserError(f"class folder '{it.class_dir}' in '{where}' matches no class of {list(classes)}")
+    return np.array(out)
+
+
+def evaluate_backgrounds(model, root: str | Path, *, variants: Sequence[str] = IN9_VARIANTS, decision: str = "auto",
+                         mapping: np.ndarray | None = None, input_size: Sequence[int] | None = None,
+                         batch_size: int = 64, device: str = "cpu") -> tuple[BackgroundResult, pd.DataFrame]:
+    """Accuracy of ``model`` on each variant under ``root`` and the BG-gap; also returns a per-image table.
+
+    ``decision``: ``"in9"`` (a 1000-class ImageNet model: argmax over 1000, mapped to the 9; ``mapping``
+    replaces the bundled 1000 -> 9 table, e.g. with :func:`load_in9_map`), ``"direct"`` (argmax over the
+    model's own classes, matched to the class folders by name), or ``"auto"`` (direct when the model's
+    label space names every class folder, else in9 for a 1000-output model).
+    """
+    if not variants:
+        raise UserError("no variants to evaluate")
+    unknown = [v for v in variants if v not in IN9_VARIANTS]
+    if unknown:
+        raise UserError(f"unknown ImageNet-9 variants {unknown}: use names from {IN9_VARIANTS}")
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"ImageNet-9 folder '{root}' does not exist")
+    per_variant = {v: read_variant_folder(root, v) for v in variants}  # all folders checked before any model run
+    space: LabelSpace | None = getattr(model, "label_space", None)
+    names = {it.name for items in per_variant.values() for it in items}
+    if decision == "auto":
+        decision = "direct" if space is not None and names <= set(class_lookup(space)) else "in9"
+    if decision not in ("in9", "direct"):
+        raise UserError(f"unknown decision '{decision}': use 'auto', 'in9' or 'direct'")
+    correct, tables = {}, []
+    for variant, items in per_variant.items():
+        logits = predict_logits(model, [it.path for it in items], input_size, batch_size, device)
+        where = root / variant / "val"
+        if decision == "in9":
+            classes = in9_classes()
+            labels = _labels_for(items, classes, class_lookup(LabelSpace("in9", classes)), where)
+            pred = in9_decision(logits, mapping)
+        else:
+            if space is None:
+                raise UserError("decision='direct' needs a model with a label_space")
+            classes = space.classes
+            labels = _labels_for(items, classes, class_lookup(space), where)
+            pred = np.argmax(logits, axis=1)
+        correct[variant] = pred == labels
+        tables.append(pd.DataFrame({"variant": variant, "path": [str(it.path) for it in items],
+                                    "label": labels, "prediction": pred, "correct": pred == labels}))
+    result = background_bias(correct)
+    table = pd.concat(tables, ignore_index=True)
+    result.per_class = (table.groupby(["variant", "label"], sort=True)["correct"].agg(["mean", "size"])
+                        .rename(columns={"mean": "accuracy", "size": "n"}).reset_index())
+    return result, table

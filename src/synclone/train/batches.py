@@ -1,0 +1,64 @@
+"""Deterministic batch indices and batched augmentation for in-memory datasets.
+
+Everything random in a training step is a pure function of (seed, step): the order of every pass
+over a source, the augmentation, dropout. A run resumed at step k therefore replays exactly what an
+uninterrupted run would have done from step k on, and no sampler state needs saving.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style mixing, stable across processes and Python versions)."""
+    h = 0x2545F4914F6CDD1D
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * _MIX & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class CyclingSampler:
+    """Take ``n`` indices per step from a source of ``size`` items, passing over it in seeded random orders."""
+
+    def __init__(self, size: int, per_step: int, seed: int, source_id: int) -> None:
+        self.size, self.per_step, self.seed, self.source_id = size, per_step, seed, source_id
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.source_id, epoch))
+            self._perms[epoch] = torch.randperm(self.size, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        pos = step * self.per_step + torch.arange(self.per_step)
+        epochs, offsets = pos // self.size, pos % self.size
+        out = torch.empty(self.per_step, dtype=torch.long)
+        for e in epochs.unique().tolist():
+            m = epochs == e
+            out[m] = self._perm(e)[offsets[m]]
+        return out
+
+
+def augment(x: torch.Tensor, step_seed: int, hflip: bool, crop_pad: int) -> torch.Tensor:
+    """Random translation (zero pad + crop) and horizontal flip, per image, in one batched op."""
+    g = torch.Generator().manual_seed(step_seed)
+    b, _, h, w = x.shape
+    if crop_pad > 0:
+        p = crop_pad
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=g)
+        rows = (oy[:, None] + torch.arange(h))[:, :, None]
+        cols = (ox[:, None] + torch.arange(w))[:, None, :]
+        x = padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    if hflip:
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x.contiguous()

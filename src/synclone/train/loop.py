@@ -1,0 +1,279 @@
+"""One Accelerate loop for supervised training on real, synthetic or mixed data.
+
+The loop runs on the CPU, one GPU or several (``accelerate launch``): each process takes its share of
+every global batch, so the optimisation sees the same batches whatever the process count. Model
+selection uses a validation split held out from the training sources, never a test set; the model
+folder records which split chose it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from synclone.config import write_run_info
+from synclone.data.imageset import TensorImageSet
+from synclone.data.sources import resolve_dataset
+from synclone.errors import UserError
+from synclone.models import create_classifier, load_model, save_model
+from synclone.train.batches import CyclingSampler, augment, derive_seed
+from synclone.train.config import TrainConfig
+
+CKPT = "checkpoints/last.pt"
+
+
+@dataclass
+class Sources:
+    """The training sources after subsetting, and the validation split held out from them."""
+
+    real: TensorImageSet | None
+    synthetic: TensorImageSet | None
+    val: TensorImageSet
+    val_desc: str
+
+
+def load_sources(cfg: TrainConfig) -> Sources:
+    """Load, align, subset and split the training data; every problem is reported before training starts."""
+    d = cfg.data
+    real = resolve_dataset(d.real, "train", d.data_root) if d.real else None
+    syn = resolve_dataset(d.synthetic, "train", d.data_root) if d.synthetic else None
+    if real is not None and syn is not None:
+        real.label_space.check_aligned(syn.label_space, "real data", "synthetic data")
+        if real.image_shape != syn.image_shape:
+            raise UserError(f"real images are {real.image_shape} but synthetic images are {syn.image_shape}; "
+                            "resize one of them to match")
+    parts, vals, descs = [], [], []
+    for name, ds, per_class in (("real", real, d.real_per_class), ("synthetic", syn, d.synthetic_per_class)):
+        if ds is None:
+            parts.append(None)
+            continue
+        empty = [ds.label_space.classes[i] for i, n in enumerate(ds.class_counts()) if n == 0]
+        if empty:
+            raise UserError(f"{name} data '{ds.name}' has no images of class(es) {', '.join(map(repr, empty))}")
+        rest, val = ds.split(d.val_fraction, seed=cfg.seed)
+        if per_class is not None:
+            rest = rest.per_class_subset(per_class, seed=cfg.seed)
+        parts.append(rest)
+        vals.append(val)
+        descs.append(f"{len(val)} {name} images held out from '{ds.name}'")
+    val = vals[0] if len(vals) == 1 else TensorImageSet(
+        torch.cat([v.images for v in vals]), torch.cat([v.labels for v in vals]), vals[0].label_space, "val")
+    if d.val_max is not None and len(val) > d.val_max:
+        g = torch.Generator().manual_seed(cfg.seed)
+        val = val.subset(torch.randperm(len(val), generator=g)[: d.val_max].sort().values, val.name)
+    return Sources(parts[0], parts[1], val, "; ".join(descs) + f" (validation uses {len(val)})")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: TensorImageSet, batch_size: int = 512,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits of ``model`` on every image of ``data`` (eval mode, float32, on the CPU)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        x, _ = data.batch(slice(start, start + batch_size))
+        out.append(model(x.to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, len(data.label_space))
+
+
+def _accuracy(model: torch.nn.Module, data: TensorImageSet, device: torch.device) -> float:
+    logits = predict(model, data, device=device)
+    return float((logits.argmax(1) == data.labels).float().mean()) if len(data) else float("nan")
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _config_key(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.budget_key(), sort_keys=True)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train the model ``cfg`` describes; returns the model folder (``<output>/model``).
+
+    With ``resume=True`` an interrupted run continues from its last checkpoint; on the CPU the
+    result equals an uninterrupted run's weights (everything random is a function of seed and step).
+    """
+    from accelerate import Accelerator
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output)
+    ckpt_path = out / CKPT
+    state = None
+    if ckpt_path.is_file() or (out / "model" / "config.json").is_file():
+        if not resume:
+            raise UserError(f"'{out}' already holds a training run; pass --resume to continue it, or choose "
+                            "another output folder")
+        if ckpt_path.is_file():
+            # Our own checkpoint; weights_only keeps torch.load from running arbitrary pickled code.
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if state.get("config_key") != _config_key(cfg):
+                theirs = json.loads(state.get("config_key", "{}"))
+                diff = _first_diff(theirs, cfg.budget_key())
+                raise UserError(f"cannot resume from '{ckpt_path}': it was written with another config "
+                                f"({diff}); use the same config or another output folder")
+
+    src = load_sources(cfg)
+    first = src.real if src.real is not None else src.synthetic
+    assert first is not None
+    label_space, input_size = first.label_space, first.image_shape
+
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+                              log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(out))
+    main = accelerator.is_main_process
+    if main:
+        write_run_info(out, cfg)
+    if cfg.log_with != "none":
+        accelerator.init_trackers("synclone")
+
+    if cfg.model.init:
+        model = load_model(cfg.model.init)
+        model.label_space.check_aligned(label_space, "initial model", "training data")
+    else:
+        model = create_classifier(cfg.model.arch, label_space, input_size, cfg.model.mean, cfg.model.std,
+                                  **cfg.model.arch_kwargs)
+    model = model.to(memory_format=torch.channels_last)
+
+    import timm.optim
+    import timm.scheduler
+
+    o = cfg.optim
+    d = cfg.data
+    n_train = sum(len(s) for s in (src.real, src.synthetic) if s is not None)
+    steps_per_epoch = max(1, n_train // o.batch_size)
+    total_steps = o.steps or o.epochs * steps_per_epoch
+    eval_every = cfg.eval_every or steps_per_epoch
+    optimizer = timm.optim.create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
+    # Steps are the scheduler's "epochs": the schedule then depends on the step budget alone.
+    scheduler, _ = timm.scheduler.create_scheduler_v2(
+        optimizer, sched=o.sched, num_epochs=total_steps, warmup_epochs=min(o.warmup_steps, total_steps // 2),
+        warmup_lr=o.lr * 0.01, min_lr=o.lr * 0.01)
+
+    step, best_val, best_step, history = 0, -1.0, -1, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, best_val, best_step = int(state["step"]), float(state["best_val"]), int(state["best_step"])
+        history = json.loads(state["history"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    raw_model = accelerator.unwrap_model(model)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if d.mix == "ratio":
+        n_syn = round(o.batch_size * d.synthetic_ratio)
+        samplers = [(src.real, CyclingSampler(len(src.real), o.batch_size - n_syn, cfg.seed, 0)),
+                    (src.synthetic, CyclingSampler(len(src.synthetic), n_syn, cfg.seed, 1))]
+    else:
+        pool = [s for s in (src.real, src.synthetic) if s is not None]
+        whole = pool[0] if len(pool) == 1 else TensorImageSet(
+            torch.cat([s.images for s in pool]), torch.cat([s.labels for s in pool]), label_space, "train")
+        samplers = [(whole, CyclingSampler(len(whole), o.batch_size, cfg.seed, 0))]
+    samplers = [(ds, s) for ds, s in samplers if s.per_step > 0]
+
+    def save_checkpoint() -> None:
+        if not main:
+            return
+        _atomic_torch_save({
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "best_val": best_val, "best_step": best_step,
+            "history": json.dumps(history), "config_key": _config_key(cfg),
+        }, ckpt_path)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {out.name}", disable=not (progress and main),
+               dynamic_ncols=True)
+    t0 = time.time()
+    loss_value = float("nan")
+    while step < total_steps:
+        # Everything random in this step derives from (seed, step): resume replays it exactly.
+        step_seed = derive_seed(cfg.seed, step)
+        torch.manual_seed(step_seed)
+        xs, ys, parts = [], [], []
+        for ds, sampler in samplers:
+            idx = sampler.indices(step)[rank::world]
+            x, y = ds.batch(idx)
+            xs.append(x)
+            ys.append(y)
+            parts.append(len(y))
+        x = augment(torch.cat(xs), derive_seed(step_seed, 1), cfg.aug.hflip, cfg.aug.crop_pad)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        y = torch.cat(ys).to(device)
+        with accelerator.autocast():
+            logits = model(x)
+            if d.real_loss_weight is not None and len(parts) == 2:
+                lr_, ls_ = F.cross_entropy(logits[: parts[0]], y[: parts[0]], label_smoothing=o.label_smoothing), \
+                    F.cross_entropy(logits[parts[0]:], y[parts[0]:], label_smoothing=o.label_smoothing)
+                loss = d.real_loss_weight * lr_ + (1 - d.real_loss_weight) * ls_
+            else:
+                loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
+        if not torch.isfinite(loss):
+            bar.close()
+            kept = f"the last good checkpoint is '{ckpt_path}'" if ckpt_path.is_file() else "no checkpoint was written"
+            raise UserError(f"loss became {loss.item()} at step {step}; training stopped and {kept}. "
+                            "Lower optim.lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if o.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        step += 1
+        scheduler.step(step)
+        loss_value = loss.item()
+        bar.update(1)
+        if step % 20 == 0 or step == total_steps:
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if step % eval_every == 0 or step == total_steps:
+            val_acc = _accuracy(raw_model, src.val, device)
+            history.append({"step": step, "loss": loss_value, "val_acc": val_acc, "time_s": time.time() - t0})
+            accelerator.log({"loss": loss_value, "val_acc": val_acc}, step=step)
+            if val_acc > best_val and main:
+                best_val, best_step = val_acc, step
+                save_model(raw_model, out / "model", extra=_model_note(cfg, src, best_step, best_val))
+            model.train()
+            save_checkpoint()
+        elif step % cfg.checkpoint_every == 0:
+            save_checkpoint()
+    bar.close()
+    accelerator.wait_for_everyone()
+    if main:
+        save_model(raw_model, out / "model_last", extra=_model_note(cfg, src, step, history[-1]["val_acc"]))
+        summary = {"best_val_acc": best_val, "best_step": best_step, "total_steps": total_steps,
+                   "selected_by": "validation", "validation": src.val_desc, "history": history,
+                   "train_images": n_train}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    accelerator.end_training()
+    return out / "model"
+
+
+def _model_note(cfg: TrainConfig, src: Sources, step: int, val_acc: float) -> dict:
+    return {"selected_by": "validation", "validation": src.val_desc, "step": step, "val_acc": val_acc,
+            "data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def _first_diff(a: object, b: object, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return f"'{prefix.rstrip('.')}' was {a!r}, now {b!r}"
+
+
+def epochs_to_steps(n_images: int, epochs: float, batch_size: int) -> int:
+    return max(1, math.floor(n_images * epochs / batch_size))

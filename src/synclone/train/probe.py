@@ -1,0 +1,346 @@
+"""CLIP classifier tuning and linear probes: a head grid over cached frozen features, saved as a model folder.
+
+``classifier_tuning(cfg)`` (He et al., 2023, "Is synthetic data from generative models ready for image
+recognition?"): a CLIP image encoder stays frozen, a linear head starts from the zero-shot text weights
+and is tuned on (synthetic) images, optionally distilled towards the zero-shot head.
+``linear_probe(cfg)``: the same over any frozen backbone, with the head started from zeros.
+
+Either way the features are computed once and cached (:mod:`synclone.train.features`), every head of
+the grid is trained in one pass (:mod:`synclone.train.heads`), and the best head is chosen on a
+validation split held out from the training source (or a validation dataset the user names), never
+on the test set. The model folder holds ``model.safetensors`` (the head) and ``config.json`` (the
+backbone reference, label space, preprocessing and the selection record);
+:func:`load_feature_classifier` turns it back into a module that maps pixels in [0, 1] to logits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from synclone.config import StrictModel, write_run_info
+from synclone.errors import UserError
+from synclone.labels import LabelSpace
+from synclone.train.clip_zeroshot import zeroshot_logits, zeroshot_weights
+from synclone.train.features import (
+    BackboneConfig,
+    FeatureSet,
+    ImageEncoder,
+    cached_features,
+    check_finite,
+    default_feature_cache,
+    load_backbone,
+)
+from synclone.train.heads import GridResult, HeadGridConfig, LinearHead, train_head_grid
+
+FORMAT = "synclone-feature-classifier/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+RESULTS = "results.json"
+
+
+class ProbeDataConfig(StrictModel):
+    """Where the images come from: a built-in name (``fashion_mnist``, ``fashion_mnist:test``) or a dataset
+    folder, resolved by :func:`synclone.data.sources.resolve_dataset` like the supervised loop's data."""
+
+    train: str = "fashion_mnist"
+    # A separate validation dataset; when None, ``val_fraction`` of the training source is held out.
+    val: str | None = None
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # Cap on validation images (encoding them costs as much as encoding training images).
+    val_max: int | None = Field(5000, ge=1)
+    test: str | None = "fashion_mnist:test"
+    # Images per class taken from the training source after the hold-out (None = all): fair-size comparisons.
+    train_per_class: int | None = Field(None, ge=2)
+    test_per_class: int | None = Field(None, ge=1)
+    data_root: str | None = None
+    seed: int = 0
+
+
+class _ProbeConfig(StrictModel):
+    backbone: BackboneConfig
+    data: ProbeDataConfig = Field(default_factory=ProbeDataConfig)
+    output: str = "runs/probe"
+    # Feature cache folder; "auto" = $XDG_CACHE_HOME/synclone/features (~/.cache/...); None = no cache.
+    cache_dir: str | None = "auto"
+    encode_batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+
+
+class TuningHeadsConfig(HeadGridConfig):
+    """The head grid of classifier tuning: as a linear probe's, but started from the zero-shot weights."""
+
+    init: Literal["zeroshot", "zeros", "random"] = "zeroshot"
+
+
+class ClassifierTuningConfig(_ProbeConfig):
+    """CLIP classifier tuning: the head grid starts from the zero-shot text weights."""
+
+    heads: TuningHeadsConfig = Field(default_factory=TuningHeadsConfig)
+    # A template-set name (openai_imagenet, simple_imagenet, photo, classname) or a list of '{}' strings.
+    templates: str | list[str] = "openai_imagenet"
+
+
+class LinearProbeConfig(_ProbeConfig):
+    """Linear probe of any frozen backbone: the head grid starts from zeros (or small random values)."""
+
+    heads: HeadGridConfig = Field(default_factory=HeadGridConfig)
+
+
+@dataclass
+class ProbeResult:
+    """What a run produced: the model folder, the grid's record and the headline numbers."""
+
+    folder: Path
+    grid: GridResult
+    metrics: dict[str, Any]
+    cache_hits: dict[str, bool]
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, Any, Any, str]:
+    """Load, split and subset the data the way the supervised loop does (synclone.train.loop.load_sources):
+    the validation split is held out from the whole training source first, then the per-class budget is
+    taken from the rest, so probe and supervised runs of the same config see the same images."""
+    from synclone.data.sources import resolve_dataset
+
+    d = cfg.data
+    train = train if train is not None else resolve_dataset(d.train, "train", d.data_root)
+    if val is None and d.val is not None:
+        val = resolve_dataset(d.val, "train", d.data_root)
+    if val is None:
+        source = getattr(train, "name", d.train)
+        train, val = train.split(d.val_fraction, seed=d.seed)
+        val_name = f"{val.name} (held out {d.val_fraction:g} of {source}, seed {d.seed})"
+    else:
+        val_name = getattr(val, "name", d.val or "val")
+    if d.val_max is not None and len(val) > d.val_max:
+        g = torch.Generator().manual_seed(d.seed)
+        val = val.subset(torch.randperm(len(val), generator=g)[: d.val_max].sort().values, val.name)
+        val_name += f", {d.val_max} of them"
+    if d.train_per_class is not None:
+        train = train.per_class_subset(d.train_per_class, seed=d.seed)
+    if test is None and d.test is not None:
+        test = resolve_dataset(d.test, "test", d.data_root)
+        if d.test_per_class is not None:
+            test = test.per_class_subset(d.test_per_class, seed=d.seed)
+    for other, what in ((val, "validation"), (test, "test")):
+        if other is not None:
+            train.label_space.check_aligned(other.label_space, what="training data", other_what=f"{what} data")
+    for ds, what in ((train, "training"), (val, "validation")):
+        counts = torch.bincount(torch.as_tensor(ds.labels), minlength=len(ds.label_space))
+        empty = [ds.label_space.classes[i] for i in range(len(counts)) if counts[i] == 0]
+        if empty:
+            raise UserError(f"the {what} split of '{ds.name}' has no images of class(es) {', '.join(empty[:5])}; "
+                            "every class needs examples (raise the per-class size or the validation fraction)")
+    return train, val, test, val_name
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def classifier_tuning(cfg: ClassifierTuningConfig, train: Any = None, val: Any = None, test: Any = None,
+                      log: bool = False) -> ProbeResult:
+    """Tune a CLIP zero-shot head on ``cfg.data.train`` over cached frozen features; write the model folder.
+
+    ``train``/``val``/``test`` (ImageSets) override the dataset references in ``cfg.data``.
+    """
+    return _run(cfg, "classifier_tuning", train, val, test, log)
+
+
+def linear_probe(cfg: LinearProbeConfig, train: Any = None, val: Any = None, test: Any = None,
+                 log: bool = False) -> ProbeResult:
+    """Train a grid of linear heads on a frozen backbone's cached features; write the model folder."""
+    return _run(cfg, "linear_probe", train, val, test, log)
+
+
+def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: bool) -> ProbeResult:
+    t0 = time.perf_counter()
+    heads_cfg: HeadGridConfig = cfg.heads
+    backbone = load_backbone(cfg.backbone, cfg.device)
+    if mode == "classifier_tuning" and not backbone.is_clip:
+        raise UserError(f"classifier tuning needs a CLIP backbone (kind open_clip or hf_clip), got "
+                        f"'{cfg.backbone.kind}'; use linear_probe for other backbones")
+    train, val, test, val_name = _datasets(cfg, train, val, test)
+    label_space: LabelSpace = train.label_space
+
+    cache_dir = default_feature_cache() if cfg.cache_dir == "auto" else cfg.cache_dir
+
+    def feats(ds: Any) -> FeatureSet:
+        fs = cached_features(backbone.encoder, ds, cache_dir, cfg.encode_batch_size, cfg.device)
+        check_finite(fs)
+        return fs
+
+    t_enc = time.perf_counter()
+    f_train, f_val = feats(train), feats(val)
+    f_test = feats(test) if test is not None else None
+    encode_s = time.perf_counter() - t_enc
+
+    text_w, scale, teacher = None, 1.0, None
+    if backbone.is_clip and (heads_cfg.init == "zeroshot" or heads_cfg.distill_weight > 0):
+        text_w = zeroshot_weights(backbone, label_space.classes, getattr(cfg, "templates", "openai_imagenet"),
+                                  cfg.device)
+        teacher = (text_w, float(backbone.logit_scale))
+    if heads_cfg.init == "zeroshot":
+        if text_w is None:
+            raise UserError("heads.init 'zeroshot' needs a CLIP backbone; use 'zeros' or 'random' for "
+                            f"'{cfg.backbone.kind}'")
+        # The head is a cosine classifier at CLIP's temperature, so its starting logits are the zero-shot ones.
+        scale = float(backbone.logit_scale)
+    t_fit = time.perf_counter()
+    grid = train_head_grid(f_train.features, f_train.labels, f_val.features, f_val.labels, len(label_space),
+                           heads_cfg, scale=scale, init_weight=text_w, teacher=teacher, val_name=val_name, log=log)
+    fit_s = time.perf_counter() - t_fit
+
+    head = LinearHead(grid.weight, grid.bias, grid.scale)
+    metrics: dict[str, Any] = {"mode": mode, "val_top1": grid.val_top1[grid.best], "selected_on": val_name,
+                               "n_train": len(f_train.labels), "n_val": len(f_val.labels)}
+    if text_w is not None:
+        metrics["zeroshot_val_top1"] = _top1(zeroshot_logits(f_val.features, text_w, teacher[1]), f_val.labels)
+    if f_test is not None:
+        with torch.no_grad():
+            metrics["test_top1"] = _top1(head(f_test.features), f_test.labels)
+        metrics["n_test"] = len(f_test.labels)
+        metrics["test_dataset"] = f_test.dataset
+        if text_w is not None:
+            metrics["zeroshot_test_top1"] = _top1(zeroshot_logits(f_test.features, text_w, teacher[1]), f_test.labels)
+    cache_hits = {"train": f_train.cache_hit, "val": f_val.cache_hit}
+    if f_test is not None:
+        cache_hits["test"] = f_test.cache_hit
+    metrics["seconds"] = {"encode": encode_s, "fit": fit_s, "total": time.perf_counter() - t0}
+
+    folder = save_feature_classifier(
+        Path(cfg.output), backbone.encoder, cfg.backbone, head, label_space, tuple(train.image_shape),
+        training={"mode": mode, "selection": grid.to_dict(), "metrics": metrics, "cache_hits": cache_hits,
+                  "heads": heads_cfg.model_dump(mode="json"), "train_dataset": f_train.dataset,
+                  "templates": getattr(cfg, "templates", None)})
+    (folder / RESULTS).write_text(json.dumps({"metrics": metrics, "selection": grid.to_dict(),
+                                              "cache_hits": cache_hits}, indent=2) + "\n", encoding="utf-8")
+    write_run_info(folder, cfg, command=f"synclone.train.probe.{mode}")
+    return ProbeResult(folder, grid, metrics, cache_hits)
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+# --- the model folder ---------------------------------------------------------------------------------
+
+
+def _portable_backbone(cfg: BackboneConfig) -> dict:
+    """The backbone reference with local paths made absolute, so the folder loads from any working directory."""
+    d = cfg.model_dump(mode="json")
+    name = d["name"]
+    if name.startswith("local-dir:"):
+        d["name"] = "local-dir:" + str(Path(name[len("local-dir:"):]).resolve())
+    elif cfg.kind in ("hf_clip", "synclone") or name.endswith(".json"):
+        d["name"] = str(Path(name).resolve())
+    if d.get("pretrained") and Path(d["pretrained"]).is_file():
+        d["pretrained"] = str(Path(d["pretrained"]).resolve())
+    return d
+
+
+def save_feature_classifier(folder: Path, encoder: ImageEncoder, backbone_cfg: BackboneConfig, head: LinearHead,
+                            label_space: LabelSpace, input_size: tuple[int, ...], training: dict | None = None) -> Path:
+    """Write the head (safetensors) and a config that names the frozen encoder instead of copying it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"head.weight": head.weight.detach().contiguous(), "head.bias": head.bias.detach().contiguous(),
+             "head.scale": head.scale.detach().reshape(1).contiguous()}
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / WEIGHTS)
+    pre = encoder.preprocess.to_dict()
+    cfg = {
+        "format": FORMAT,
+        "arch": f"feature_classifier:{backbone_cfg.kind}",
+        "backbone": _portable_backbone(backbone_cfg),
+        "backbone_weights_hash": encoder.weights_hash(),
+        "feature_dim": encoder.feature_dim,
+        "feature_normalize": encoder.normalize,
+        "num_classes": len(label_space),
+        # What callers feed: images shaped like the training data; the encoder resizes to its own size inside.
+        "input_size": list(input_size),
+        "encoder_input_size": list(encoder.input_size),
+        "label_space": label_space.to_dict(),
+        "preprocessing": {**pre, "note": "inputs are pixels in [0, 1]; the model converts channels, resizes and "
+                                         "normalises inside"},
+    }
+    if training:
+        cfg["training"] = training
+    (folder / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return folder
+
+
+class FeatureClassifier(nn.Module):
+    """A frozen encoder and a linear head: pixels in [0, 1] -> logits, normalisation inside."""
+
+    def __init__(self, encoder: ImageEncoder, head: LinearHead, label_space: LabelSpace,
+                 input_size: tuple[int, ...]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.label_space = label_space
+        self.input_size = tuple(int(v) for v in input_size)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def is_feature_classifier(folder: str | Path) -> bool:
+    """True when ``folder`` holds a model written by :func:`save_feature_classifier`."""
+    p = Path(folder) / CONFIG
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_feature_classifier(folder: str | Path, device: str | torch.device = "cpu",
+                            check_weights: bool = True) -> FeatureClassifier:
+    """Rebuild a classifier-tuning / linear-probe model folder into an eval-mode :class:`FeatureClassifier`.
+
+    With ``check_weights`` the encoder's weights must hash to the value recorded at training time, so a
+    checkpoint replaced since then is an error rather than a silently different model.
+    """
+    folder = Path(folder)
+    if not is_feature_classifier(folder) or not (folder / WEIGHTS).is_file():
+        raise UserError(f"'{folder}' is not a feature-classifier folder (needs {CONFIG} with format '{FORMAT}' "
+                        f"and {WEIGHTS})")
+    cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    try:
+        bb_cfg = BackboneConfig.model_validate(cfg["backbone"])
+    except Exception as err:  # pydantic's ValidationError: the config was edited by hand
+        raise UserError(f"'{folder / CONFIG}': bad backbone entry: {err}") from None
+    backbone = load_backbone(bb_cfg, device)
+    if check_weights and backbone.encoder.weights_hash() != cfg.get("backbone_weights_hash"):
+        raise UserError(f"the backbone '{bb_cfg.name}' no longer has the weights the head in '{folder}' was trained "
+                        "on (weights hash differs); restore them or retrain the head")
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read '{folder / WEIGHTS}': {err}") from None
+    w = state.get("head.weight")
+    if w is None or tuple(w.shape) != (int(cfg["num_classes"]), backbone.encoder.feature_dim):
+        raise UserError(f"'{folder / WEIGHTS}': head shape {None if w is None else tuple(w.shape)} does not match "
+                        f"{cfg['num_classes']} classes x {backbone.encoder.feature_dim} features")
+    head = LinearHead(w, state["head.bias"], float(state["head.scale"].reshape(-1)[0]))
+    model = FeatureClassifier(backbone.encoder, head, LabelSpace.from_dict(cfg["label_space"]),
+                              tuple(cfg["input_size"]))
+    return model.to(device).eval()

@@ -1,0 +1,125 @@
+"""Context bias: P_k and ratios, FOCUS annotations, generated context prompts, evaluation on a table of images."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from synclone.errors import UserError
+from synclone.labels import LabelSpace
+from synclone.robustness.context import (
+    context_accuracy,
+    context_prompts,
+    context_settings,
+    evaluate_context,
+    read_context_table,
+)
+
+
+def test_pk_and_ratios_by_number_of_uncommon_attributes():
+    correct = [1, 1, 1, 0, 1, 0, 0, 1, 0, 0]
+    n_unc = [0, 0, 0, 0, 1, 1, 2, 2, 2, 3]
+    r = context_accuracy(correct, n_unc)
+    assert r.accuracy == {0: 0.75, 1: 0.5, 2: pytest.approx(1 / 3), 3: 0.0}
+    assert r.n == {0: 4, 1: 2, 2: 3, 3: 1}
+    assert r.ratio_to_p0[1] == pytest.approx(0.5 / 0.75) and r.ratio_to_p0[0] == 1.0
+    assert r.overall == pytest.approx(0.5)
+    rows = r.to_rows()
+    assert set(rows["variant"]) == {"P0", "P1", "P2", "P3", "all"}
+    assert np.isnan(context_accuracy([1, 0], [1, 2]).ratio_to_p0[1])  # no P0 images: no ratio
+    with pytest.raises(UserError, match="0..3"):
+        context_accuracy([1], [4])
+
+
+def test_prompts_cover_every_pattern_with_consistent_flags():
+    prompts = context_prompts("truck", random.Random(0))
+    assert len(prompts) == 8
+    assert sorted(n for _, _, n in prompts) == [0, 1, 1, 1, 2, 2, 2, 3]
+    settings = context_settings("truck")
+    for prompt, attrs, n in prompts:
+        assert n == sum(attrs[f"{a}_uncommon"] for a in ("time", "weather", "location"))
+        for a in ("time", "weather", "location"):
+            pool = settings[a]["uncommon" if attrs[f"{a}_uncommon"] else "common"]
+            assert attrs[a] in pool and attrs[a] in prompt
+        assert prompt.startswith("a photo of a truck")
+    # FOCUS's table: a truck on a street is common, in the water uncommon.
+    assert "on a street" in settings["location"]["common"] and "in the water" in settings["location"]["uncommon"]
+    assert context_prompts("truck", 3) == context_prompts("truck", 3)  # a seed fixes the prompts
+    gen = context_prompts("truck", np.random.default_rng(3))  # numpy Generators work too
+    assert [n for _, _, n in gen] == [n for _, _, n in prompts]
+
+
+def test_prompts_skip_patterns_a_class_cannot_have_and_fall_back_to_defaults():
+    frog = context_prompts("frog", 0)
+    assert len(frog) == 4 and not any(a["time_uncommon"] for _, a, _ in frog)  # night is common for frogs
+    odd = context_prompts("Quokka", 0, n_per_pattern=2)
+    assert len(odd) == 16 and odd[0][0].startswith("a photo of a Quokka")
+    assert context_settings("Ankle boot")["location"]["common"][0] == "on a shoe rack"  # Fashion-MNIST class
+    assert context_prompts("apple", 0)[0][0].startswith("a photo of an apple")
+
+
+def test_focus_raw_attributes_are_judged_with_focus_table(tmp_path):
+    df = pd.DataFrame({
+        "file_name": ["a.png", "b.png", "c.png", "d.png"],
+        "class_name": ["truck", "dog", "car", "frog"],
+        "time": ["night", "day", "day", "night"],
+        "weather": ["foggy", "sunny", "cloudy", "raining"],
+        "locations": ["street", "grass", "grass, water", "indoors"],
+    })
+    df.to_csv(tmp_path / "annotations.csv", index=False)
+    table = read_context_table(tmp_path)
+    # truck: night + fog (street is common) = 2; dog on grass by day = 0; car: water among its locations = 1;
+    # frog: night is common for frogs, rain and indoors are not = 2.
+    assert list(table["n_uncommon"]) == [2, 0, 1, 2]
+    assert table["path"][0] == str(tmp_path / "a.png")
+
+
+def test_tables_without_context_columns_are_refused(tmp_path):
+    pd.DataFrame({"file_name": ["a.png"], "class_name": ["cat"]}).to_csv(tmp_path / "metadata.csv", index=False)
+    with pytest.raises(UserError, match="says nothing about context"):
+        read_context_table(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        read_context_table(tmp_path / "nope")
+
+
+class _Grey(torch.nn.Module):
+    """Predicts class k when the mean grey level is near k / 2 (3 classes)."""
+
+    input_size = (1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.label_space = LabelSpace.from_names(["ant", "bee", "cow"])
+
+    def forward(self, x):
+        return -(x.mean(dim=(1, 2, 3))[:, None] - torch.tensor([0.0, 0.5, 1.0])[None]) ** 2
+
+
+def test_evaluate_a_generated_style_probe_end_to_end(tmp_path):
+    """A dataset folder as ``synclone generate`` writes it, with the prompt attributes in metadata.jsonl."""
+    from PIL import Image
+
+    grey = {"ant": 0, "bee": 128, "cow": 255}
+    rows = []
+    rng = random.Random(0)
+    for cls in grey:
+        for prompt, attrs, n in context_prompts(cls, rng):
+            # Images with 2+ uncommon attributes are drawn with the wrong grey level: the model fails on them.
+            level = grey[cls] if n < 2 else (grey[cls] + 128) % 256
+            name = f"{cls}/{len(rows):03d}.png"
+            (tmp_path / "train" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), level, dtype=np.uint8)).save(tmp_path / "train" / name)
+            rows.append({"file_name": name, "label": list(grey).index(cls), "class_name": cls, "prompt": prompt,
+                         **attrs})
+    (tmp_path / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result, table = evaluate_context(_Grey(), tmp_path)
+    assert result.accuracy[0] == 1.0 and result.accuracy[1] == 1.0
+    assert result.accuracy[2] == 0.0 and result.accuracy[3] == 0.0
+    assert result.n == {0: 3, 1: 9, 2: 9, 3: 3}
+    assert result.ratio_to_p0[2] == 0.0
+    assert len(table) == 24 and table["correct"].sum() == 12
