@@ -137,7 +137,8 @@ class LabelSpace:
 
 
 def _short(items: Sequence[str], limit: int = 5) -> str:
-    return ", ".join(f"'{x}'" for x in items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(f"'{x}'" for x in items[:limit]) + more
 
 
 def _unique_slugs(classes: Sequence[str]) -> tuple[str, ...]:

@@ -107,7 +107,7 @@ def _read_synclone_folder(root: Path, split: str) -> tuple[list[ImageRecord], La
         file_name = row["file_name"]
         p = Path(file_name)
         abs_path = p if p.is_absolute() else Path(os.path.normpath(train / p))
-        rid = str(row.get("id") or Path(file_name).with_suffix("").as_posix())
+        rid = str(row["id"] if row.get("id") is not None else Path(file_name).with_suffix("").as_posix())
         if rid in seen:
             raise UserError(f"'{train / METADATA}' line {n}: image id '{rid}' appears twice; ids must be unique")
         seen.add(rid)

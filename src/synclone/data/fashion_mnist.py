@@ -127,7 +127,8 @@ def load_fashion_mnist(
     images = read_idx(img_path)
     labels = read_idx(lbl_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise UserError(f"Fashion-MNIST files in '{img_path.parent}' are inconsistent: {images.shape} vs {labels.shape}")
+        raise UserError(f"Fashion-MNIST files in '{img_path.parent}' are inconsistent: "
+                        f"{images.shape} vs {labels.shape}")
     return TensorImageSet(
         images=torch.from_numpy(images.copy()).unsqueeze(1),
         labels=torch.from_numpy(labels.astype(np.int64)),

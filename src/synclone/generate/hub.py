@@ -32,6 +32,19 @@ class ResolvedModel:
     local_files_only: bool
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_generator(name: str) -> Path:
+    """The folder of a generator shipped inside the package (``builtin:fashion_mnist``)."""
+    root = Path(__file__).resolve().parent.parent / "assets" / "generators"
+    folder = root / name
+    if not name or "/" in name or not (folder / "model_index.json").is_file():
+        known = sorted(p.name for p in root.iterdir() if (p / "model_index.json").is_file())
+        raise UserError(f"unknown built-in generator '{name}': use one of {', '.join(known)}")
+    return folder
+
+
 def resolve_model(
     name: str, revision: str | None = None, *, marker: str = "model_index.json", what: str = "model",
     local_files_only: bool | None = None,
@@ -46,6 +59,8 @@ def resolve_model(
     if not name or not str(name).strip():
         raise UserError(f"no {what} given: set it to a hub id (e.g. 'org/name') or a local folder")
     name = str(name)
+    if name.startswith(BUILTIN_PREFIX):
+        name = str(builtin_generator(name[len(BUILTIN_PREFIX):]))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / marker).is_file():

@@ -49,8 +49,16 @@ def read_model_config(folder: str | Path) -> dict:
     return cfg
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Classifier:
-    """Load a model folder into a :class:`Classifier` in eval mode (pixels in [0, 1] in, logits out)."""
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a model folder into an eval-mode module: pixels in [0, 1] in, logits out, normalisation inside.
+
+    Supervised models come back as a :class:`Classifier`; CLIP classifier-tuning and linear-probe
+    folders as a ``FeatureClassifier`` (frozen encoder + head). Both carry ``label_space`` and ``input_size``.
+    """
+    from synclone.train.probe import is_feature_classifier, load_feature_classifier
+
+    if is_feature_classifier(folder):
+        return load_feature_classifier(folder, device)
     cfg = read_model_config(folder)
     pre = cfg["preprocessing"]
     model = create_classifier(cfg["arch"], LabelSpace.from_dict(cfg["label_space"]), tuple(cfg["input_size"]),

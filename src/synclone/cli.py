@@ -1,0 +1,216 @@
+"""The ``synclone`` command line: generate, curate, train, evaluate, report, run, demo.
+
+Every command takes an optional YAML config plus dotted ``key=value`` overrides, e.g.
+``synclone train recipes/train_real.yaml optim.epochs=3 output=runs/real``. Bad input the user can
+fix ends as one line on stderr and exit code 2; work already done (checkpoints, generated images,
+caches) is kept, so re-running the corrected command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from synclone.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Synthetic clones: generate, curate, train, evaluate and report.")
+generator_app = typer.Typer(no_args_is_help=True, help="The built-in class-conditional generator.")
+app.add_typer(generator_app, name="generator")
+
+ArgsT = Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key=value ...] dotted overrides",
+                                                     show_default=False)]
+
+
+def _split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
+    """The first argument without '=' is the config file; the rest are overrides."""
+    config, overrides = None, []
+    for a in args or []:
+        if "=" in a:
+            overrides.append(a)
+        elif config is None:
+            config = a
+        else:
+            raise UserError(f"unexpected argument '{a}': give one config file and key=value overrides")
+    return config, overrides
+
+
+def _load(cls, args: list[str] | None, extra: list[str] = ()):  # noqa: ANN001, ANN202
+    from synclone.config import load_config
+
+    config, overrides = _split_args(args)
+    return load_config(cls, config, [*extra, *overrides])
+
+
+def _done(path: object) -> None:
+    typer.echo(str(path))
+
+
+@app.command()
+def train(
+    args: ArgsT = None,
+    kind: Annotated[str, typer.Option(help="supervised | classifier-tuning | linear-probe | fewshot")] = "supervised",
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its last checkpoint")] = False,
+    output: Annotated[str | None, typer.Option(help="run folder (same as output=...)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a classifier on real, synthetic or mixed data; writes <output>/model (safetensors + config.json)."""
+    extra = [f"output={output}"] if output else []
+    if kind == "supervised":
+        from synclone.train import TrainConfig
+        from synclone.train import train as run_train
+
+        _done(run_train(_load(TrainConfig, args, extra), resume=resume, progress=not quiet))
+    elif kind in ("classifier-tuning", "linear-probe"):
+        from synclone.train.probe import ClassifierTuningConfig, LinearProbeConfig, classifier_tuning, linear_probe
+
+        cls, fn = ((ClassifierTuningConfig, classifier_tuning) if kind == "classifier-tuning"
+                   else (LinearProbeConfig, linear_probe))
+        res = fn(_load(cls, args, extra))
+        _done(getattr(res, "folder", res))
+    elif kind == "fewshot":
+        from synclone.train.fewshot import FewShotConfig, fewshot
+
+        res = fewshot(_load(FewShotConfig, args, extra))
+        typer.echo(f"top-1 over {res['n']} seeds: {100 * res['mean']:.2f} +- {100 * res['std']:.2f} %")
+    else:
+        raise UserError(f"unknown --kind '{kind}': use supervised, classifier-tuning, linear-probe or fewshot")
+
+
+@app.command()
+def evaluate(
+    models: Annotated[list[str] | None,
+                      typer.Argument(help="model folders, or NAME=FOLDER", show_default=False)] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML evaluation config")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="dotted override key=value (repeatable)")] = None,
+    data: Annotated[str | None, typer.Option(help="clean test set (default fashion_mnist:test)")] = None,
+    probes: Annotated[str | None, typer.Option(help="comma-separated probes with default settings")] = None,
+    output: Annotated[str | None, typer.Option(help="results folder")] = None,
+    max_images: Annotated[int | None, typer.Option(help="cap on images per dataset")] = None,
+    data_root: Annotated[str | None, typer.Option(help="folder holding the Fashion-MNIST .gz files")] = None,
+    quiet: bool = False,
+) -> None:
+    """Run the robustness suite on models; writes results.parquet/.csv and artifacts.json."""
+    import yaml
+
+    from synclone.config import apply_overrides, load_yaml, validate
+    from synclone.evaluate import EvaluateConfig, model_names
+    from synclone.evaluate import evaluate as run_evaluate
+
+    raw = load_yaml(config) if config else {}
+    if models:
+        raw["models"] = {**raw.get("models", {}), **model_names(models)}
+    if probes:
+        raw["probes"] = {p.strip(): raw.get("probes", {}).get(p.strip(), {}) for p in probes.split(",") if p.strip()}
+    for key, value in (("data", data), ("output", output), ("max_images", max_images), ("data_root", data_root)):
+        if value is not None:
+            raw[key] = value
+    cfg = validate(EvaluateConfig, apply_overrides(raw, set_ or []), source=config or "evaluate")
+    df = run_evaluate(cfg, progress=not quiet)
+    head = df[df.metric == "top1"][["model", "probe", "dataset", "value"]]
+    if len(head) and not quiet:
+        typer.echo(yaml.safe_dump(head.head(20).to_dict("records"), sort_keys=False).rstrip(), err=True)
+    _done(cfg.output)
+
+
+@app.command()
+def report(
+    results: Annotated[list[str], typer.Argument(help="evaluation folders (written by synclone evaluate)")],
+    output: Annotated[str, typer.Option(help="folder for report.html and report.md")] = "runs/report",
+    title: Annotated[str, typer.Option(help="report title")] = "synclone report",
+) -> None:
+    """Turn evaluation results into report.html (self-contained) and report.md."""
+    from synclone.report import build_report
+
+    _done(build_report([Path(r) for r in results], Path(output), title=title))
+
+
+@app.command()
+def generate(
+    args: ArgsT = None,
+    dry_run: Annotated[bool, typer.Option(help="write the plan, time one batch, estimate time and disk")] = False,
+) -> None:
+    """Generate a labelled synthetic dataset; resumable, sharded over processes.
+
+    Several processes (also on the CPU): ``accelerate launch --multi_gpu --num_processes N -m synclone.generate
+    CONFIG``.
+    """
+    from synclone.generate import GenerateConfig
+    from synclone.generate import generate as run_generate
+
+    cfg = _load(GenerateConfig, args)
+    _done(run_generate(cfg, dry_run=dry_run))
+
+
+@app.command()
+def curate(args: ArgsT = None) -> None:
+    """Score a dataset folder with CLIP or a teacher model, filter it and write a curated folder."""
+    from synclone.curate import CurateConfig
+    from synclone.curate import curate as run_curate
+
+    _done(run_curate(_load(CurateConfig, args)))
+
+
+@generator_app.command("train")
+def generator_train(args: ArgsT = None, quiet: bool = False) -> None:
+    """Train the small class-conditional pixel-space diffusion generator (resumable)."""
+    from synclone.generate.classcond_train import GeneratorTrainConfig, train_generator
+
+    _done(train_generator(_load(GeneratorTrainConfig, args), progress=not quiet))
+
+
+@app.command()
+def run(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML: generate -> curate -> train -> evaluate -> report")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(help="validate the recipe and print the plan only")] = False,
+) -> None:
+    """Run a whole experiment from one recipe; finished stages are skipped, interrupted ones resumed."""
+    from synclone.pipeline import load_recipe, run_recipe
+
+    _done(run_recipe(load_recipe(recipe, overrides or []), dry_run=dry_run))
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="a ~2-minute version on subsets (what the tests run)")] = False,
+    output: Annotated[str, typer.Option(help="demo folder")] = "runs/demo",
+    dry_run: Annotated[bool, typer.Option(help="print the plan only")] = False,
+) -> None:
+    """The built-in Fashion-MNIST synthetic-clone experiment, end to end, offline."""
+    from synclone.pipeline import demo_recipe, run_recipe
+
+    _done(run_recipe(demo_recipe(output, quick=quick), dry_run=dry_run))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: UserError -> one line on stderr and exit code 2, no traceback."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        typer.echo("interrupted; re-run the same command to resume", err=True)
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:  # click's usage errors (bad option, missing argument)
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The suite runner: load models and the clean set, run every probe, write long-format results."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from synclone.config import write_run_info
+from synclone.errors import UserError
+from synclone.evaluate.base import COLUMNS, EvalContext, ModelEntry, Row, file_hash
+from synclone.evaluate.config import EvaluateConfig
+
+RESULTS = "results.parquet"
+ARTIFACTS = "artifacts.json"
+
+
+def load_entry(name: str, folder: str | Path, device: str = "cpu") -> ModelEntry:
+    """Load a model folder for evaluation; the fingerprint hashes its weights and config."""
+    from synclone.models import load_model
+    from synclone.models.io import CONFIG, WEIGHTS
+
+    folder = Path(folder)
+    module = load_model(folder, device=device)
+    fp = file_hash(folder / WEIGHTS) + file_hash(folder / CONFIG)[:8]
+    return ModelEntry(name, folder, module, fp)
+
+
+def model_names(paths: list[str]) -> dict[str, str]:
+    """Display names for model folders given on the command line (``name=path`` or a path).
+
+    A plain path is named after its folder, or after the run folder when the folder is the run's
+    ``model`` sub-folder (``runs/real/model`` -> ``real``).
+    """
+    out: dict[str, str] = {}
+    for item in paths:
+        name, sep, path = item.partition("=")
+        if not sep:
+            p = Path(item.rstrip("/"))
+            name, path = (p.parent.name if p.name in ("model", "model_last") else p.name), item
+        if name in out:
+            raise UserError(f"two models are named '{name}'; name them explicitly as NAME=PATH")
+        out[name] = path
+    return out
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
+    """Run the probes of ``cfg`` on its models; writes ``results.parquet``/``.csv`` and ``artifacts.json``.
+
+    Returns the results as a DataFrame with the columns of :data:`synclone.evaluate.base.COLUMNS`.
+    """
+    if not cfg.models:
+        raise UserError("no models to evaluate: pass model folders (synclone evaluate runs/real/model ...) "
+                        "or set 'models' in the config")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    probes = cfg.probe_settings()  # validate every probe's settings before any work
+    from synclone.evaluate.datasets import load_eval_dataset
+
+    clean = load_eval_dataset(cfg.data, "test", cfg.data_root)
+    models = {name: load_entry(name, path) for name, path in cfg.models.items()}
+    for name, entry in models.items():
+        entry.module.label_space.check_aligned(clean.label_space, f"model '{name}'", f"dataset '{clean.name}'")
+    out = Path(cfg.output)
+    write_run_info(out, cfg)
+    ctx = EvalContext(models, clean, out, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+                      batch_size=cfg.batch_size, data_root=cfg.data_root, max_images=cfg.max_images,
+                      seed=cfg.seed, progress=progress)
+    ctx.clean = ctx.cap(clean)
+    rows: list[Row] = []
+    timings = {}
+    bar = tqdm(probes, desc="evaluate", disable=not progress, unit="probe")
+    for name, settings in bar:
+        bar.set_postfix_str(f"{name} ({len(models)} models)")
+        from synclone.evaluate.base import get_probe
+
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rows += get_probe(name).run(ctx, settings)
+        for w in caught:
+            tqdm.write(f"note: {w.message}")
+        timings[name] = round(time.perf_counter() - t0, 2)
+    df = pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS))
+    df["n"] = df["n"].astype("Int64")
+    _write_table(df, out)
+    (out / ARTIFACTS).write_text(json.dumps(ctx.artifacts) + "\n", encoding="utf-8")
+    (out / "timings.json").write_text(json.dumps({"probes_s": timings, "forward_passes": ctx.forward_passes},
+                                                 indent=2) + "\n", encoding="utf-8")
+    return df
+
+
+def _write_table(df: pd.DataFrame, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (RESULTS + ".tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(out / RESULTS)
+    df.to_csv(out / "results.csv", index=False)
+
+
+def read_results(folder: str | Path) -> pd.DataFrame:
+    """The results table of an evaluation folder."""
+    p = Path(folder) / RESULTS
+    if not p.is_file():
+        raise UserError(f"'{folder}' holds no {RESULTS}; run `synclone evaluate` with --output {folder} first")
+    return pd.read_parquet(p)
