@@ -120,4 +120,25 @@ def load_eval_dataset(spec: str, split: str = "test", data_root: str | None = No
 
     if not (path / split / METADATA).is_file() and (path / "train" / METADATA).is_file():
         split = "train"
-    return load_image_folder_tensors(path, size=size, channels=channels, split=split)
+    space = _folder_space(path, split, like)
+    return load_image_folder_tensors(path, label_space=space, size=size, channels=channels, split=split)
+
+
+def _folder_space(path: Path, split: str, like: TensorImageSet | None) -> LabelSpace | None:
+    """``like``'s label space when every folder class names one of its classes (by name or slug).
+
+    A plain ``<class>/<image>`` folder lists its classes alphabetically by folder name; mapping them
+    by name onto the clean set's space lets any such folder serve as a shifted test set. Otherwise
+    the folder keeps its own space and the label-space check names the mismatch.
+    """
+    if like is None:
+        return None
+    from synclone.curate.folder import read_dataset_folder
+
+    _, own = read_dataset_folder(path, split)
+    try:
+        for c in own.classes:
+            like.label_space.index(c)
+    except UserError:
+        return None
+    return like.label_space
