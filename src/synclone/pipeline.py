@@ -178,6 +178,20 @@ def _train_estimate(cfg: Any) -> float:
     return steps * cfg.optim.batch_size / 2500.0  # synclone_cnn_small trains ~2.5k images/s on 2 cores
 
 
+def _disk_estimate(stage: Stage) -> float:
+    """Bytes a stage will write, roughly: PNGs (compressed ~half of raw pixels), checkpoints, caches."""
+    kind = stage.name.split(".")[0]
+    if kind == "generate":
+        cfg = stage.cfg
+        h, w = (cfg.generator.height or 28, cfg.generator.width or 28) if cfg.generator.backend == "classcond" else (
+            cfg.generator.height or 512, cfg.generator.width or 512)
+        n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else 10)
+        return n * (h * w * 3 * 0.5 + 600)  # + a metadata line per image
+    if kind in ("train", "teacher"):
+        return 20 * 2**20  # model, last model and the resumable checkpoint of a small CNN
+    return 10 * 2**20
+
+
 def _run_generate(cfg: Any, resume: bool) -> None:
     from synclone.generate import generate
 
@@ -210,18 +224,96 @@ def _run_report(cfg: ReportStage, resume: bool) -> None:
                  datasets=[Path(d) for d in cfg.datasets], train_runs={k: Path(v) for k, v in cfg.train_runs.items()})
 
 
+def _generated_space(cfg: Any) -> Any:
+    """The label space a generate stage will produce, known before generating."""
+    import json as _json
+
+    from synclone.generate.hub import resolve_model
+    from synclone.labels import LabelSpace, get_label_space
+
+    if isinstance(cfg.labels, list):
+        return LabelSpace.from_names([str(c) for c in cfg.labels], name="custom")
+    if isinstance(cfg.labels, str):
+        return get_label_space(cfg.labels)
+    folder = Path(resolve_model(cfg.generator.model, marker="model_index.json", what="generator").location)
+    meta = folder / "synclone.json"
+    if meta.is_file():
+        return LabelSpace.from_dict(_json.loads(meta.read_text(encoding="utf-8"))["label_space"])
+    raise UserError(f"generator '{cfg.generator.model}' has no label space of its own: set 'labels' in its stage")
+
+
+def _data_space(spec: str | None, spaces: dict[str, Any], where: str) -> Any:
+    """Label space of a dataset spec: a built-in, the output of an earlier stage, or an existing folder."""
+    from synclone.data.sources import BUILTIN
+    from synclone.labels import BUILTIN_SPACES
+
+    if spec is None:
+        return None
+    name = spec.partition(":")[0]
+    if name in BUILTIN:
+        return BUILTIN_SPACES[name]
+    for folder, space in spaces.items():
+        if Path(spec) == Path(folder):
+            return space
+    if not Path(spec).is_dir():
+        raise UserError(f"{where}: dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}), the output "
+                        "of a stage of this recipe, nor an existing folder")
+    from synclone.curate.folder import read_dataset_folder
+
+    return read_dataset_folder(spec)[1]
+
+
 def check(recipe: Recipe, stages: list[Stage]) -> None:
-    """Everything that can be checked before work starts: data present, generators found, labels aligned."""
+    """What can be checked before work starts: data present, generators found, folders exist, labels aligned."""
     from synclone.data.fashion_mnist import locate
+    from synclone.models.io import read_model_config
 
-    needs_fmnist = any("fashion_mnist" in json.dumps(s.cfg.model_dump(mode="json")) for s in stages)
-    if needs_fmnist:
+    if any("fashion_mnist" in json.dumps(s.cfg.model_dump(mode="json")) for s in stages):
+        locate("train")
         locate("test")
+    spaces: dict[str, Any] = {}  # stage output folder -> the label space it will hold
     for s in stages:
-        if s.name.startswith("generate."):
-            from synclone.generate.hub import resolve_model
+        kind = s.name.split(".")[0]
+        if kind == "generate":
+            spaces[str(s.folder)] = _generated_space(s.cfg)
+        elif kind == "curate":
+            src = _data_space(s.cfg.input, spaces, "curate.input")
+            spaces[str(s.folder)] = src
+            model = s.cfg.scorer.model
+            if s.cfg.scorer.kind == "teacher" and str(Path(model).parent) not in spaces and not Path(model).is_dir():
+                raise UserError(f"curate.scorer.model: teacher folder '{model}' does not exist")
+        elif kind in ("teacher", "train"):
+            real = _data_space(s.cfg.data.real, spaces, f"{s.name}.data.real")
+            syn = _data_space(s.cfg.data.synthetic, spaces, f"{s.name}.data.synthetic")
+            if real is not None and syn is not None:
+                real.check_aligned(syn, f"{s.name}'s real data", f"{s.name}'s synthetic data")
+            spaces[str(s.folder)] = real if real is not None else syn
+        elif kind == "evaluate":
+            clean = _data_space(s.cfg.data, spaces, "evaluate.data")
+            for name, folder in s.cfg.models.items():
+                run = str(Path(folder).parent)
+                space = spaces[run] if run in spaces else _external_model_space(folder, read_model_config)
+                space.check_aligned(clean, f"model '{name}'", f"evaluation data '{s.cfg.data}'")
+            for name, settings in s.cfg.probe_settings():
+                for spec in getattr(settings, "datasets", None) or []:
+                    if name == "shift":
+                        _data_space(spec, spaces, "evaluate.probes.shift.datasets")
+                    elif not Path(spec).is_dir() and not _is_builtin(spec):
+                        raise UserError(f"evaluate.probes.{name}.datasets: '{spec}' is neither a built-in nor a "
+                                        "folder")
 
-            resolve_model(s.cfg.generator.model, marker="model_index.json", what="generator")
+
+def _external_model_space(folder: str, read_model_config: Any) -> Any:
+    from synclone.labels import LabelSpace
+
+    return LabelSpace.from_dict(read_model_config(folder)["label_space"])
+
+
+def _is_builtin(spec: str) -> bool:
+    from synclone.data.sources import BUILTIN
+    from synclone.evaluate.datasets import OOD_BUILTINS
+
+    return spec.partition(":")[0] in (*BUILTIN, *OOD_BUILTINS)
 
 
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
@@ -230,13 +322,14 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
     check(recipe, stages)
     out = Path(recipe.output)
     lines = [f"recipe -> {out}"]
-    total = 0.0
+    total = disk = 0.0
     for s in stages:
         st = s.state()
         est = 0.0 if st == "done" else s.estimate_s
         total += est
-        lines.append(f"  {s.name:<22} {st:<8} ~{est / 60:5.1f} min  {s.folder}")
-    lines.append(f"  estimated time: ~{total / 60:.1f} min on this machine's class of CPU")
+        disk += 0 if st == "done" else _disk_estimate(s)
+        lines.append(f"  {s.name:<26} {st:<8} ~{est / 60:5.1f} min  {s.folder}")
+    lines.append(f"  estimated: ~{total / 60:.1f} min on a 2-core CPU, ~{disk / 2**20:.0f} MB of disk")
     print("\n".join(lines), flush=True)
     if dry_run:
         return out
