@@ -123,3 +123,16 @@ def test_evaluate_a_generated_style_probe_end_to_end(tmp_path):
     assert result.n == {0: 3, 1: 9, 2: 9, 3: 3}
     assert result.ratio_to_p0[2] == 0.0
     assert len(table) == 24 and table["correct"].sum() == 12
+
+
+def test_generated_metadata_nests_context_under_attributes(tmp_path):
+    """`synclone generate --contexts` writes the context per image under 'attributes'; the reader lifts it."""
+    import json
+
+    from synclone.robustness.context import read_context_table
+
+    rows = [{"file_name": f"{i}.png", "class_name": "Bag",
+             "attributes": {"n_uncommon": i % 3, "time": "night", "weather": "snow"}} for i in range(6)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = read_context_table(tmp_path)
+    assert df["n_uncommon"].tolist() == [0, 1, 2, 0, 1, 2] and df["time"].iloc[0] == "night"

@@ -83,8 +83,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rows += get_probe(name).run(ctx, settings)
-        for w in caught:
-            tqdm.write(f"note: {w.message}")
+        for msg in dict.fromkeys(str(w.message) for w in caught):  # each distinct note once
+            tqdm.write(f"note: {msg}")
         timings[name] = round(time.perf_counter() - t0, 2)
     df = pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS))
     df["n"] = df["n"].astype("Int64")

@@ -201,6 +201,12 @@ def read_context_table(path: str | Path) -> pd.DataFrame:
         raise UserError(f"cannot read context annotations '{table}': {err}") from None
     if df.empty:
         raise UserError(f"context annotations '{table}' have no rows")
+    if "attributes" in df.columns:
+        # `synclone generate` (contexts strategy) nests each image's context under 'attributes'.
+        nested = pd.json_normalize([a if isinstance(a, dict) else {} for a in df["attributes"]])
+        for col in nested.columns:
+            if col not in df.columns:
+                df[col] = nested[col].to_numpy()
     if "path" not in df.columns:
         if "file_name" not in df.columns:
             raise UserError(f"'{table}' needs a 'file_name' (relative to its folder) or 'path' column")

@@ -25,9 +25,9 @@ Metrics and their conventions: docs in ``/work/shared/reference/metrics.md`` (CE
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, cached_property
@@ -49,11 +49,10 @@ from synclone.robustness.corruption_metrics import (
     IMAGENET_C_CORRUPTIONS,
     corruption_error,
     mce,
+    normalise_name,
     relative_mce,
 )
 from synclone.robustness.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, REFERENCE_SIZE, SEVERITIES, corrupt
-
-logger = logging.getLogger(__name__)
 
 # AlexNet's clean ImageNet top-1 error as used for relative mCE: Hendrycks & Dietterich, "Benchmarking Neural
 # Network Robustness to Common Corruptions and Perturbations", ICLR 2019, Table 1 (AlexNet: error 43.5%).
@@ -151,6 +150,10 @@ class CorruptionSettings(StrictModel):
     shrinking it 8 times (a severity-5 defocus radius of 10 px becomes 1.25 px). ``"unscaled"`` applies the
     published pixel lengths as they are, which at 28x28 blurs most images beyond recognition.
 
+    ``folder``: released corrupted images, evaluated instead of synthesising them; the clean error that relative
+    mCE subtracts is still measured on the suite's clean test set (capped the same way), which for ImageNet-C is
+    the ImageNet validation set the corrupted images were made from.
+
     ``baseline``: the model whose errors normalise CE and mCE: a model name of this suite, ``"alexnet"`` (the
     published ImageNet-C errors; needs all five severities), or ``None``: AlexNet for an ImageNet-1k label space
     evaluated on all five severities, else the first model of the suite.
@@ -169,6 +172,7 @@ class CorruptionSettings(StrictModel):
     def _names(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("give at least one corruption name")
+        v = [normalise_name(n) for n in v]  # "JPEG Compression" is jpeg_compression
         unknown = [n for n in v if n not in ALL_CORRUPTIONS]
         if unknown:
             raise ValueError(f"unknown corruption {unknown[0]!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
@@ -203,9 +207,10 @@ class _Corrupted:
     ``fingerprint()``, ``images``): when every model's logits are cached, nothing is corrupted at all.
     """
 
-    def __init__(self, clean: TensorImageSet, name: str, severity: int, seed: int, reference_size, chunk: int):
+    def __init__(self, clean: TensorImageSet, name: str, severity: int, seed: int, reference_size, chunk: int,
+                 device: torch.device):
         self.clean, self.corruption, self.severity = clean, name, severity
-        self.seed, self.reference_size, self.chunk = seed, reference_size, chunk
+        self.seed, self.reference_size, self.chunk, self.device = seed, reference_size, chunk, device
         self.name = f"{clean.name}|{name}@{severity}"
 
     def fingerprint(self) -> str:
@@ -219,11 +224,12 @@ class _Corrupted:
         x = self.clean.images
         out = torch.empty_like(x)
         for start in range(0, len(x), self.chunk):
-            batch = x[start:start + self.chunk].float().div_(255)
-            # Global indices make each image's noise independent of the chunking.
+            batch = x[start:start + self.chunk].to(self.device).float().div_(255)
+            # Global indices make each image's noise independent of the chunking (and of the device: the engine
+            # draws its random numbers on the CPU).
             y = corrupt(batch, self.corruption, self.severity, self.seed, range(start, start + len(batch)),
                         self.reference_size)
-            out[start:start + len(batch)] = y.mul_(255).round_().to(torch.uint8)
+            out[start:start + len(batch)] = y.mul_(255).round_().to(torch.uint8).cpu()
         return out
 
 
@@ -253,7 +259,7 @@ def _or_nan(fn, *args, **kwargs) -> float:
     try:
         return float(fn(*args, **kwargs))
     except UserError as err:
-        logger.warning("corruptions: %s; reporting NaN", str(err).rstrip("."))
+        warnings.warn(f"corruptions: {str(err).rstrip('.')}; reporting NaN", stacklevel=2)
         return float("nan")
 
 
@@ -271,7 +277,7 @@ def corruptions_probe(ctx: EvalContext, s: CorruptionSettings) -> list[Row]:
         dataset = Path(s.folder).name
         reader = _CorruptionFolder(Path(s.folder), ctx.clean, s.max_images, s.seed)
         reader.check(s.names, s.severities)
-        scale = "released images"
+        source = f"released images in folder {Path(s.folder).name}"
         for c, sev in _progress(ctx, [(c, v) for c in s.names for v in s.severities], "corruptions (folder)"):
             ds = reader.load(c, sev)
             counts[c, sev] = len(ds)
@@ -281,14 +287,14 @@ def corruptions_probe(ctx: EvalContext, s: CorruptionSettings) -> list[Row]:
         dataset = ctx.clean.name
         h, w = data.image_shape[1:]
         scale = "unscaled" if ref is None else f"reference_size={ref:g} (lengths x{min(h, w) / ref:.3g})"
+        source = f"synclone engine; seed={s.seed}; {scale}; 8-bit images"
         for c, sev in _progress(ctx, [(c, v) for c in s.names for v in s.severities], "corruptions"):
-            corrupted = _Corrupted(data, c, sev, s.seed, ref, ctx.batch_size)
+            corrupted = _Corrupted(data, c, sev, s.seed, ref, ctx.batch_size, ctx.device)
             counts[c, sev] = len(data)
             for m in ctx.models:
                 acc[m][c][sev] = top1(ctx.logits(m, corrupted, f"{c}@{sev}|seed={s.seed}"), data.labels)
             del corrupted  # frees the corrupted images before the next corruption
 
-    source = f"folder {s.folder}" if s.folder else f"synclone engine; seed={s.seed}; {scale}; 8-bit images"
     n_all = sum(counts.values())
     clean_acc = {m: top1(ctx.logits(m, data), data.labels) for m in ctx.models}
     rows: list[Row] = []
@@ -303,7 +309,7 @@ def corruptions_probe(ctx: EvalContext, s: CorruptionSettings) -> list[Row]:
         rows.append(Row(m, "corruptions", dataset, "all", "mean_top1", mean_top1, n_all,
                         f"mean over {len(s.names)} corruptions x severities {s.severities}; {source}"))
         rows.append(Row(m, "corruptions", ctx.clean.name, "clean", "top1", clean_acc[m], len(data),
-                        f"the clean images the corruptions start from (max_images={s.max_images}, seed {ctx.seed})"))
+                        f"the {len(data)} clean images the corruptions start from (seeded subset, seed {ctx.seed})"))
         ctx.add_artifact(m, "corruptions", dataset, "corruption_curve",
                          {c: {str(v): acc[m][c][v] for v in s.severities} for c in s.names})
     rows += _mce_rows(ctx, s, acc, clean_acc, baseline, dataset, source, n_all)
@@ -459,7 +465,7 @@ class AdversarialSettings(StrictModel):
     L-inf and 0.25, 0.5, 1.0 for L2. ``step_size``: the PGD step in pixel units; ``None`` uses 2.5 * eps / steps
     (Madry et al.). ``norm`` is implied by the attack, except for AutoAttack (default linf). ``version``,
     ``attacks``, ``n_iter`` and ``n_queries`` are AutoAttack's (``version='custom'`` runs ``attacks``; fewer
-    iterations give a quicker, weaker estimate).
+    iterations give a quicker, weaker estimate); ``restarts``, when given, sets its ``n_restarts``.
     """
 
     attack: Literal["fgsm", "pgd_linf", "pgd_l2", "autoattack"] = "pgd_linf"
@@ -494,7 +500,7 @@ class AdversarialSettings(StrictModel):
         if implied and self.norm not in (None, implied):
             raise ValueError(f"attack {self.attack} is an {implied} attack; drop norm={self.norm} or choose another "
                              "attack")
-        if self.restarts > 1 and not self.random_start:
+        if self.attack.startswith("pgd") and self.restarts > 1 and not self.random_start:
             raise ValueError("restarts > 1 needs random_start: true (without it every restart is the same attack)")
         return self
 
@@ -514,7 +520,7 @@ class AdversarialSettings(StrictModel):
             for key in ("attacks", "n_iter", "n_queries"):
                 if getattr(self, key) is not None:
                     kw[key] = getattr(self, key)
-            if self.n_iter is not None:
+            if "restarts" in self.model_fields_set:  # else AutoAttack's own per-version default
                 kw["n_restarts"] = self.restarts
             return kw
         return {"steps": self.steps, "alpha": self.step_size, "random_start": self.random_start,
@@ -525,8 +531,7 @@ class AdversarialSettings(StrictModel):
         if self.attack == "fgsm":
             return "fgsm; linf; eps in [0,1] pixel units; one step of size eps; misclassified images not attacked"
         if self.attack == "autoattack":
-            extra = "".join(f"; {k}={getattr(self, k)}" for k in ("attacks", "n_iter", "n_queries")
-                            if getattr(self, k) is not None)
+            extra = "".join(f"; {k}={v}" for k, v in self.attack_kwargs().items() if k not in ("norm", "version"))
             return (f"autoattack {self.version}; {norm}; eps in [0,1] pixel units{extra}; seed={self.seed}; "
                     "misclassified images not attacked")
         step = "2.5*eps/steps" if self.step_size is None else f"{self.step_size:g}"
