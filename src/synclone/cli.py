@@ -57,6 +57,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its last checkpoint")] = False,
     output: Annotated[str | None, typer.Option(help="run folder (same as output=...)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    shots: Annotated[int, typer.Option(help="fewshot: real images per class")] = 10,
+    seeds: Annotated[str, typer.Option(help="fewshot: comma-separated seeds, mean and spread reported")] = "0,1,2",
 ) -> None:
     """Train a classifier on real, synthetic or mixed data; writes <output>/model (safetensors + config.json)."""
     extra = [f"output={output}"] if output else []
@@ -73,10 +75,13 @@ def train(
         res = fn(_load(cls, args, extra))
         _done(getattr(res, "folder", res))
     elif kind == "fewshot":
-        from synclone.train.fewshot import FewShotConfig, fewshot
+        from synclone.train import TrainConfig
+        from synclone.train.fewshot import fewshot
 
-        res = fewshot(_load(FewShotConfig, args, extra))
-        typer.echo(f"top-1 over {res['n']} seeds: {100 * res['mean']:.2f} +- {100 * res['std']:.2f} %")
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        res = fewshot(_load(TrainConfig, args, extra), shots=shots, seeds=seed_list)
+        typer.echo(f"top-1 over {res['n']} seeds: {100 * res['mean']:.2f} +- {100 * res['std']:.2f} %", err=True)
+        _done(Path(_load(TrainConfig, args, extra).output) / "fewshot.json")
     else:
         raise UserError(f"unknown --kind '{kind}': use supervised, classifier-tuning, linear-probe or fewshot")
 

@@ -231,15 +231,23 @@ def _generated_space(cfg: Any) -> Any:
     from synclone.generate.hub import resolve_model
     from synclone.labels import LabelSpace, get_label_space
 
-    if isinstance(cfg.labels, list):
-        return LabelSpace.from_names([str(c) for c in cfg.labels], name="custom")
-    if isinstance(cfg.labels, str):
-        return get_label_space(cfg.labels)
     folder = Path(resolve_model(cfg.generator.model, marker="model_index.json", what="generator").location)
     meta = folder / "synclone.json"
-    if meta.is_file():
-        return LabelSpace.from_dict(_json.loads(meta.read_text(encoding="utf-8"))["label_space"])
-    raise UserError(f"generator '{cfg.generator.model}' has no label space of its own: set 'labels' in its stage")
+    own = LabelSpace.from_dict(_json.loads(meta.read_text(encoding="utf-8"))["label_space"]) if meta.is_file() else None
+    if isinstance(cfg.labels, list):
+        space = LabelSpace.from_names([str(c) for c in cfg.labels], name="custom")
+    elif isinstance(cfg.labels, str):
+        space = get_label_space(cfg.labels)
+    elif own is not None:
+        return own
+    else:
+        raise UserError(f"generator '{cfg.generator.model}' has no label space of its own: set 'labels' in its stage")
+    if cfg.generator.backend == "classcond" and own is not None:
+        missing = [c for c in space.classes if c not in own.classes]
+        if missing:
+            raise UserError(f"class-conditional generator '{cfg.generator.model}' cannot make "
+                            f"{', '.join(map(repr, missing[:5]))}: it knows {own.describe()}")
+    return space
 
 
 def _data_space(spec: str | None, spaces: dict[str, Any], where: str) -> Any:
