@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
-from synclone.data.imageset import TensorImageSet
+from synclone.data.imageset import ImageSet
 from synclone.errors import UserError
 
 COLUMNS = ("model", "probe", "dataset", "variant", "metric", "value", "n", "convention")
@@ -73,7 +73,7 @@ def file_hash(path: Path, chunk: int = 1 << 20) -> str:
 class EvalContext:
     """What every probe sees: models, the clean (in-distribution) test set, cached logits, artefacts."""
 
-    def __init__(self, models: dict[str, ModelEntry], clean: TensorImageSet, output: Path, *,
+    def __init__(self, models: dict[str, ModelEntry], clean: ImageSet, output: Path, *,
                  cache_dir: Path | None = None, batch_size: int = 256, device: str = "cpu",
                  data_root: str | None = None, max_images: int | None = None, seed: int = 0,
                  progress: bool = True) -> None:
@@ -90,10 +90,10 @@ class EvalContext:
         self.artifacts: list[dict] = []
         self.forward_passes = 0  # counted so tests can check that probes share outputs
         self._memo: dict[str, torch.Tensor] = {}
-        self._datasets: dict[str, TensorImageSet] = {}
+        self._datasets: dict[str, ImageSet] = {}
 
     # -- data ------------------------------------------------------------------------------------
-    def dataset(self, spec: str, split: str = "test") -> TensorImageSet:
+    def dataset(self, spec: str, split: str = "test") -> ImageSet:
         """A dataset by spec (built-in name, ``name:split`` or folder), loaded once and capped at ``max_images``."""
         key = f"{spec}|{split}"
         if key not in self._datasets:
@@ -102,7 +102,7 @@ class EvalContext:
             self._datasets[key] = self.cap(load_eval_dataset(spec, split, self.data_root, like=self.clean))
         return self._datasets[key]
 
-    def cap(self, data: TensorImageSet, limit: int | None = None) -> TensorImageSet:
+    def cap(self, data: ImageSet, limit: int | None = None) -> ImageSet:
         """A seeded, class-stratified-by-order subset of at most ``limit`` (default ``max_images``) images."""
         limit = limit if limit is not None else self.max_images
         if limit is None or len(data) <= limit:
@@ -112,39 +112,58 @@ class EvalContext:
         return data.subset(idx, data.name)
 
     # -- outputs ---------------------------------------------------------------------------------
-    def logits(self, model: str, data: TensorImageSet, variant: str = "clean") -> torch.Tensor:
+    def logits(self, model: str, data: ImageSet, variant: str = "clean") -> torch.Tensor:
         """Logits of ``model`` on ``data`` (float32, CPU), computed once and cached on disk.
 
         The cache key joins the weights hash, the data fingerprint (pixels + labels) and ``variant``,
-        so a retrained model or changed data never reuses stale outputs.
+        so a retrained model or changed data never reuses stale outputs. A set with ``iter_batches``
+        (:class:`synclone.evaluate.streaming.FileImageSet`) is decoded batch by batch at the model's
+        ``input_size``; a set with a ``logit_view`` (ImageNet-R/A masks, ObjectNet's mapping) gets it
+        applied to the returned logits, while the cache keeps the raw outputs.
         """
         entry = self.models[model]
         key = hashlib.sha256(f"{entry.fingerprint}|{data.fingerprint()}|{variant}".encode()).hexdigest()[:24]
+        view = getattr(data, "logit_view", None) or (lambda z: z)
         if key in self._memo:
-            return self._memo[key]
+            return view(self._memo[key])
         path = self.cache_dir / f"{key}.safetensors"
         if path.is_file():
             out = load_file(str(path))["logits"]
         else:
-            out = self.forward(model, data.images)
+            out = self._stream(model, data) if hasattr(data, "iter_batches") else self.forward(model, data.images)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"logits": out.contiguous()}, str(tmp), metadata={"model": model, "data": data.name,
                                                                      "variant": variant})
             tmp.replace(path)
         self._memo[key] = out
-        return out
+        return view(out)
 
-    @torch.no_grad()
     def forward(self, model: str, images: torch.Tensor) -> torch.Tensor:
         """Logits of ``model`` on raw images (uint8 or float in [0, 1]); no caching (perturbed inputs)."""
+        return self._run(model, (images[s:s + self.batch_size] for s in range(0, len(images), self.batch_size)))
+
+    def _stream(self, model: str, data: ImageSet) -> torch.Tensor:
+        """Logits of ``model`` on a streaming set, decoded batch by batch at the model's input size."""
+        from tqdm.auto import tqdm
+
+        size = getattr(self.models[model].module, "input_size", None)
+        batches = data.iter_batches(self.batch_size, size)  # type: ignore[attr-defined]
+        bar = tqdm(total=len(data), desc=f"{model} on {data.name}", unit="img", leave=False,
+                   disable=not self.progress)
+        with bar:
+            return self._run(model, batches, bar.update)
+
+    @torch.no_grad()
+    def _run(self, model: str, batches, advance: Callable[[int], Any] | None = None) -> torch.Tensor:
         module = self.models[model].module
         self.forward_passes += 1
         out = []
-        for start in range(0, len(images), self.batch_size):
-            x = images[start:start + self.batch_size]
+        for x in batches:
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
             out.append(module(x.to(self.device)).float().cpu())
+            if advance is not None:
+                advance(len(x))
         return torch.cat(out) if out else torch.empty(0)
 
     def add_artifact(self, model: str, probe: str, dataset: str, kind: str, data: dict[str, Any]) -> None:

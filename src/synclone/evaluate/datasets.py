@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synclone.data.imageset import TensorImageSet
+from synclone.data.imageset import ImageSet, TensorImageSet
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 
@@ -92,8 +92,12 @@ OOD_BUILTINS = ("digits", "animal_shapes", "uniform_noise", "gaussian_noise")
 
 
 def load_eval_dataset(spec: str, split: str = "test", data_root: str | None = None,
-                      like: TensorImageSet | None = None) -> TensorImageSet:
-    """Built-in datasets (``fashion_mnist[:split]`` and the OOD sets above) or a dataset/image folder."""
+                      like: ImageSet | None = None) -> ImageSet:
+    """Built-in datasets (``fashion_mnist[:split]`` and the OOD sets above) or a dataset/image folder.
+
+    ImageNet-family folders (val, V2, Sketch, R, A, ObjectNet) are recognised by their layout, or named
+    as ``LAYOUT:PATH``; they load as streaming sets (:class:`synclone.evaluate.streaming.FileImageSet`).
+    """
     name = spec.partition(":")[0]
     if name == "digits":
         return load_digits_ood(like)
@@ -104,13 +108,24 @@ def load_eval_dataset(spec: str, split: str = "test", data_root: str | None = No
             raise UserError(f"'{name}' needs a clean dataset to copy its image shape from")
         return noise_ood(name, like)
     from synclone.data.sources import BUILTIN, resolve_dataset
+    from synclone.evaluate.imagenet_sets import LAYOUTS, detect_layout, load_imagenet_set
 
+    # ImageNet-family sets stream from disk, read at each model's input size unless the clean set fixes one.
+    input_size = getattr(like, "input_size", None)
+    if name in LAYOUTS:  # "imagenet-r:PATH" names the layout instead of detecting it
+        folder = spec.partition(":")[2]
+        if not folder:
+            raise UserError(f"dataset '{spec}': give the folder after the layout, e.g. {name}:/data/{name}")
+        return load_imagenet_set(folder, name, input_size=input_size)
     if name in BUILTIN:
         return resolve_dataset(spec, split, data_root)
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"dataset '{spec}' is neither a built-in ({', '.join(sorted([*BUILTIN, *OOD_BUILTINS]))}) "
-                        "nor an existing folder")
+                        f"nor an existing folder (ImageNet-family folders may be named: {', '.join(LAYOUTS)}:PATH)")
+    layout = detect_layout(path)
+    if layout is not None:
+        return load_imagenet_set(path, layout, input_size=input_size)
     from synclone.curate.folder import load_image_folder_tensors
 
     size = like.image_shape[1:] if like is not None else None

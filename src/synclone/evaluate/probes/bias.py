@@ -103,7 +103,8 @@ def _sources(ctx: EvalContext, per_class: int, seed: int, threshold: float):
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     picks = [order[data.labels[order] == c][:per_class] for c in range(len(data.label_space))]
     idx = torch.cat(picks).sort().values
-    imgs = data.images[idx].permute(0, 2, 3, 1).contiguous().numpy()
+    # batch() decodes only the chosen images (a streamed set never loads whole into memory).
+    imgs = (data.batch(idx)[0] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     labels = data.labels[idx].numpy()
     masks = masks_from_threshold(imgs, threshold)
     cover = float(np.median(masks.reshape(len(masks), -1).mean(axis=1))) if len(masks) else 0.0

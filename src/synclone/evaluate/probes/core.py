@@ -16,7 +16,13 @@ from synclone.config import StrictModel
 from synclone.errors import UserError
 from synclone.evaluate.base import EvalContext, Row, register_probe
 from synclone.robustness import calibration_metrics, ood_metrics, ood_score, reliability_diagram, roc_curve_points
-from synclone.robustness.shift import MIN_BASELINES, effective_robustness, fit_baseline, read_baselines_csv
+from synclone.robustness.shift import (
+    MIN_BASELINES,
+    accuracy,
+    effective_robustness,
+    fit_baseline,
+    read_baselines_csv,
+)
 
 
 def _conv(d: dict) -> str:
@@ -91,16 +97,33 @@ def shift_probe(ctx: EvalContext, s: ShiftSettings) -> list[Row]:
     clean_acc = {m: _top1(ctx.logits(m, ctx.clean), ctx.clean.labels) for m in ctx.models}
     for spec in s.datasets:
         data = ctx.dataset(spec, "test")
+        subset = (getattr(data, "extra", None) or {}).get("class_subset")
+        # ER compares like with like: the ID accuracy restricted to the shifted set's classes (metrics.md).
+        id_acc = clean_acc if subset is None else _restricted_accuracy(ctx, subset, data.name)
         acc = {}
         for name, entry in ctx.models.items():
             entry.module.label_space.check_aligned(data.label_space, f"model '{name}'", f"shifted set '{spec}'")
             acc[name] = _top1(ctx.logits(name, data), data.labels)
             conv = f"shifted={data.name}; id={ctx.clean.name}"
+            if getattr(data, "convention", ""):
+                conv += f"; {data.convention}"
+            if subset is not None:
+                conv += f"; id accuracy restricted to the {len(subset)} shifted classes"
             rows.append(Row(name, "shift", data.name, "shifted", "top1", acc[name], len(data), conv))
-            rows.append(Row(name, "shift", data.name, "shifted", "top1_drop", clean_acc[name] - acc[name],
+            rows.append(Row(name, "shift", data.name, "shifted", "top1_drop", id_acc[name] - acc[name],
                             len(data), conv + "; drop = clean top1 - shifted top1"))
-        rows += _effective_robustness(ctx, s, data.name, clean_acc, acc)
+        if not any(np.isnan(v) for v in id_acc.values()):
+            rows += _effective_robustness(ctx, s, data.name, id_acc, acc)
     return rows
+
+
+def _restricted_accuracy(ctx: EvalContext, subset: list[int], dataset: str) -> dict[str, float]:
+    try:
+        return {m: accuracy(ctx.logits(m, ctx.clean), ctx.clean.labels, subset, drop_outside=True) for m in ctx.models}
+    except UserError:
+        warnings.warn(f"the clean set has no images of the {len(subset)} classes of '{dataset}': no top1_drop or "
+                      "effective robustness for it", stacklevel=2)
+        return {m: float("nan") for m in ctx.models}
 
 
 def _effective_robustness(ctx: EvalContext, s: ShiftSettings, dataset: str, clean_acc: dict, acc: dict) -> list[Row]:
