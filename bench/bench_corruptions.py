@@ -20,7 +20,7 @@ import platform
 import sys
 import time
 import warnings
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +65,6 @@ def time_ours(name: str, batch: torch.Tensor, seed: int) -> float:
 
 
 def run(sizes, names, rounds: int, ref_images: dict, batch_sizes: dict) -> dict:
-    from synclone.robustness.corruptions import corrupt
-
     results = {}
     for size in sizes:
         imgs = photos(size)
@@ -74,8 +72,9 @@ def run(sizes, names, rounds: int, ref_images: dict, batch_sizes: dict) -> dict:
         batch = torch.stack([torch.from_numpy(imgs[i % len(imgs)]) for i in range(n)]).permute(0, 3, 1, 2)
         batch = batch.float().div(255).contiguous()
         for name in names:
-            corrupt(batch[:2], name, 3, seed=0)  # warm caches (frost textures, kernels) outside the timing
-            time_reference(name, imgs, 1)
+            # warm both sides' caches (tap tables, kernel spectra, frost textures, numba) at every severity
+            time_ours(name, batch, seed=0)
+            time_reference(name, imgs, 5)
             ref, ours = math.inf, math.inf
             for r in range(rounds):
                 ref = min(ref, time_reference(name, imgs, ref_images[size]))
@@ -141,6 +140,7 @@ def main(argv=None) -> None:
     for s in args.sizes:
         ref_images.setdefault(s, 10 if s >= 128 else 100)
         batch_sizes.setdefault(s, 32 if s >= 128 else 512)
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     results = run(args.sizes, args.names, args.rounds, ref_images, batch_sizes)
     elapsed = time.perf_counter() - start
@@ -149,8 +149,10 @@ def main(argv=None) -> None:
         SECTION,
         "",
         f"Command: `{command(argv)}` ({elapsed:.0f} s), on {platform.machine()} with {os.cpu_count()} cores "
-        f"(shared with other jobs; load average {os.getloadavg()[0]:.1f} at the end). torch {torch.__version__}, "
-        f"imagecorruptions-imaug {version('imagecorruptions-imaug')}; {args.threads} thread(s) for torch and OpenCV.",
+        f"(shared with other jobs; 1-minute load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end). torch {torch.__version__}, numpy {version('numpy')}, "
+        f"numba {_version('numba')}, imagecorruptions-imaug {version('imagecorruptions-imaug')}; "
+        f"{args.threads} thread(s) for torch and OpenCV.",
         "Photos from skimage.data; all five severities; per size, the reference corrupts "
         + ", ".join(f"{ref_images[s]} ({s}px)" for s in args.sizes)
         + " images one by one and ours batches of "
@@ -166,6 +168,33 @@ def main(argv=None) -> None:
         write_section(text)
 
 
+# Why a corruption stays below 10x at 224x224: what bounds ours, and what the reference already does well.
+LIMITS = {
+    "gaussian_noise": "one normal per value: ours draws it in about 2 ns (SplitMix64 words, Box-Muller with "
+                      "NumPy's SIMD log/sin/cos), several times faster than the reference's legacy NumPy normal, "
+                      "but that draw is most of our time",
+    "speckle_noise": "as gaussian_noise: bound by drawing one normal per value",
+    "impulse_noise": "one 32-bit uniform and two comparisons per value (about 2 ns); the reference "
+                     "(scikit-image) is vectorised NumPy too",
+    "shot_noise": "one 32-bit uniform and one table lookup per value (the exact Poisson inversion)",
+    "defocus_blur": "the reference is OpenCV's filter2D, which already switches to a DFT for a kernel this "
+                    "large; ours is an FFT too, gaining only float32 and batching",
+    "glass_blur": "two Gaussian blurs (7-13 taps each way, one pass over the image per tap) dominate; the "
+                  "sequential pixel loop is compiled with numba, as in the reference",
+    "motion_blur": "21-41 shifted copies per image, at a random angle per image, so each is a pass over "
+                   "the image (about 0.1 ns per value, memory bound)",
+    "snow": "the flake layer's motion blur stays in float64 because the layer is rounded to 8 bits "
+            "afterwards (float32 would move pixels by a level against the reference), plus one normal per pixel",
+    "fog": "the diamond-square plasma: 65,536 uniforms and eight levels of small steps per image",
+    "elastic_transform": "a 15-tap Gaussian each way on the two displacement planes, then bilinear resampling",
+    "pixelate": "the reference is Pillow's 8-bit C resize (about 0.2 ms per image); ours reads and writes "
+                "float32 (4x the bytes), validates and clips, and its column pass needs two transposes",
+    "jpeg_compression": "both are libjpeg-turbo; ours also converts float CHW tensors to 8-bit HWC and back, "
+                        "which the reference, starting and ending with PIL images, does not",
+    "contrast": "three passes over the image (mean, blend, clip) besides the input check",
+}
+
+
 def reading(results: dict, sizes, common) -> str:
     """The goal, what was reached, and why, under the table."""
     if not common:
@@ -173,19 +202,38 @@ def reading(results: dict, sizes, common) -> str:
     gm = {s: math.exp(sum(math.log(results[(s, n)][0] / results[(s, n)][1]) for n in common) / len(common))
           for s in sizes}
     reached = " and ".join(f"{gm[s]:.1f}x at {s}x{s}" for s in sizes)
-    return (
+    lines = [
         f"Reading: the goal was a geometric-mean speed-up of at least 10x over the 15 corruptions; this run "
-        f"reached {reached}. The reference works per image but in vectorised C (NumPy, SciPy, OpenCV, Pillow), "
-        "so at 224x224 there is little interpreter overhead to amortise, and ours keeps the reference's exact "
-        "arithmetic (the differential tests hold it to float rounding), so most corruptions still make about as "
-        "many passes over the pixels. The large gains are where the reference is wasteful: zoom blur (a SciPy "
-        "zoom per factor), frost (re-reads and resizes a texture per image), brightness and saturate (a float64 "
-        "HSV round trip), elastic, glass and motion blur. Noise is bound by random-number generation (torch "
-        "normals ~2.6 ns and PCG64 uniforms ~1.4 ns per value, one stream per image). JPEG and pixelate are "
-        "Pillow's uint8 C code in the reference, which also starts from a PIL image, while ours converts float "
-        "tensors to uint8 and back; at 28x28 batching amortises the reference's per-call overhead instead. "
-        "Timings on this shared machine vary by about 30% between runs."
-    )
+        f"reached {reached}. Timings on this shared machine vary by 10-30% between runs. Both sides run on one "
+        "thread: the reference works image by image in single-threaded libraries, and using both cores would "
+        "speed each side up by at most 2x (a process pool for the reference, torch threads for ours), leaving "
+        "the ratio where it is. docs/corruptions.md (Speed) says what bounds each corruption.",
+    ]
+    for s in sizes:
+        slow = [n for n in common if results[(s, n)][0] / results[(s, n)][1] < 10]
+        if not slow:
+            continue
+        lines.append("")
+        lines.append(f"Below 10x at {s}x{s}:")
+        for n in slow:
+            reason = LIMITS.get(n, "see docs/corruptions.md") if s >= 128 else SMALL_LIMITS.get(n, LIMITS.get(n))
+            lines.append(f"- {n} ({results[(s, n)][0] / results[(s, n)][1]:.1f}x): {reason}.")
+    return "\n".join(lines)
+
+
+# At 28x28 the reference pays Python and call overheads per image, which batching removes; what remains is work.
+SMALL_LIMITS = {
+    "pixelate": "the reference's Pillow call costs about 20 us per image and ours still makes several passes "
+                "over float32 values",
+    "jpeg_compression": "encoding and decoding (libjpeg-turbo in both) is most of the time",
+}
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def command(argv) -> str:

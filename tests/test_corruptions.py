@@ -60,7 +60,7 @@ def photos(size: int) -> list[np.ndarray]:
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255  # a writable copy
 
 
 def from_tensor(x: torch.Tensor) -> np.ndarray:
@@ -169,20 +169,52 @@ def test_glass_blur_matches_reference_with_its_numba_draws(numba_offsets):
             assert np.abs(ref - ours).max() < LEVEL, (size, severity)
 
 
-def test_glass_shuffle_is_the_sequential_copy_loop():
-    """On a small array, the vectorised shuffle equals the reference loop run literally (copy semantics)."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
+def test_glass_shuffle_is_the_sequential_copy_loop(compiled):
+    """On small arrays, the shuffle (numba's loop, or NumPy's pointer doubling without numba) equals the
+    reference loop run literally (copy semantics), over several passes, for square and non-square images."""
+    if compiled:
+        pytest.importorskip("numba")
     rng = np.random.default_rng(0)
-    h, w, delta, passes = 13, 11, 3, 2
-    x = rng.random((h, w, 3))
-    off = rng.integers(-delta, delta, (passes, h - 2 * delta, w - 2 * delta, 2))
-    y = x.copy()
-    for i in range(passes):
-        for a, hh in enumerate(range(h - delta, delta, -1)):
-            for b, ww in enumerate(range(w - delta, delta, -1)):
-                dx, dy = off[i, a, b]
-                y[hh, ww], y[hh + dy, ww + dx] = y[hh + dy, ww + dx], y[hh, ww]  # the reference line
-    ours = ops.glass_shuffle(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(off)[None], delta)
-    np.testing.assert_array_equal(ours[0].permute(1, 2, 0).numpy(), y)
+    for h, w, delta, passes in ((13, 11, 3, 2), (9, 16, 1, 3), (12, 12, 2, 1), (10, 14, 4, 2)):
+        x = rng.random((h, w, 3))
+        off = rng.integers(-delta, delta, (passes, h - 2 * delta, w - 2 * delta, 2))
+        y = x.copy()
+        for i in range(passes):
+            for a, hh in enumerate(range(h - delta, delta, -1)):
+                for b, ww in enumerate(range(w - delta, delta, -1)):
+                    dx, dy = off[i, a, b]
+                    y[hh, ww], y[hh + dy, ww + dx] = y[hh + dy, ww + dx], y[hh, ww]  # the reference line
+        if compiled:
+            ours = ops.glass_shuffle(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(off)[None], delta)
+        else:
+            index = ops._glass_map_numpy(off[None], h, w, delta, np.tile(np.arange(h * w), (1, 1)))
+            ours = torch.from_numpy(x).permute(2, 0, 1).reshape(1, 3, -1)[..., index[0]].reshape(1, 3, h, w)
+        np.testing.assert_array_equal(ours[0].permute(1, 2, 0).numpy(), y)
+
+
+def test_glass_map_numba_and_numpy_agree_on_a_batch():
+    """The two implementations of the glass-blur pixel map give the same map, image by image."""
+    pytest.importorskip("numba")
+    rng = ops.ImageRNG([1, 2, 3])
+    for h, w, delta, passes in ((40, 32, 2, 3), (28, 28, 1, 2), (33, 47, 3, 2)):
+        off = rng.randint(-delta, delta, (passes, h - 2 * delta, w - 2 * delta, 2)).numpy()
+        numpy_map = ops._glass_map_numpy(off, h, w, delta, np.tile(np.arange(h * w), (3, 1)))
+        np.testing.assert_array_equal(ops.glass_source_map(off, h, w, delta), numpy_map)
+
+
+def test_defocus_matches_opencv_with_the_reference_disk():
+    """Both ways of applying the disk (a fused gather of its few taps on small images, FFT otherwise) equal
+    cv2.filter2D with the reference's own disk kernel, border BORDER_REFLECT_101, to float rounding."""
+    cv2 = pytest.importorskip("cv2")
+    img = photos(64)[2]
+    for size in (28, 64, 150):
+        x = to_tensor(np.asarray(Image.fromarray(img).resize((size, size + 3))))
+        for radius, alias in ((0.375, 0.1), (1.25, 0.5), (3, 0.5), (8, 0.5), (10, 0.5)):
+            kernel = ic.corruptions.disk(radius, alias)
+            ref = np.stack([cv2.filter2D(c, -1, kernel) for c in x[0].numpy()])
+            ours = ops.defocus(x, radius, alias)[0].numpy()
+            assert np.abs(ours - ref).max() < 1e-5, (size, radius)
 
 
 def _pillow_box_pass(v: torch.Tensor, starts, lengths) -> torch.Tensor:
@@ -280,6 +312,52 @@ def test_poisson_sampler_is_poisson(lam):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Random numbers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_splitmix64_is_vignas_generator():
+    """The vectorised streams are SplitMix64 (S. Vigna's splitmix64.c), word for word, at any offset."""
+    mask = (1 << 64) - 1
+
+    def reference(seed, count):
+        x, out = seed, []
+        for _ in range(count):
+            x = (x + 0x9E3779B97F4A7C15) & mask
+            z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            out.append(z ^ (z >> 31))
+        return out
+
+    seeds = [0, 1234567, (1 << 64) - 1, ops.image_seed(0, "fog", 3, 17)]
+    words = ops.splitmix64(np.array(seeds, dtype=np.uint64), 0, 7)
+    assert [[int(v) for v in row] for row in words] == [reference(s, 7) for s in seeds]
+    np.testing.assert_array_equal(ops.splitmix64(np.array(seeds, dtype=np.uint64), 4, 3), words[:, 4:])
+
+
+def test_image_rng_streams():
+    """Per-image streams: consecutive calls continue the stream, rows are independent of the batch, and the
+    uniforms, normals and integers have the right distributions."""
+    stats = pytest.importorskip("scipy.stats")
+    a, b = ImageRNG([5, 6]), ImageRNG([6])
+    np.testing.assert_array_equal(np.concatenate([a.words(3), a.words(2)], axis=1)[1], b.words(5)[0])
+    rng = ImageRNG([11, 12])
+    n = 200_000
+    for dtype in (torch.float32, torch.float64):
+        u = rng.uniform(0.0, 1.0, (n,), dtype=dtype).double().numpy()
+        assert u.min() >= 0 and u.max() < 1 and stats.kstest(u[0], "uniform").pvalue > 1e-4
+    z = rng.normal(0.0, 1.0, (n,)).double().numpy()
+    assert stats.kstest(z[1], "norm").pvalue > 1e-4 and abs(stats.kurtosis(z[1])) < 0.05
+    assert abs(np.corrcoef(z[0], z[1])[0, 1]) < 0.01
+    for low, high in ((-2, 2), (-3, 3), (0, 437), (0, [5, 9])):
+        draws = rng.randint(low, high, (n,)).numpy().astype(np.int64)
+        for row, hi in zip(draws, np.broadcast_to(high, (2,)), strict=True):
+            assert row.min() == low and row.max() == hi - 1
+            counts = np.bincount(row - low)
+            assert stats.chisquare(counts).pvalue > 1e-4, (low, high)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Determinism, batching, shapes, grayscale, scaling
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -306,6 +384,17 @@ def test_deterministic_and_independent_of_batching(name, batch):
         assert not torch.equal(corrupt(batch, name, 3, seed=6), full)
         # the same picture at two dataset positions gets different noise
         assert not torch.equal(full[0], full[3])
+
+
+def test_memory_layout_does_not_matter(batch):
+    """A channels-last batch and a one-channel view of an RGB batch give the contiguous input's result."""
+    strided = batch.contiguous(memory_format=torch.channels_last)
+    for name in ALL_CORRUPTIONS:
+        out = corrupt(strided, name, 2, seed=3)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, corrupt(batch, name, 2, seed=3), atol=1e-6, rtol=0)
+        view = batch[:, 1:2]
+        assert torch.equal(corrupt(view, name, 2, seed=3), corrupt(view.contiguous(), name, 2, seed=3)), name
 
 
 @pytest.mark.parametrize("size", [(28, 28), (5, 7)])

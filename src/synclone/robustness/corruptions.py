@@ -25,7 +25,6 @@ agreement with the reference and the reasons where it is not exact.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Iterable
 
@@ -59,7 +58,8 @@ HELD_OUT = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 ALL_CORRUPTIONS = CORRUPTIONS + HELD_OUT
 SEVERITIES = (1, 2, 3, 4, 5)
 REFERENCE_SIZE = 224
-CHUNK_VALUES = 1 << 19  # float32 values per chunk of work (2 MB)
+CHUNK_VALUES = 1 << 19  # float32 values per chunk of work (2 MB): many passes over a chunk stay in the cache
+WIDE_CHUNK_VALUES = 1 << 22  # for the fused gathers, which want many images side by side (16 MB)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-severity parameters: copied from imagecorruptions-imaug 1.1.5, imagecorruptions/corruptions.py (Apache-2.0).
@@ -132,15 +132,14 @@ def corrupt(
     x = _check_images(images)
     idx = _check_indices(indices, x.shape[0])
     seeds = [image_seed(seed, name, severity, i) for i in idx]
-    # Work in chunks of about 2 MB of pixels: the many passes of a corruption then stay in the CPU cache, which
-    # doubles throughput at 224x224. Every image has its own random stream, so chunking changes nothing else.
-    step = max(1, CHUNK_VALUES // (x.shape[1] * x.shape[2] * x.shape[3] or 1))
-    if x.shape[0] <= step:
-        return _run(images, x, spec, severity, ImageRNG(seeds, x.device), reference_size)
-    out = torch.empty_like(images)
+    out = torch.empty(images.shape, dtype=images.dtype, device=images.device)
+    # Work in chunks: most corruptions make many passes over the pixels and run fastest when a chunk stays in the
+    # CPU cache (about 2 MB); those built on one fused gather prefer wide chunks. Every image has its own random
+    # stream, so chunking changes nothing else.
+    step = max(1, spec[2] // (x.shape[1] * x.shape[2] * x.shape[3] or 1))
     for i in range(0, x.shape[0], step):
         rng = ImageRNG(seeds[i : i + step], x.device)
-        out[i : i + step] = _run(images[i : i + step], x[i : i + step], spec, severity, rng, reference_size)
+        _run(out[i : i + step], x[i : i + step], spec, severity, rng, reference_size)
     return out
 
 
@@ -149,11 +148,14 @@ def corrupt_with(
 ) -> torch.Tensor:
     """:func:`corrupt` with a caller-supplied random source.
 
-    ``rng`` has the methods of :class:`ImageRNG` (``uniform``, ``normal``, ``randint``, ``poisson``), one row
-    per image. Tests pass a NumPy-backed source that replays the reference's own random draws.
+    ``rng`` has the methods of :class:`ImageRNG` that the corruption uses (``uniform``, ``normal``,
+    ``randint``; shot noise ``poisson``, impulse noise ``bits32``), one row per image. Tests pass a
+    NumPy-backed source that replays the reference's own random draws.
     """
     spec = _spec(name, severity)
-    return _run(images, _check_images(images), spec, severity, rng, reference_size)
+    x = _check_images(images)
+    return _run(torch.empty(images.shape, dtype=images.dtype, device=images.device), x, spec, severity, rng,
+                reference_size)
 
 
 def size_scale(height: int, width: int, reference_size: float | None = REFERENCE_SIZE) -> float:
@@ -172,7 +174,7 @@ def size_scale(height: int, width: int, reference_size: float | None = REFERENCE
 _Fn = Callable[[torch.Tensor, int, object, float], torch.Tensor]
 
 
-def _spec(name: str, severity: int) -> tuple[_Fn, bool]:
+def _spec(name: str, severity: int) -> tuple[_Fn, bool, int]:
     if name not in _REGISTRY:
         raise UserError(f"unknown corruption {name!r}; valid names: {', '.join(ALL_CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, int | np.integer) or severity not in SEVERITIES:
@@ -209,19 +211,21 @@ def _check_indices(indices, n: int) -> list[int]:
     return idx
 
 
-def _run(images, x, spec, severity, rng, reference_size) -> torch.Tensor:
-    fn, colour = spec
+def _run(out, x, spec, severity, rng, reference_size) -> torch.Tensor:
+    """Corrupt the float32 batch ``x`` into ``out`` (the caller's dtype, contiguous), clipped to [0, 1]."""
+    fn, colour, _ = spec
     s = size_scale(x.shape[-2], x.shape[-1], reference_size)
     if x.shape[0] == 0:
-        return images.clone()
+        return out
     with torch.no_grad():
         if colour and x.shape[1] == 1:
             # Colour-dependent corruptions run on the equal-channel RGB image, then back to luma.
-            out = ops.to_gray(fn(x.expand(-1, 3, -1, -1), severity, rng, s).clamp(0, 1))
+            y = ops.to_gray(fn(x.expand(-1, 3, -1, -1), severity, rng, s).clamp(0, 1))
         else:
-            out = fn(x, severity, rng, s)
-    # out of place: a corruption that leaves the image unchanged may hand back the caller's own tensor
-    return out.clamp(0, 1).to(images.dtype)
+            y = fn(x, severity, rng, s)
+        if y.dtype != out.dtype or not y.is_contiguous():  # clamping into another layout is slow on the CPU
+            return out.copy_(torch.clamp(y, 0, 1))
+        return torch.clamp(y, 0, 1, out=out)
 
 
 def _pixels(value: float, s: float) -> int:
@@ -245,10 +249,14 @@ def _shot_noise(x, severity, rng, s):
 
 def _impulse_noise(x, severity, rng, s):
     # scikit-image random_noise(mode="s&p", amount=c): each value flips with probability c, to 1 or 0 evenly.
-    # One uniform per value does both draws: u < c flips, and given that, u < c / 2 is a fair coin.
+    # One 32-bit uniform u per value does both draws: u < c flips, and given that, u < c / 2 is a fair coin
+    # (probabilities exact to 2^-32). The comparisons run in NumPy (several times faster than torch's on the
+    # CPU); the result is x * keep + salt.
     c = IMPULSE_NOISE[severity - 1]
-    u = rng.uniform(0.0, 1.0, tuple(x.shape[1:]))
-    return torch.where(u < c, (u < c / 2).to(x.dtype), x)
+    u = rng.bits32(tuple(x.shape[1:]))
+    keep = torch.from_numpy((u >= np.uint32(round(c * 2**32))).astype(np.float32)).to(x.device)
+    salt = torch.from_numpy((u < np.uint32(round(c / 2 * 2**32))).astype(np.float32)).to(x.device)
+    return torch.addcmul(salt, x, keep)
 
 
 def _speckle_noise(x, severity, rng, s):
@@ -288,12 +296,9 @@ def _motion_blur(x, severity, rng, s):
 
 
 def _zoom_blur(x, severity, rng, s):
-    h, w = x.shape[-2:]
-    out = torch.zeros_like(x)
-    factors = ZOOM_BLUR[severity - 1]
-    for factor in factors:
-        out += ops.clipped_zoom(x, float(factor))[..., :h, :w]
-    return (x + out) / (len(factors) + 1)
+    # All zooms and the final average are one sparse operator with 4 taps per zoom: one fused gather-sum.
+    index, weight = ops.zoom_blur_taps(*x.shape[-2:], tuple(float(f) for f in ZOOM_BLUR[severity - 1]))
+    return ops.gather_sum(x, index, weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -306,14 +311,16 @@ def _snow(x, severity, rng, s):
     n, _, h, w = x.shape
     layer = rng.normal(loc, scale, (h, w)).to(torch.float64)[:, None]
     layer = ops.clipped_zoom(layer, zoom if s == 1 else max(1.0, zoom * s))
-    layer = torch.where(layer < threshold, 0, layer).clamp_(0, 1)
+    # zero below the threshold (F.threshold also zeroes values equal to it: a measure-zero difference), cap at 1
+    layer = torch.nn.functional.threshold(layer, threshold, 0.0).clamp_(max=1)
     angles = rng.uniform(-135.0, -45.0, (), dtype=torch.float64)
     dy, dx, wt = ops.motion_taps(_pixels(radius, s), sigma * s, angles.cpu().tolist(), *layer.shape[-2:])
     layer = ops.shift_sum(layer, dy, dx, wt)
     layer = (torch.round(layer * 255) / 255)[..., :h, :w].to(x.dtype)
-    gray = ops.to_gray(x) if x.shape[1] == 3 else x
-    x = blend * x + (1 - blend) * torch.maximum(x, gray * 1.5 + 0.5)
-    return x + layer + torch.flip(layer, dims=(-2, -1))
+    flakes = layer + torch.flip(layer, dims=(-2, -1))  # the layer and its 180-degree rotation
+    bright = (ops.to_gray(x) if x.shape[1] == 3 else x).mul(1.5).add_(0.5)
+    # blend * x + (1 - blend) * max(x, 1.5 gray + 0.5) + flakes, in three passes over the image
+    return torch.maximum(x, bright).mul_(1 - blend).add_(x, alpha=blend).add_(flakes)
 
 
 def _frost(x, severity, rng, s):
@@ -324,7 +331,8 @@ def _frost(x, severity, rng, s):
     tops = rng.randint(0, [t.shape[1] - h for t in textures], ()).tolist()
     lefts = rng.randint(0, [t.shape[2] - w for t in textures], ()).tolist()
     crops = torch.stack([t[:, a : a + h, b : b + w] for t, a, b in zip(textures, tops, lefts, strict=True)])
-    return c_img * x + c_frost / 255 * crops.to(x.device, x.dtype)
+    # c_img * x + c_frost * crop / 255, the uint8 crop converted inside the add
+    return torch.mul(x, c_img).add_(crops.to(x.device), alpha=c_frost / 255)
 
 
 def _fog(x, severity, rng, s):
@@ -334,7 +342,8 @@ def _fog(x, severity, rng, s):
     u = rng.uniform(0.0, 1.0, (ops.plasma_count(mapsize),))
     plasma = ops.plasma_fractal(u, mapsize, decay)[:, None, :h, :w].to(x.device, x.dtype)
     max_val = x.amax(dim=(1, 2, 3), keepdim=True)
-    return (x + strength * plasma) * max_val / (max_val + strength)
+    scale = max_val / (max_val + strength)
+    return torch.addcmul(plasma * (scale * strength), x, scale)  # (x + strength * plasma) * scale, one pass
 
 
 def _spatter(x, severity, rng, s):
@@ -393,19 +402,19 @@ def _saturate(x, severity, rng, s):
 def _contrast(x, severity, rng, s):
     c = CONTRAST[severity - 1]
     means = x.mean(dim=(2, 3), keepdim=True)
-    return (x - means) * c + means
+    return torch.add(means * (1 - c), x, alpha=c)  # (x - mean) * c + mean in one pass
 
 
 def _elastic_transform(x, severity, rng, s):
     # The reference's field is already relative to the image size (sigma 1% and amplitude 0.5% of the sides),
-    # so it needs no scaling.
+    # so it needs no scaling. It draws and smooths in float64 and stores float32; float32 throughout changes the
+    # displacements by about 1e-6 px.
     n, _, h, w = x.shape
     alpha = ELASTIC_ALPHA[severity - 1]
     max_d = h * 0.005
-    field = rng.uniform(-max_d, max_d, (2, h, w), dtype=torch.float64)
-    field = (ops.gaussian_filter(field, (h * 0.01, w * 0.01), "symmetric", truncate=3) * alpha).float()
-    yy, xx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-    return ops.map_coordinates_reflect(x, yy + field[:, 1].to(x.device), xx + field[:, 0].to(x.device))
+    field = rng.uniform(-max_d, max_d, (2, h, w)).to(x.device, x.dtype)
+    field = ops.gaussian_filter(field, (h * 0.01, w * 0.01), "symmetric", truncate=3).mul_(alpha)
+    return ops.displace_reflect(x, field[:, 0], field[:, 1])
 
 
 def _pixelate(x, severity, rng, s):
@@ -423,43 +432,43 @@ def _pixelate(x, severity, rng, s):
 
 
 def _jpeg_compression(x, severity, rng, s):
-    # Pillow encodes (as the reference does; it is the faster encoder here) and torchvision decodes (the faster
-    # decoder; both are libjpeg-turbo and give identical pixels). One image at a time is inherent to JPEG.
-    from PIL import Image
-    from torchvision.io import decode_jpeg
+    # torchvision's libjpeg-turbo writes the same bytes as Pillow's save(quality=q) (tested) and takes the CHW
+    # tensors as they are; one image at a time is inherent to JPEG, but the loop runs in C++. Quantising to
+    # 8 bits before encoding is inherent too (rounded, as Pillow rounds a float image's conversion).
+    from torchvision.io import decode_jpeg, encode_jpeg
 
     quality = JPEG_QUALITY[severity - 1]
-    n, c, h, w = x.shape
-    mode = "RGB" if c == 3 else "L"
-    pixels = x.cpu().mul(255).add_(0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    files = []
-    for img in pixels:
-        buf = io.BytesIO()
-        Image.frombuffer(mode, (w, h), img, "raw", mode, 0, 1).save(buf, "JPEG", quality=quality)
-        files.append(torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8))
-    return torch.stack(decode_jpeg(files)).to(x.device, x.dtype).div_(255)
+    values = x.cpu().numpy()
+    pixels = np.empty(values.shape, dtype=np.uint8)
+    np.add(values * np.float32(255), np.float32(0.5), out=pixels, casting="unsafe")  # round half up, in NumPy
+    files = encode_jpeg(list(torch.from_numpy(pixels)), quality=quality)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    for dst, img in zip(out, decode_jpeg(files), strict=True):
+        dst.copy_(img)
+    return out.div_(255).to(x.device)
 
 
-# name -> (function, colour-dependent). Colour-dependent corruptions see grayscale images as equal-channel RGB.
-_REGISTRY: dict[str, tuple[_Fn, bool]] = {
-    "gaussian_noise": (_gaussian_noise, False),
-    "shot_noise": (_shot_noise, False),
-    "impulse_noise": (_impulse_noise, False),
-    "defocus_blur": (_defocus_blur, False),
-    "glass_blur": (_glass_blur, False),
-    "motion_blur": (_motion_blur, False),
-    "zoom_blur": (_zoom_blur, False),
-    "snow": (_snow, False),
-    "frost": (_frost, True),
-    "fog": (_fog, False),
-    "brightness": (_brightness, False),
-    "contrast": (_contrast, False),
-    "elastic_transform": (_elastic_transform, False),
-    "pixelate": (_pixelate, False),
-    "jpeg_compression": (_jpeg_compression, False),
-    "speckle_noise": (_speckle_noise, False),
-    "gaussian_blur": (_gaussian_blur, False),
-    "spatter": (_spatter, True),
-    "saturate": (_saturate, True),
+# name -> (function, colour-dependent, values per chunk). Colour-dependent corruptions see grayscale images as
+# equal-channel RGB.
+_REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
+    "gaussian_noise": (_gaussian_noise, False, CHUNK_VALUES),
+    "shot_noise": (_shot_noise, False, CHUNK_VALUES),
+    "impulse_noise": (_impulse_noise, False, CHUNK_VALUES),
+    "defocus_blur": (_defocus_blur, False, 1 << 20),  # FFTs like larger batches
+    "glass_blur": (_glass_blur, False, CHUNK_VALUES),
+    "motion_blur": (_motion_blur, False, CHUNK_VALUES),
+    "zoom_blur": (_zoom_blur, False, WIDE_CHUNK_VALUES),
+    "snow": (_snow, False, CHUNK_VALUES),
+    "frost": (_frost, True, CHUNK_VALUES),
+    "fog": (_fog, False, 1 << 21),  # many small steps per batch
+    "brightness": (_brightness, False, CHUNK_VALUES),
+    "contrast": (_contrast, False, CHUNK_VALUES),
+    "elastic_transform": (_elastic_transform, False, CHUNK_VALUES),
+    "pixelate": (_pixelate, False, CHUNK_VALUES),
+    "jpeg_compression": (_jpeg_compression, False, CHUNK_VALUES),
+    "speckle_noise": (_speckle_noise, False, CHUNK_VALUES),
+    "gaussian_blur": (_gaussian_blur, False, CHUNK_VALUES),
+    "spatter": (_spatter, True, CHUNK_VALUES),
+    "saturate": (_saturate, True, CHUNK_VALUES),
 }
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
