@@ -41,6 +41,9 @@ class DataConfig(StrictModel):
             raise ValueError("give data.real, data.synthetic or both")
         if self.mix == "ratio" and (self.real is None or self.synthetic is None):
             raise ValueError("mix=ratio needs both data.real and data.synthetic")
+        if self.real_loss_weight is not None and self.mix != "ratio":
+            # Under concat a batch has no fixed real/synthetic split to weight; ignoring the setting would be silent.
+            raise ValueError("real_loss_weight needs mix=ratio (a fixed real/synthetic share in every batch)")
         return self
 
 

@@ -108,10 +108,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     With ``resume=True`` an interrupted run continues from its last checkpoint; on the CPU the
     result equals an uninterrupted run's weights (everything random is a function of seed and step).
     """
-    from accelerate import Accelerator
-
+    # cfg.threads is process-wide in torch; put it back so a library caller (or a test) is not left changed.
+    previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, resume, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
+    from accelerate import Accelerator
+
     out = Path(cfg.output)
     ckpt_path = out / CKPT
     state = None
@@ -145,6 +154,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         model = load_model(cfg.model.init)
         model.label_space.check_aligned(label_space, "initial model", "training data")
     else:
+        # The initial weights are a function of the seed: a run (or a crashed and resumed one) is reproducible
+        # from its config alone, and seeds of a few-shot sweep differ in their initialisation too.
+        torch.manual_seed(derive_seed(cfg.seed, 0x1417))
         model = create_classifier(cfg.model.arch, label_space, input_size, cfg.model.mean, cfg.model.std,
                                   **cfg.model.arch_kwargs)
     model = model.to(memory_format=torch.channels_last)
@@ -239,6 +251,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar.update(1)
         if step % 20 == 0 or step == total_steps:
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        saving = step % eval_every == 0 or step == total_steps or step % cfg.checkpoint_every == 0
+        if saving and (bad := _first_nonfinite(raw_model)) is not None:
+            # A finite loss can still be followed by an update that overflows the weights; checking before
+            # every save keeps the last checkpoint (and the selected model) good.
+            bar.close()
+            kept = f"the last good checkpoint is '{ckpt_path}'" if ckpt_path.is_file() else "no checkpoint was written"
+            raise UserError(f"weights became non-finite ('{bad}') at step {step}; training stopped and {kept}. "
+                            "Lower optim.lr or check the data")
         if step % eval_every == 0 or step == total_steps:
             val_acc = _accuracy(raw_model, src.val, device)
             history.append({"step": step, "loss": loss_value, "val_acc": val_acc, "time_s": time.time() - t0})
@@ -256,10 +276,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         save_model(raw_model, out / "model_last", extra=_model_note(cfg, src, step, history[-1]["val_acc"]))
         summary = {"best_val_acc": best_val, "best_step": best_step, "total_steps": total_steps,
                    "selected_by": "validation", "validation": src.val_desc, "history": history,
-                   "train_images": n_train}
+                   "train_images": n_train, "data": _data_record(src)}
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     accelerator.end_training()
     return out / "model"
+
+
+def _data_record(src: Sources) -> dict:
+    """Size and content hash of each split the run used: provenance, and a check that seeds differ."""
+    return {name: {"images": len(ds), "fingerprint": ds.fingerprint()}
+            for name, ds in (("real", src.real), ("synthetic", src.synthetic), ("val", src.val)) if ds is not None}
+
+
+def _first_nonfinite(model: torch.nn.Module) -> str | None:
+    """Name of the first parameter or float buffer holding NaN/inf, or None."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _model_note(cfg: TrainConfig, src: Sources, step: int, val_acc: float) -> dict:
