@@ -47,7 +47,8 @@ def _load(cls, args: list[str] | None, extra: list[str] = ()):  # noqa: ANN001, 
 
 
 def _done(path: object) -> None:
-    typer.echo(str(path))
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
+        typer.echo(str(path))
 
 
 @app.command()

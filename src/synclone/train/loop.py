@@ -142,7 +142,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     assert first is not None
     label_space, input_size = first.label_space, first.image_shape
 
-    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+    # Without a GPU, cpu=True is what makes `accelerate launch --num_processes N` a real multi-CPU run
+    # (otherwise every process would train alone on the whole batch).
+    accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                               log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(out))
     main = accelerator.is_main_process
     if main:
@@ -276,7 +278,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         save_model(raw_model, out / "model_last", extra=_model_note(cfg, src, step, history[-1]["val_acc"]))
         summary = {"best_val_acc": best_val, "best_step": best_step, "total_steps": total_steps,
                    "selected_by": "validation", "validation": src.val_desc, "history": history,
-                   "train_images": n_train, "data": _data_record(src)}
+                   "train_images": n_train, "data": _data_record(src), "processes": world}
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     accelerator.end_training()
     return out / "model"
