@@ -6,9 +6,7 @@ write, and the context probe reads a dataset folder made by ``synclone generate`
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -16,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from _probe_helpers import fit_tiny, one_thread, run_probe, same, table
 from synclone.config import validate
 from synclone.data.fashion_mnist import load_fashion_mnist
 from synclone.data.imageset import TensorImageSet
@@ -32,17 +30,6 @@ from synclone.robustness.probe_io import imagenet1k_space, load_image
 from synclone.robustness.shape_bias import evaluate_shape_bias
 
 
-@contextlib.contextmanager
-def one_thread():
-    # Two torch threads per process oversubscribe this shared 2-core machine and run tiny models ~10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def _threads():
     with one_thread():
@@ -52,18 +39,7 @@ def _threads():
 @pytest.fixture(scope="module")
 def real():
     train = load_fashion_mnist("train").per_class_subset(40, seed=1)
-    torch.manual_seed(0)
-    model = create_classifier("synclone_cnn_tiny", FASHION_MNIST, (1, 28, 28), [0.5], [0.5])
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    g = torch.Generator().manual_seed(0)
-    with one_thread():
-        for _ in range(60):
-            x, y = train.batch(torch.randint(0, len(train), (64,), generator=g))
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return {"real": ModelEntry("real", Path("real"), model.eval(), "fp-real")}
+    return {"real": ModelEntry("real", Path("real"), fit_tiny(train, 60, 0), "fp-real")}
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +47,8 @@ def clean():
     return load_fashion_mnist("test").per_class_subset(20, seed=0)
 
 
-def _run(name: str, ctx: EvalContext, **settings):
-    spec = get_probe(name)
-    return spec.run(ctx, validate(spec.settings, settings, source=f"probes.{name}"))
-
-
-def _table(rows) -> dict:
-    return {(r.model, r.variant, r.metric): r.value for r in rows}
-
-
 def _same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+    return same(a, b, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------- shape bias
@@ -89,10 +56,10 @@ def _same(a: float, b: float) -> bool:
 
 def test_built_cue_conflict_probe_matches_the_library_and_is_reused(real, clean, tmp_path):
     ctx = EvalContext(real, clean, tmp_path, progress=False)
-    rows = _run("shape_bias", ctx, build=True, per_class=6, per_pair=1)
+    rows = run_probe("shape_bias", ctx, build=True, per_class=6, per_pair=1)
     folder = tmp_path / "probes" / "cue_conflict"
     assert (folder / "build.json").is_file() and (folder / "metadata.csv").is_file()
-    t = _table(rows)
+    t = table(rows)
     assert {r.variant for r in rows} == {"all", *FASHION_MNIST.slugs}
     assert {r.metric for r in rows if r.variant == "dress"} == {"shape_bias", "shape_fraction", "texture_fraction"}
     assert next(r.n for r in rows if r.variant == "all") == 90  # 10 x 9 ordered class pairs, one stimulus each
@@ -108,9 +75,9 @@ def test_built_cue_conflict_probe_matches_the_library_and_is_reused(real, clean,
 
     stamp = (folder / "build.json").stat().st_mtime_ns
     again = EvalContext(real, clean, tmp_path, progress=False)
-    assert _table(_run("shape_bias", again, build=True, per_class=6, per_pair=1)).keys() == t.keys()
+    assert table(run_probe("shape_bias", again, build=True, per_class=6, per_pair=1)).keys() == t.keys()
     assert again.forward_passes == 0 and (folder / "build.json").stat().st_mtime_ns == stamp
-    rebuilt = _run("shape_bias", again, build=True, per_class=6, per_pair=2)  # other settings: a new build
+    rebuilt = run_probe("shape_bias", again, build=True, per_class=6, per_pair=2)  # other settings: a new build
     assert next(r.n for r in rebuilt if r.variant == "all") == 180
 
 
@@ -127,17 +94,17 @@ def test_imagenet_model_decides_among_the_16_categories(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
     ctx = EvalContext({"net": ModelEntry("net", Path("net"), model, "fp-net")}, clean, tmp_path, progress=False)
-    rows = _run("shape_bias", ctx, folder=str(tmp_path / "cc"))
+    rows = run_probe("shape_bias", ctx, folder=str(tmp_path / "cc"))
     assert "imagenet16 (mean of softmax" in rows[0].convention
     lib, _ = evaluate_shape_bias(model, tmp_path / "cc")
-    t = _table(rows)
+    t = table(rows)
     assert _same(t["net", "all", "shape_bias"], lib.shape_bias) and t["net", "all", "shape_fraction"] == \
         lib.shape_fraction
     assert {r.variant for r in rows} == {"all", "airplane", "bear", "bicycle"}
     (tmp_path / "cc" / "bear" / "bear_no_texture.png").write_bytes((tmp_path / "cc" / "bear" / "bear1-bicycle1.png")
                                                                   .read_bytes())
     with pytest.raises(UserError, match="bear_no_texture.png"):
-        _run("shape_bias", ctx, folder=str(tmp_path / "cc"))
+        run_probe("shape_bias", ctx, folder=str(tmp_path / "cc"))
 
 
 # ---------------------------------------------------------------------------------------------------- background
@@ -145,8 +112,8 @@ def test_imagenet_model_decides_among_the_16_categories(tmp_path):
 
 def test_built_background_probe_rows_and_library_agreement(real, clean, tmp_path):
     ctx = EvalContext(real, clean, tmp_path, progress=False)
-    rows = _run("background", ctx, per_class=4)  # no folder: built from the clean set on natural textures
-    t = _table(rows)
+    rows = run_probe("background", ctx, per_class=4)  # no folder: built from the clean set on natural textures
+    t = table(rows)
     assert {r.variant for r in rows if r.metric == "top1"} == set(IN9_VARIANTS)
     gap = t["real", "mixed_same", "top1"] - t["real", "mixed_rand", "top1"]
     assert t["real", "all", "bg_gap"] == pytest.approx(gap)
@@ -163,8 +130,8 @@ def test_built_background_probe_rows_and_library_agreement(real, clean, tmp_path
     shutil.copytree(folder, partial)
     shutil.rmtree(partial / "mixed_rand")
     with pytest.raises(UserError, match="variant 'mixed_rand' is missing: no folder '.*partial/mixed_rand/val'"):
-        _run("background", ctx, folder=str(partial))
-    rows = _run("background", ctx, folder=str(partial), variants=["original", "only_fg"])
+        run_probe("background", ctx, folder=str(partial))
+    rows = run_probe("background", ctx, folder=str(partial), variants=["original", "only_fg"])
     assert {r.metric for r in rows} == {"top1"}  # no BG-gap without the mixed variants
 
 
@@ -177,7 +144,7 @@ def test_context_probe_reads_a_folder_from_synclone_generate(real, clean, tmp_pa
 
     out = generate(gen_config(tiny_sd(), tmp_path / "ctx", images_per_class=8, prompts={"strategy": "contexts"}))
     ctx = EvalContext(real, clean, tmp_path / "eval", progress=False)
-    rows = _run("context", ctx, folder=str(out))
+    rows = run_probe("context", ctx, folder=str(out))
     meta = [json.loads(line) for line in (out / "train" / "metadata.jsonl").read_text().splitlines()]
     # Recomputed by hand: each image read at the model's input size, grouped by its recorded n_uncommon.
     x = torch.from_numpy(np.stack([load_image(out / "train" / r["file_name"], (1, 28, 28)) for r in meta]))
@@ -185,7 +152,7 @@ def test_context_probe_reads_a_folder_from_synclone_generate(real, clean, tmp_pa
         pred = real["real"].module(x).argmax(1).numpy()
     correct = pred == np.array([FASHION_MNIST.index(r["class_name"]) for r in meta])
     k = np.array([r["attributes"]["n_uncommon"] for r in meta])
-    t = _table(rows)
+    t = table(rows)
     assert {r.variant for r in rows if r.metric == "top1"} == {f"P{v}" for v in set(k)} | {"all"}
     for v in set(k):
         assert t["real", f"P{v}", "top1"] == pytest.approx(correct[k == v].mean())
@@ -196,10 +163,10 @@ def test_context_probe_reads_a_folder_from_synclone_generate(real, clean, tmp_pa
         r["attributes"] = {}
     (out / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in meta))
     with pytest.raises(UserError, match="contexts prompt strategy"):
-        _run("context", ctx, folder=str(out))
+        run_probe("context", ctx, folder=str(out))
 
 
-def test_context_probe_on_a_focus_style_table(real, clean, tmp_path):
+def test_context_probe_on_a_focus_styletable(real, clean, tmp_path):
     """Common contexts get images the model gets right; 2+ uncommon ones get images it gets wrong."""
     model = real["real"].module
     with torch.no_grad():
@@ -217,7 +184,7 @@ def test_context_probe_on_a_focus_style_table(real, clean, tmp_path):
                      "weather_uncommon": attrs["weather_uncommon"], "location_uncommon": attrs["location_uncommon"]})
     pd.DataFrame(rows).to_csv(tmp_path / "annotations.csv", index=False)
     ctx = EvalContext(real, clean, tmp_path / "eval", progress=False)
-    t = _table(_run("context", ctx, folder=str(tmp_path)))
+    t = table(run_probe("context", ctx, folder=str(tmp_path)))
     assert t["real", "P0", "top1"] == 1.0 and t["real", "P1", "top1"] == 1.0
     assert t["real", "P2", "top1"] == 0.0 and t["real", "P3", "top1"] == 0.0
     assert t["real", "P1", "ratio_to_P0"] == 1.0 and t["real", "P2", "ratio_to_P0"] == 0.0
@@ -244,4 +211,4 @@ def test_bad_settings_are_one_line_user_errors(probe, settings, message):
 def test_missing_folders_are_user_errors(real, clean, tmp_path, probe):
     ctx = EvalContext(real, clean, tmp_path, progress=False)
     with pytest.raises(UserError, match="nowhere' does not exist"):
-        _run(probe, ctx, folder=str(tmp_path / "nowhere"))
+        run_probe(probe, ctx, folder=str(tmp_path / "nowhere"))

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from _probe_helpers import fit_tiny, one_thread, run_probe, same, table
 from synclone.config import validate
 from synclone.data.fashion_mnist import load_fashion_mnist
 from synclone.data.imageset import TensorImageSet
@@ -27,37 +25,12 @@ NAMES = ["gaussian_noise", "defocus_blur", "contrast", "jpeg_compression", "spec
 SEVERITIES = [1, 3, 5]
 
 
-@contextlib.contextmanager
-def one_thread():
-    # Two torch threads per process oversubscribe this shared 2-core machine and run tiny models ~10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _fit(train: TensorImageSet, steps: int, seed: int):
-    torch.manual_seed(seed)
-    model = create_classifier("synclone_cnn_tiny", FASHION_MNIST, (1, 28, 28), [0.5], [0.5])
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = train.batch(torch.randint(0, len(train), (64,), generator=g))
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def models():
     train = load_fashion_mnist("train").per_class_subset(40, seed=1)
     with one_thread():
-        return {"real": ModelEntry("real", Path("real"), _fit(train, 60, 0), "fp-real"),
-                "weak": ModelEntry("weak", Path("weak"), _fit(train, 15, 1), "fp-weak")}
+        return {"real": ModelEntry("real", Path("real"), fit_tiny(train, 60, 0), "fp-real"),
+                "weak": ModelEntry("weak", Path("weak"), fit_tiny(train, 15, 1), "fp-weak")}
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +44,14 @@ def _threads():
         yield
 
 
-def _run(name: str, ctx: EvalContext, **settings):
-    spec = get_probe(name)
-    return spec.run(ctx, validate(spec.settings, settings, source=f"probes.{name}"))
-
-
-def _table(rows) -> dict:
-    return {(r.model, r.variant, r.metric): r.value for r in rows}
-
-
 def _same(a: float, b: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-9)
+    return same(a, b, 1e-9)
 
 
 def test_corruption_rows_are_complete_and_mce_follows_its_definition(models, clean, tmp_path):
     ctx = EvalContext(models, clean, tmp_path, progress=False)
-    rows = _run("corruptions", ctx, names=NAMES, severities=SEVERITIES, baseline="real")
-    t = _table(rows)
+    rows = run_probe("corruptions", ctx, names=NAMES, severities=SEVERITIES, baseline="real")
+    t = table(rows)
     for m in models:
         got = {r.variant for r in rows if r.model == m and r.metric == "top1"}
         assert got == {f"{c}@{s}" for c in NAMES for s in SEVERITIES} | {"clean"}
@@ -121,16 +85,16 @@ def test_corruption_rows_are_complete_and_mce_follows_its_definition(models, cle
 
 def test_mce_does_not_depend_on_order_and_reruns_come_from_the_cache(models, clean, tmp_path):
     first = EvalContext(models, clean, tmp_path, progress=False)
-    rows = _run("corruptions", first, names=NAMES, severities=SEVERITIES)  # baseline: the first model
+    rows = run_probe("corruptions", first, names=NAMES, severities=SEVERITIES)  # baseline: the first model
     assert first.forward_passes > 0
     again = EvalContext(models, clean, tmp_path, progress=False)
-    reordered = _run("corruptions", again, names=NAMES[::-1], severities=SEVERITIES[::-1])
+    reordered = run_probe("corruptions", again, names=NAMES[::-1], severities=SEVERITIES[::-1])
     assert again.forward_passes == 0  # neither corrupted nor run again: every logit came from the disk cache
-    a, b = _table(rows), _table(reordered)
+    a, b = table(rows), table(reordered)
     assert a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     # Another seed is another corruption draw, so it misses the cache.
     other = EvalContext(models, clean, tmp_path, progress=False)
-    _run("corruptions", other, names=["gaussian_noise"], severities=[3], seed=1)
+    run_probe("corruptions", other, names=["gaussian_noise"], severities=[3], seed=1)
     assert other.forward_passes == len(models)
 
 
@@ -142,12 +106,12 @@ def test_imagenet_models_are_compared_with_alexnets_published_errors(tmp_path):
     data = TensorImageSet(torch.randint(0, 256, (12, 3, 16, 16), generator=g, dtype=torch.uint8),
                           torch.randint(0, 1000, (12,), generator=g), space, "tiny_imagenet")
     ctx = EvalContext({"net": ModelEntry("net", Path("net"), model, "fp-net")}, data, tmp_path, progress=False)
-    t = _table(rows := _run("corruptions", ctx, names=["fog", "contrast"]))
+    t = table(rows := run_probe("corruptions", ctx, names=["fog", "contrast"]))
     err = {c: 1 - np.mean([t["net", f"{c}@{s}", "top1"] for s in range(1, 6)]) for c in ("fog", "contrast")}
     assert t["net", "all", "mce"] == pytest.approx(np.mean([100 * err[c] / ALEXNET_ERRORS[c] for c in err]))
     assert "AlexNet" in next(r.convention for r in rows if r.metric == "mce")
     with pytest.raises(UserError, match="all five"):
-        _run("corruptions", ctx, names=["fog"], severities=[1, 2], baseline="alexnet")
+        run_probe("corruptions", ctx, names=["fog"], severities=[1, 2], baseline="alexnet")
 
 
 def test_released_folders_give_the_same_numbers_as_the_engine(models, clean, tmp_path):
@@ -167,24 +131,24 @@ def test_released_folders_give_the_same_numbers_as_the_engine(models, clean, tmp
                 d.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img[0].numpy()).save(d / f"{i:04d}.png")
         np.save(npys / f"{c}.npy", stack)
-    engine = _table(_run("corruptions", EvalContext(models, clean, tmp_path / "a", progress=False),
+    engine = table(run_probe("corruptions", EvalContext(models, clean, tmp_path / "a", progress=False),
                          names=names, severities=sevs))
     for folder in (pngs, npys):
-        rows = _run("corruptions", EvalContext(models, clean, tmp_path / folder.name, progress=False),
+        rows = run_probe("corruptions", EvalContext(models, clean, tmp_path / folder.name, progress=False),
                     names=names, severities=sevs, folder=str(folder))
-        got = _table(rows)
+        got = table(rows)
         assert got.keys() == engine.keys() and all(_same(got[k], engine[k]) for k in got)
         assert {r.dataset for r in rows if r.variant != "clean"} == {folder.name}
     with pytest.raises(UserError, match="lacks severities \\[3\\]"):
-        _run("corruptions", EvalContext(models, clean, tmp_path, progress=False), names=names, severities=[3],
+        run_probe("corruptions", EvalContext(models, clean, tmp_path, progress=False), names=names, severities=[3],
              folder=str(pngs))
 
 
 def test_adversarial_rows_curve_and_robust_below_clean(models, clean, tmp_path):
     ctx = EvalContext(models, clean, tmp_path, progress=False)
     eps = [1 / 255, 4 / 255, 16 / 255]
-    rows = _run("adversarial", ctx, eps=eps, max_images=200)
-    t = _table(rows)
+    rows = run_probe("adversarial", ctx, eps=eps, max_images=200)
+    t = table(rows)
     for m in models:
         assert {r.variant for r in rows if r.model == m} == {"eps=0.003922", "eps=0.01569", "eps=0.06275", "clean"}
         clean_top1 = t[m, "clean", "clean_top1"]
@@ -196,7 +160,7 @@ def test_adversarial_rows_curve_and_robust_below_clean(models, clean, tmp_path):
     curve = next(a["data"] for a in ctx.artifacts if a["kind"] == "robust_curve" and a["model"] == "real")
     assert curve["eps"] == eps and curve["clean_top1"] == t["real", "clean", "clean_top1"]
     assert curve["robust_top1"] == [t["real", f"eps={e:.4g}", "robust_top1"] for e in eps]
-    fgsm = _table(_run("adversarial", ctx, attack="fgsm", eps=[4 / 255], max_images=200))
+    fgsm = table(run_probe("adversarial", ctx, attack="fgsm", eps=[4 / 255], max_images=200))
     assert fgsm["real", "eps=0.01569", "robust_top1"] <= fgsm["real", "clean", "clean_top1"]
 
 
@@ -216,20 +180,20 @@ def test_adversarial_reruns_come_from_the_cache(models, clean, tmp_path):
     def run():
         net = _Counting(models["real"].module).eval()
         ctx = EvalContext({"real": ModelEntry("real", Path("real"), net, "fp-real")}, clean, tmp_path, progress=False)
-        rows = _run("adversarial", ctx, attack="pgd_l2", eps=[0.5], steps=3, random_start=True, max_images=100)
+        rows = run_probe("adversarial", ctx, attack="pgd_l2", eps=[0.5], steps=3, random_start=True, max_images=100)
         return rows, net.calls
 
     (first, calls), (second, calls_again) = run(), run()
     assert calls > 0 and calls_again == 0
-    assert _table(first) == _table(second)
+    assert table(first) == table(second)
     assert "l2" in first[0].convention
 
 
 def test_autoattack_through_the_probe(models, clean, tmp_path):
     ctx = EvalContext({"real": models["real"]}, clean, tmp_path, progress=False)
-    aa = _table(_run("adversarial", ctx, attack="autoattack", version="custom", attacks=["apgd-ce"], n_iter=5,
+    aa = table(run_probe("adversarial", ctx, attack="autoattack", version="custom", attacks=["apgd-ce"], n_iter=5,
                      eps=[8 / 255], max_images=60))
-    pgd = _table(_run("adversarial", ctx, eps=[8 / 255], max_images=60))
+    pgd = table(run_probe("adversarial", ctx, eps=[8 / 255], max_images=60))
     assert aa["real", "eps=0.03137", "robust_top1"] <= aa["real", "clean", "clean_top1"]
     assert aa["real", "clean", "clean_top1"] == pgd["real", "clean", "clean_top1"]
 
@@ -253,6 +217,6 @@ def test_bad_settings_are_one_line_user_errors(probe, settings, message):
 def test_missing_folder_and_unknown_baseline_are_user_errors(models, clean, tmp_path):
     ctx = EvalContext(models, clean, tmp_path, progress=False)
     with pytest.raises(UserError, match="corruption folder '.*nowhere' does not exist"):
-        _run("corruptions", ctx, names=["fog"], folder=str(tmp_path / "nowhere"))
+        run_probe("corruptions", ctx, names=["fog"], folder=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="baseline 'resnet' is not a model of this suite; choose one of real, weak"):
-        _run("corruptions", ctx, names=["fog"], baseline="resnet")
+        run_probe("corruptions", ctx, names=["fog"], baseline="resnet")

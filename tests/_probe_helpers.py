@@ -1,0 +1,56 @@
+"""Shared pieces of the probe tests: a one-thread context, a tiny trained CNN, running a probe by name."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synclone.config import validate
+from synclone.data.imageset import TensorImageSet
+from synclone.evaluate.base import EvalContext, get_probe
+from synclone.labels import FASHION_MNIST
+from synclone.models import create_classifier
+
+
+@contextlib.contextmanager
+def one_thread():
+    # Two torch threads per process oversubscribe this shared 2-core machine and run tiny models ~10x slower.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def fit_tiny(train: TensorImageSet, steps: int, seed: int):
+    """A synclone_cnn_tiny trained ``steps`` Adam steps of 64 images: a real, non-random model in seconds."""
+    torch.manual_seed(seed)
+    model = create_classifier("synclone_cnn_tiny", FASHION_MNIST, (1, 28, 28), [0.5], [0.5])
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(seed)
+    with one_thread():
+        for _ in range(steps):
+            x, y = train.batch(torch.randint(0, len(train), (64,), generator=g))
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def run_probe(name: str, ctx: EvalContext, **settings):
+    spec = get_probe(name)
+    return spec.run(ctx, validate(spec.settings, settings, source=f"probes.{name}"))
+
+
+def table(rows) -> dict:
+    return {(r.model, r.variant, r.metric): r.value for r in rows}
+
+
+def same(a: float, b: float, tol: float = 1e-9) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=tol)
