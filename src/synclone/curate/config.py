@@ -6,7 +6,7 @@ overrides (``filters.threshold.p_label=0.6``); ``filters.order`` says in which o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -126,6 +126,32 @@ class StatsConfig(StrictModel):
     thumb_size: int = Field(64, ge=8, le=512)
 
 
+class RefillConfig(StrictModel):
+    """Regenerate-until-full: top every class back up to ``target_per_class`` kept images.
+
+    After filtering, each class with fewer kept images gets new ones from ``synclone generate`` with fresh plan
+    ids (images ``images_per_class``, ``images_per_class + 1``, ... of that class, so new ids and seeds), written
+    to ``<output>/refill/round-NNN/`` and scored through the same cache and filters; repeated until every class
+    is full or ``max_rounds`` rounds exist, then a warning names the short classes. The top-k rule (He et al.'s
+    ``k`` when ``filters.he`` is enabled, else ``keep_k``) then keeps exactly ``target_per_class`` per class.
+    The source must be a dataset folder made by ``synclone generate``.
+    """
+
+    target_per_class: int = Field(ge=1)
+    # Rounds of generation in total (rounds made by earlier runs into the same output count).
+    max_rounds: int = Field(3, ge=0)
+    # The config that made the source: None = <input>/config.yaml (synclone generate writes it), a YAML path,
+    # or the config itself as a mapping.
+    generate_config: str | dict[str, Any] | None = None
+    # Dotted overrides on that config, e.g. ["generator.device=cuda", "batch_size=32"] (they enter the
+    # fingerprint like any generate setting, so keep them the same when resuming).
+    generate_overrides: list[str] = []
+    # A short class needs `need` more kept images; it gets need / max(its keep rate so far, min_keep_rate)
+    # new ones per round (so at most need / min_keep_rate), capped by max_per_round.
+    min_keep_rate: float = Field(0.1, gt=0.0, le=1.0)
+    max_per_round: int | None = Field(None, ge=1)
+
+
 class CurateConfig(StrictModel):
     """``synclone curate``: score a dataset folder, filter it, write a curated dataset folder."""
 
@@ -145,3 +171,5 @@ class CurateConfig(StrictModel):
     # Replace a non-empty output folder that is not an earlier curate output.
     overwrite: bool = False
     progress: bool = True
+    # Regenerate-until-full (see RefillConfig); off by default.
+    refill: RefillConfig | None = None

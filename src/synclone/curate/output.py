@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from synclone.curate.config import CurateConfig
+from synclone.curate.config import CurateConfig, FiltersConfig
 from synclone.curate.folder import DATASET_JSON, METADATA, ImageRecord, read_dataset_json
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
@@ -33,6 +33,8 @@ from synclone.labels import LabelSpace
 ALL_ROWS = "curation.jsonl"
 FORMAT = "synclone-dataset/1"
 SCORE_COLUMNS = ("p_label", "top1", "margin", "class_sim", "prompt_sim")
+# The refill rounds' folder and its record (synclone.curate.refill); never removed by a re-run.
+REFILL_DIR, REFILL_STATE = "refill", "refill.json"
 # Files and folders a curate run owns in its output folder (removed before a re-run writes new ones).
 _OWNED = ("train", "stats", ALL_ROWS, "curation.parquet", DATASET_JSON, "config.yaml", "run.json")
 
@@ -47,6 +49,8 @@ def prepare_output(out: Path, source: Path, overwrite: bool) -> None:
         raise UserError(f"output '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         earlier = "curation" in (read_dataset_json(out) if (out / DATASET_JSON).is_file() else {})
+        # A refill interrupted before the first dataset.json leaves only refill/ (kept: it holds the rounds).
+        earlier = earlier or (out / REFILL_DIR / REFILL_STATE).is_file()
         if not earlier and not overwrite:
             raise UserError(f"output folder '{out}' is not empty and is not an earlier curate output; choose another "
                             "folder or set overwrite=true")
@@ -83,8 +87,13 @@ def _place(src: Path, dest: Path, mode: str) -> bool:
 
 
 def write_curated(out: Path, cfg: CurateConfig, records: list[ImageRecord], table: pd.DataFrame, space: LabelSpace,
-                  scorer_id: str, classes: tuple[str, ...], log: list[dict], counts: dict) -> dict:
-    """Write metadata, the all-images table and dataset.json into ``out``; returns the dataset.json dict."""
+                  scorer_id: str, classes: tuple[str, ...], log: list[dict], counts: dict,
+                  filters: FiltersConfig | None = None, extra: dict | None = None) -> dict:
+    """Write metadata, the all-images table and dataset.json into ``out``; returns the dataset.json dict.
+
+    ``filters``: the settings that ran, when they differ from ``cfg.filters`` (refill sets the top-k);
+    ``extra``: more sections for ``curation`` (e.g. ``refill``).
+    """
     train = out / "train"
     train.mkdir(parents=True, exist_ok=True)
     source = Path(cfg.input)
@@ -128,7 +137,7 @@ def write_curated(out: Path, cfg: CurateConfig, records: list[ImageRecord], tabl
             "scorer": cfg.scorer.model_dump(mode="json"),
             "scorer_id": scorer_id,
             "scoring_classes": list(classes),
-            "filters": cfg.filters.model_dump(mode="json"),
+            "filters": (filters or cfg.filters).model_dump(mode="json"),
             "log": log,
             "counts": {"images": len(records), "kept": len(kept_rows), "dropped": len(records) - len(kept_rows),
                        "by_reason": {str(k): int(v) for k, v in reasons.items()}},
@@ -136,6 +145,7 @@ def write_curated(out: Path, cfg: CurateConfig, records: list[ImageRecord], tabl
             "materialize": cfg.materialize,
             "paths": cfg.paths if cfg.materialize == "none" else "relative",
             "hardlink_fallback_copies": fallbacks,
+            **(extra or {}),
         },
     }
     (out / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

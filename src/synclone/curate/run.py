@@ -11,6 +11,7 @@ from synclone.curate.config import CurateConfig
 from synclone.curate.filters import apply_filters
 from synclone.curate.folder import read_dataset_folder
 from synclone.curate.output import prepare_output, write_curated
+from synclone.curate.refill import Refill
 from synclone.curate.scorers import create_scorer
 from synclone.curate.scoring import score_records
 from synclone.curate.stats import write_stats
@@ -31,11 +32,16 @@ def curate(cfg: CurateConfig) -> Path:
     Embeddings, logits and text embeddings come from the cache when present, so a re-run with other
     filter settings loads no model. ``<output>/dataset.json`` records what ran (``curation.scoring``
     says how many images were encoded and whether a model was loaded).
+
+    With ``cfg.refill``, short classes are topped up with freshly generated images until each holds
+    ``refill.target_per_class`` (see :mod:`synclone.curate.refill`); ``curation.refill`` records every round.
     """
     source, out = Path(cfg.input), Path(cfg.output)
     records, space = read_dataset_folder(source)
     if not records:
         raise UserError(f"dataset folder '{source}' lists no images; nothing to curate")
+    refill = Refill(cfg, records, space) if cfg.refill is not None else None  # checks it before any work
+    filters = refill.filters if refill is not None else cfg.filters
     prepare_output(out, source, cfg.overwrite)
     scorer = create_scorer(cfg.scorer, cfg.alpha_background)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(source)
@@ -47,9 +53,22 @@ def curate(cfg: CurateConfig) -> Path:
     scorer_id = scorer.cache_id(FileKeys(cache_root))
     cache = ScorerCache(cache_root, scorer_id)
     cache.set_meta(kind=cfg.scorer.kind, model=cfg.scorer.model, pretrained=cfg.scorer.pretrained)
-    result = score_records(records, space, scorer, cache, progress=cfg.progress)
-    table, steps = apply_filters(result.table, result.embeddings, cfg.filters, len(result.classes), cfg.scorer.kind)
-    write_curated(out, cfg, records, table, space, scorer_id, result.classes, steps, result.counts)
+    encoded = 0
+
+    def evaluate(recs):
+        nonlocal encoded
+        res = score_records(recs, space, scorer, cache, progress=cfg.progress)
+        encoded += res.counts["encoded_now"]
+        return (res, *apply_filters(res.table, res.embeddings, filters, len(res.classes), cfg.scorer.kind))
+
+    extra = {}
+    if refill is None:
+        result, table, steps = evaluate(records)
+    else:
+        records, result, table, steps, extra["refill"] = refill.run(out, evaluate)
+    counts = {**result.counts, "encoded_now": encoded}  # over every round's scoring
+    write_curated(out, cfg, records, table, space, scorer_id, result.classes, steps, counts, filters=filters,
+                  extra=extra)
     if cfg.stats.enabled:
         write_stats(out / "stats", table, result.embeddings, space, cfg.stats, steps)
     write_run_info(out, cfg, command="synclone curate")

@@ -10,7 +10,8 @@ Order of work, so that bad input fails before any image is made:
 4. main process, after all finish: assemble ``train/metadata.jsonl`` sorted by id.
 
 Under ``accelerate launch`` each process takes its share; rerunning the same command after any
-interruption finishes the dataset with the same bytes as an uninterrupted run.
+interruption finishes the dataset with the same bytes as an uninterrupted run. With ``extend`` the
+plan is a top-up (some images of some classes, ids not from 0; see :mod:`synclone.generate.plan`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class _Run:
         self.backend.check_labels(self.labels)
         self.strategy: PromptStrategy = create_strategy(cfg.prompts, self.labels, cfg.seed)
         self.references = self.backend.references(self.labels)
+        self.ranges = extension_ranges(cfg, self.labels)
         self.out = Path(cfg.output)
         self.plan_path = self.out / PLAN_FILE
 
@@ -118,7 +120,7 @@ class _Run:
         prompt_info = self.strategy.prepare(self.cfg.images_per_class)
         self.out.mkdir(parents=True, exist_ok=True)
         jobs = build_plan(self.labels, self.strategy, self.cfg.images_per_class, self.cfg.seed,
-                          self.cfg.prompts.negative_prompt, self.references)
+                          self.cfg.prompts.negative_prompt, self.references, self.ranges)
         return write_plan(self.plan_path, jobs), prompt_info
 
     def ensure_plan(self, info: dict) -> None:
@@ -134,6 +136,7 @@ class _Run:
             )
 
     def dataset_info(self, plan: PlanSummary, prompt_info: dict) -> dict:
+        extend = {"extend": {c: r.model_dump() for c, r in self.cfg.extend.items()}} if self.cfg.extend else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -145,6 +148,7 @@ class _Run:
             "batch_size": self.cfg.batch_size,
             "plan": {"file": PLAN_FILE, **plan.to_dict()},
             "config_fingerprint": self.cfg.fingerprint(),
+            **extend,
             "versions": package_versions(),
         }
 
@@ -194,15 +198,22 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> Path:
     n_jobs = int(info["plan"]["jobs"])
     rank, world = state.process_index, state.num_processes
 
-    done, _ = done_ids(run.out, n_jobs, cfg.resume_verify)
-    share = range(rank, n_jobs, world)
-    already = sum(done[i] for i in share)
+    id_end = int(info["plan"].get("id_end", n_jobs))  # a top-up plan's ids don't start at 0
+    done, _ = done_ids(run.out, id_end, cfg.resume_verify)
+    if id_end == n_jobs:  # ids 0..n-1 in plan order: a process's share is the ids rank, rank + world, ...
+        share_size = len(range(rank, n_jobs, world))
+        already = sum(done[i] for i in range(rank, n_jobs, world))
+    else:
+        share_size = already = 0
+        for job in shard(read_plan(run.plan_path), rank, world):
+            share_size += 1
+            already += done[job.id]
     row_base = {k: info["generator"][k] for k in ("backend", "generator", "generator_revision", "scheduler", "steps",
                                                     "guidance_scale", "height", "width")}
     row_base["batch_size"] = cfg.batch_size
     jobs = (j for j in shard(read_plan(run.plan_path), rank, world) if not done[j.id])
     writer = DatasetWriter(run.out, rank, row_base)
-    bar = _progress(cfg.progress, len(share), already, rank, world)
+    bar = _progress(cfg.progress, share_size, already, rank, world)
     try:
         run_shard(jobs, run.backend, writer, cfg.batch_size, cfg.generator.safety_retries, bar)
     finally:
@@ -215,6 +226,25 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> Path:
         write_run_info(run.out, cfg)
     state.wait_for_everyone()
     return run.out
+
+
+def extension_ranges(cfg: GenerateConfig, labels: LabelSpace) -> dict[int, tuple[int, int]] | None:
+    """``cfg.extend`` as label -> (start, count); ``None`` for an ordinary plan. Unknown classes are user errors."""
+    if cfg.extend is None:
+        return None
+    ranges: dict[int, tuple[int, int]] = {}
+    for name, r in cfg.extend.items():
+        try:
+            label = labels.index(name)
+        except UserError:
+            raise UserError(f"extend names class '{name}', which is not in the label space ({labels.describe()}); "
+                            f"use the dataset's class names") from None
+        if label in ranges:
+            raise UserError(f"extend names class '{labels.classes[label]}' twice (by name and by slug)")
+        ranges[label] = (r.start, r.count)
+    if not any(c for _, c in ranges.values()):
+        raise UserError("extend asks for no images (every count is 0)")
+    return ranges
 
 
 def _check_same_generator(recorded: dict, current: dict, out: Path) -> None:

@@ -19,6 +19,7 @@ Example (YAML)::
     seed: 0
     batch_size: 8
     output: runs/my_clone
+    # extend: {Dress: {start: 100, count: 20}}   # a top-up: only images 100..119 of Dress (fresh ids)
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ class GeneratorConfig(StrictModel):
         return self
 
 
+class ImageRange(StrictModel):
+    """Images ``start .. start + count - 1`` of one class; image ``k`` of class ``label`` has id ``k * C + label``."""
+
+    start: int = Field(ge=0)
+    count: int = Field(ge=0)
+
+
 class GenerateConfig(StrictModel):
     """Everything that determines a generated dataset (``output`` only says where it goes)."""
 
@@ -75,8 +83,15 @@ class GenerateConfig(StrictModel):
     # How resume checks images already made: "size" (fast) or "sha256" (reads every file).
     resume_verify: Literal["size", "sha256"] = "size"
     progress: bool = True
+    # A top-up (``synclone curate`` with ``refill`` writes these): per class name, make only images
+    # start .. start+count-1, with the ids, seeds and prompts they would have in a larger plan, instead of
+    # images 0 .. images_per_class-1 of every class. images_per_class still sizes the prompt pools (captions),
+    # so keep the source dataset's value. Start at the source's images_per_class and no id is reused.
+    extend: dict[str, ImageRange] | None = None
 
     def fingerprint(self) -> str:
         """A hash of every setting that shapes the dataset; resuming requires the same fingerprint."""
-        data = self.model_dump(mode="json", exclude={"output", "resume_verify", "progress"})
+        # ``extend`` only enters when set, so datasets made before it existed keep their fingerprint.
+        skip = {"output", "resume_verify", "progress"} | ({"extend"} if self.extend is None else set())
+        data = self.model_dump(mode="json", exclude=skip)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -5,6 +5,10 @@ the plan, read in order, visits every class before the next round: a run stopped
 balanced dataset, and adding images per class later keeps every existing id (and so its seed and
 prompt). An image's seed and its prompt's random stream depend on (run seed, id) only.
 
+A *top-up* plan (``ranges``) holds only images ``start .. start + count - 1`` of some classes, with the
+same ids, seeds and prompts those images would have in a larger plan; ``synclone curate`` refills short
+classes this way, starting after the last image of the source plan, so no id or seed is ever reused.
+
 The plan is produced and read as a stream, so memory does not grow with its length.
 """
 
@@ -76,11 +80,26 @@ def build_plan(
     seed: int,
     negative_prompt: str | None = None,
     references: dict[int, list[str]] | None = None,
+    ranges: dict[int, tuple[int, int]] | None = None,
 ) -> Iterator[Job]:
-    """Yield the jobs in id order; call ``strategy.prepare`` first."""
+    """Yield the jobs in id order; call ``strategy.prepare`` first.
+
+    ``ranges`` (label -> (start, count)): make only images ``start .. start + count - 1`` of the listed
+    classes instead of images ``0 .. images_per_class - 1`` of every class (a top-up plan).
+    """
     n = len(label_space)
-    for k in range(images_per_class):
+    if ranges is None:
+        spans = [(0, images_per_class)] * n
+    else:
+        spans = [(ranges[label][0], ranges[label][0] + ranges[label][1]) if label in ranges else (0, 0)
+                 for label in range(n)]
+    live = [s for s in spans if s[1] > s[0]]
+    first = min((s[0] for s in live), default=0)
+    end = max((s[1] for s in live), default=0)
+    for k in range(first, end):
         for label, class_name in enumerate(label_space.classes):
+            if not spans[label][0] <= k < spans[label][1]:
+                continue
             job_id = k * n + label
             p = strategy.prompt(label, k, derived_rng(seed, "prompt", job_id))
             refs = references.get(label) if references else None
@@ -106,9 +125,15 @@ class PlanSummary:
     jobs: int
     per_class: dict[str, int]
     sha256: str
+    # 1 + the largest id; only differs from ``jobs`` (and only then recorded) in a top-up plan, whose ids
+    # don't start at 0.
+    id_end: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["id_end"] is None or d["id_end"] == self.jobs:
+            del d["id_end"]
+        return d
 
 
 def write_plan(path: str | Path, jobs: Iterable[Job]) -> PlanSummary:
@@ -118,6 +143,7 @@ def write_plan(path: str | Path, jobs: Iterable[Job]) -> PlanSummary:
     h = hashlib.sha256()
     per_class: dict[str, int] = {}
     count = 0
+    id_end = 0
     with open(tmp, "w", encoding="utf-8") as f:
         for job in jobs:
             line = job.to_json() + "\n"
@@ -125,10 +151,11 @@ def write_plan(path: str | Path, jobs: Iterable[Job]) -> PlanSummary:
             h.update(line.encode("utf-8"))
             per_class[job.class_name] = per_class.get(job.class_name, 0) + 1
             count += 1
+            id_end = max(id_end, job.id + 1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return PlanSummary(count, per_class, h.hexdigest())
+    return PlanSummary(count, per_class, h.hexdigest(), id_end)
 
 
 def read_plan(path: str | Path) -> Iterator[Job]:
