@@ -83,6 +83,18 @@ def validate(cls: type[C], data: dict, source: str = "config") -> C:
         raise UserError(f"{source}: {format_validation_error(err)}") from None
 
 
+def read_json(path: str | Path, kind: type = dict) -> Any:
+    """A JSON file that must hold a ``kind`` (object or list); any problem is a one-line UserError."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read '{p}': {err}") from None
+    if not isinstance(data, kind):
+        raise UserError(f"'{p}' must hold a JSON {'object' if kind is dict else kind.__name__}")
+    return data
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():

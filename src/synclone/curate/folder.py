@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from synclone.config import read_json
 from synclone.curate.images import IMAGE_EXTENSIONS, read_and_decode, to_channels
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
@@ -62,13 +63,7 @@ def read_dataset_folder(path: str | Path, split: str = "train") -> tuple[list[Im
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read '{path}': {err}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"'{path}' must hold a JSON object")
-    return data
+    return read_json(path)
 
 
 def read_dataset_json(root: str | Path) -> dict:

@@ -7,7 +7,6 @@ same thumbnails as the curation statistics.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from synclone.config import read_json
 from synclone.errors import UserError
 
 
@@ -121,12 +121,7 @@ def read_train_run(model: str, path: str | Path) -> TrainRun:
     if not f.is_file():
         raise UserError(f"training run '{folder}' (model '{model}') has no metrics.json; pass the output folder of "
                         "synclone train")
-    try:
-        metrics = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read '{f}': {err}") from None
-    if not isinstance(metrics, dict):
-        raise UserError(f"'{f}' must hold a JSON object")
+    metrics = read_json(f)
     seed = None
     if (folder / "config.yaml").is_file():
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from synclone.config import read_json
 from synclone.errors import UserError
 
 REQUIRED = ("model", "probe", "dataset", "variant", "metric", "value")
@@ -79,12 +80,7 @@ def _read_artifacts(folder: Path) -> list[dict]:
     path = folder / "artifacts.json"
     if not path.is_file():
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read '{path}': {err}") from None
-    if not isinstance(data, list):
-        raise UserError(f"'{path}' must hold a JSON list of artefacts")
+    data = read_json(path, list)
     for i, a in enumerate(data):
         if not isinstance(a, dict) or not isinstance(a.get("kind"), str) or not isinstance(a.get("data"), dict):
             raise UserError(f"'{path}' entry {i} needs a 'kind' string and a 'data' object")
