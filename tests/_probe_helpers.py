@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _tiny_clip import one_thread  # noqa: F401  (re-exported for the probe tests)
 from synclone.config import validate
 from synclone.data.imageset import TensorImageSet
 from synclone.evaluate.base import EvalContext, get_probe
 from synclone.labels import FASHION_MNIST
 from synclone.models import create_classifier
-
-
-@contextlib.contextmanager
-def one_thread():
-    # Two torch threads per process oversubscribe this shared 2-core machine and run tiny models ~10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def fit_tiny(train: TensorImageSet, steps: int, seed: int):
