@@ -161,3 +161,13 @@ def test_console_script_runs_as_a_process(tmp_path):
     assert res.returncode == 2 and res.stderr.strip() == "error: config: unknown config key 'optim.epocs'"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "evaluate" in res.stdout
+
+
+def test_fewshot_from_the_cli(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--kind", "fewshot", "--shots", "3", "--seeds", "0",
+                             f"output={tmp_path / 'fs'}", "model.arch=synclone_cnn_tiny", "optim.steps=6",
+                             "optim.warmup_steps=1", "data.val_max=50", "threads=1", "--quiet")
+    assert code == 0, err
+    assert "top-1 over 1 seed(s):" in err and out.strip().endswith("fewshot.json")
+    res = json.loads((tmp_path / "fs" / "fewshot.json").read_text())
+    assert res["n"] == 1 and res["std"] is None and 0.0 <= res["mean"] <= 1.0

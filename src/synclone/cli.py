@@ -81,7 +81,8 @@ def train(
 
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
         res = fewshot(_load(TrainConfig, args, extra), shots=shots, seeds=seed_list)
-        typer.echo(f"top-1 over {res['n']} seeds: {100 * res['mean']:.2f} +- {100 * res['std']:.2f} %", err=True)
+        spread = "" if res["std"] is None else f" +- {100 * res['std']:.2f}"  # one seed has no spread
+        typer.echo(f"top-1 over {res['n']} seed(s): {100 * res['mean']:.2f}{spread} %", err=True)
         _done(Path(_load(TrainConfig, args, extra).output) / "fewshot.json")
     else:
         raise UserError(f"unknown --kind '{kind}': use supervised, classifier-tuning, linear-probe or fewshot")

@@ -75,7 +75,8 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     aug: AugConfig = Field(default_factory=AugConfig)
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
-    eval_every: int | None = Field(None, ge=1, description="steps between validations (default: once per epoch)")
+    eval_every: int | None = Field(
+        None, ge=1, description="steps between validations (default: once per epoch, at most 50 per run)")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     cpu: bool = False
     log_with: Literal["none", "tensorboard"] = "none"

@@ -171,7 +171,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     n_train = sum(len(s) for s in (src.real, src.synthetic) if s is not None)
     steps_per_epoch = max(1, n_train // o.batch_size)
     total_steps = o.steps or o.epochs * steps_per_epoch
-    eval_every = cfg.eval_every or steps_per_epoch
+    # Once per epoch, but at most ~50 validations per run: a few-shot set smaller than one batch would
+    # otherwise validate after every step.
+    eval_every = cfg.eval_every or max(steps_per_epoch, total_steps // 50)
     optimizer = timm.optim.create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
     # Steps are the scheduler's "epochs": the schedule then depends on the step budget alone.
     scheduler, _ = timm.scheduler.create_scheduler_v2(
