@@ -245,13 +245,53 @@ def read_cue_conflict_folder(folder: str | Path, categories: Sequence[str] | Non
     return items
 
 
-def _direct_columns(space: LabelSpace, categories: Sequence[str], folder: Path) -> np.ndarray:
-    lookup = class_lookup(space)
+def _direct_columns(space: LabelSpace, categories: Sequence[str], folder: Path,
+                    lookup: dict[str, int] | None = None) -> np.ndarray:
+    lookup = class_lookup(space) if lookup is None else lookup
     missing = [c for c in categories if c not in lookup]
     if missing:
         raise UserError(f"cue-conflict categories {missing} in '{folder}' are not classes of the model's label space "
                         f"'{space.name}' ({space.describe()})")
     return np.array([lookup[c] for c in categories])
+
+
+def category_decisions(logits, categories: Sequence[str], decision: str = "auto", aggregation: str = "mean",
+                       space: LabelSpace | None = None, where: str | Path = "probe",
+                       lookup: dict[str, int] | None = None) -> tuple[np.ndarray, str]:
+    """Each image's decided category (a name of ``categories``) from ``logits``, and how it was decided.
+
+    ``decision``: ``"imagenet16"`` (a 1000-class ImageNet model; the aggregated 16-category decision),
+    ``"direct"`` (argmax over the outputs of the probe's categories in ``space``, found by ``lookup``,
+    default :func:`class_lookup`), or ``"auto"`` (imagenet16 for a 1000-output model on the 16
+    categories, else direct).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if decision == "auto":
+        # An ImageNet-1k model on the 16 categories takes model-vs-human's decision even when a category
+        # happens to share its name with an ImageNet class.
+        in16 = logits.shape[1] == 1000 and set(categories) <= set(imagenet16_categories())
+        decision = "imagenet16" if in16 else "direct"
+    if decision == "imagenet16":
+        names16 = imagenet16_categories()
+        unknown = [c for c in categories if c not in names16]
+        if unknown:
+            raise UserError(f"categories {unknown} in '{where}' are not among the 16 ImageNet-16 categories {names16}")
+        if logits.shape[1] != 1000:
+            raise UserError(f"decision imagenet16 needs a 1000-class ImageNet model; the model has {logits.shape[1]} "
+                            "outputs")
+        pick = imagenet16_decision(logits, aggregation, from_logits=True)
+        return np.array(names16, dtype=object)[pick], f"imagenet16 ({aggregation} of softmax over each category)"
+    if decision != "direct":
+        raise UserError(f"unknown decision '{decision}': use 'auto', 'imagenet16' or 'direct'")
+    if space is None:
+        if logits.shape[1] != len(categories):
+            raise UserError(f"the model has {logits.shape[1]} outputs and no label space; '{where}' has "
+                            f"{len(categories)} categories. Give the model a label_space.")
+        cols = np.arange(len(categories))
+    else:
+        cols = _direct_columns(space, categories, Path(where), lookup)
+    # Restricting the argmax to the probe's categories mirrors the 16-way decision for ImageNet models.
+    return np.array(categories, dtype=object)[np.argmax(logits[:, cols], axis=1)], "direct (argmax over categories)"
 
 
 def evaluate_shape_bias(model, folder: str | Path, *, decision: str = "auto", aggregation: str = "mean",
@@ -268,31 +308,8 @@ def evaluate_shape_bias(model, folder: str | Path, *, decision: str = "auto", ag
     items = read_cue_conflict_folder(root)
     categories = sorted({it.shape for it in items} | {it.texture for it in items}
                         | {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")})
-    space: LabelSpace | None = getattr(model, "label_space", None)
     logits = predict_logits(model, [it.path for it in items], input_size, batch_size, device)
-    if decision == "auto":
-        # An ImageNet-1k model on the 16 categories takes model-vs-human's decision even when a category
-        # happens to share its name with an ImageNet class.
-        in16 = logits.shape[1] == 1000 and set(categories) <= set(imagenet16_categories())
-        decision = "imagenet16" if in16 else "direct"
-    if decision == "imagenet16":
-        names16 = imagenet16_categories()
-        unknown = [c for c in categories if c not in names16]
-        if unknown:
-            raise UserError(f"categories {unknown} in '{root}' are not among the 16 ImageNet-16 categories {names16}")
-        dec = np.array(names16, dtype=object)[imagenet16_decision(softmax(logits), aggregation)]
-    elif decision == "direct":
-        if space is None:
-            if logits.shape[1] != len(categories):
-                raise UserError(f"the model has {logits.shape[1]} outputs and no label space; '{root}' has "
-                                f"{len(categories)} categories. Give the model a label_space.")
-            cols = np.arange(len(categories))
-        else:
-            cols = _direct_columns(space, categories, root)
-        # Restricting the argmax to the probe's categories mirrors the 16-way decision for ImageNet models.
-        dec = np.array(categories, dtype=object)[np.argmax(logits[:, cols], axis=1)]
-    else:
-        raise UserError(f"unknown decision '{decision}': use 'auto', 'imagenet16' or 'direct'")
+    dec, _ = category_decisions(logits, categories, decision, aggregation, getattr(model, "label_space", None), root)
     shapes = [it.shape for it in items]
     textures = [it.texture for it in items]
     result = shape_bias(dec, shapes, textures, categories=[c for c in categories if c in set(shapes)])

@@ -189,30 +189,11 @@ def _build_cue_conflict(ctx: EvalContext, s: ShapeBiasSettings) -> Path:
 
 def _shape_decisions(logits: torch.Tensor, module, categories: list[str], decision: str, aggregation: str,
                      where: Path) -> tuple[np.ndarray, str]:
-    from synclone.robustness.shape_bias import imagenet16_categories, imagenet16_decision
+    from synclone.robustness.shape_bias import category_decisions
 
-    if decision == "auto":
-        in16 = logits.shape[1] == 1000 and set(categories) <= set(imagenet16_categories())
-        decision = "imagenet16" if in16 else "direct"
-    if decision == "imagenet16":
-        names16 = imagenet16_categories()
-        unknown = [c for c in categories if c not in names16]
-        if unknown or logits.shape[1] != 1000:
-            raise UserError(f"decision imagenet16 needs a 1000-class ImageNet model and the 16 categories; "
-                            f"'{where}' has {unknown or categories} and the model {logits.shape[1]} outputs")
-        pick = imagenet16_decision(logits.double().numpy(), aggregation, from_logits=True)
-        return np.array(names16, dtype=object)[pick], f"imagenet16 ({aggregation} of softmax over each category)"
     space = getattr(module, "label_space", None)
-    if space is None:
-        raise UserError("decision direct needs a model with a label space")
-    lookup = _lookup(space)
-    missing = [c for c in categories if c not in lookup]
-    if missing:
-        raise UserError(f"cue-conflict categories {missing} in '{where}' are not classes of the model's label space "
-                        f"'{space.name}' ({space.describe()})")
-    cols = [lookup[c] for c in categories]
-    # An argmax over the probe's categories only, as the 16-way decision is for ImageNet models.
-    return np.array(categories, dtype=object)[logits[:, cols].argmax(1).numpy()], "direct (argmax over categories)"
+    return category_decisions(logits.double().numpy(), categories, decision, aggregation, space, where,
+                              lookup=_lookup(space) if space is not None else None)
 
 
 @register_probe("shape_bias", ShapeBiasSettings)
