@@ -159,7 +159,7 @@ def read_variant_folder(root: str | Path, variant: str) -> list[VariantImage]:
     return items
 
 
-def _labels_for(items: list[VariantImage], classes: Sequence[str], lookup: dict[str, int], where: Path) -> np.ndarray:
+def labels_for(items: list[VariantImage], classes: Sequence[str], lookup: dict[str, int], where: Path) -> np.ndarray:
     """Label of each image in the decision's space: by folder name when it is known, else by its NN index."""
     out = []
     for it in items:
@@ -168,7 +168,7 @@ def _labels_for(items: list[VariantImage], classes: Sequence[str], lookup: dict[
         elif it.index is not None and it.index < len(classes):
             out.append(it.index)
         else:
-            raise UserError(f"class folder '{it.class_dir}' in '{where}' matches no class of {list(classes)}")
+            raise UserError(f"class folder '{it.class_dir}' in '{where}' matches no class of {list(classes)[:9]}")
     return np.array(out)
 
 
@@ -203,13 +203,13 @@ def evaluate_backgrounds(model, root: str | Path, *, variants: Sequence[str] = I
         where = root / variant / "val"
         if decision == "in9":
             classes = in9_classes()
-            labels = _labels_for(items, classes, class_lookup(LabelSpace("in9", classes)), where)
+            labels = labels_for(items, classes, class_lookup(LabelSpace("in9", classes)), where)
             pred = in9_decision(logits, mapping)
         else:
             if space is None:
                 raise UserError("decision='direct' needs a model with a label_space")
             classes = space.classes
-            labels = _labels_for(items, classes, class_lookup(space), where)
+            labels = labels_for(items, classes, class_lookup(space), where)
             pred = np.argmax(logits, axis=1)
         correct[variant] = pred == labels
         tables.append(pd.DataFrame({"variant": variant, "path": [str(it.path) for it in items],

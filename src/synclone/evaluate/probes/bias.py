@@ -306,15 +306,9 @@ def _background_labels(items, module, logits_classes: int, decision: str, where:
         classes, lookup = space.classes, _lookup(space)
     else:
         raise UserError(f"unknown decision '{decision}'")
-    labels = []
-    for it in items:
-        if it.name in lookup:
-            labels.append(lookup[it.name])
-        elif it.index is not None and it.index < len(classes):
-            labels.append(it.index)
-        else:
-            raise UserError(f"class folder '{it.class_dir}' in '{where}' matches no class of {list(classes)[:9]}")
-    return np.array(labels), decision
+    from synclone.robustness.background import labels_for
+
+    return labels_for(items, classes, lookup, where), decision
 
 
 @register_probe("background", BackgroundSettings)
