@@ -28,6 +28,7 @@ import synclone.train.loop as loop
 from synclone.config import load_config
 from synclone.data import load_fashion_mnist
 from synclone.errors import UserError
+from synclone.evaluate.streaming import FileImageSet, Preprocess
 from synclone.labels import FASHION_MNIST, LabelSpace
 from synclone.models import load_model
 from synclone.train import TrainConfig, train
@@ -259,6 +260,26 @@ def test_concat_shows_each_image_of_both_sources_once_per_epoch(folders, tmp_pat
     assert Counter(m for m, _ in seen) == {REAL: 110, SYN: 110}
     # Sources are shuffled together, not taken one after the other.
     assert all({m for m, _ in decode(b)} == {REAL, SYN} for b in rec.batches[:3])
+
+
+def test_streamed_folders_train_at_image_size(folders, tmp_path, monkeypatch):
+    """data.image_size streams folders from disk (ImageNet-sized data): every image once per epoch, decoded
+    at the asked size, validation held out as for in-memory sets, the model built for that size."""
+    rec = Recorder(monkeypatch)
+    cfg = tiny_cfg(tmp_path / "s", data={"real": str(folders["real"]), "synthetic": str(folders["syn"]),
+                                         "real_per_class": None, "mix": "concat", "image_size": 20},
+                   optim={"steps": 11, "batch_size": 20})
+    train(cfg, progress=False)
+    src = load_sources(cfg)
+    assert all(isinstance(s, FileImageSet) for s in (src.real, src.synthetic, src.val))
+    assert len(src.val) == 20 and not set(src.val.paths) & set(src.real.paths + src.synthetic.paths)
+    pre = Preprocess()
+    by_pixels = {pre(p, (3, 20, 20)).numpy().tobytes(): p for s in (src.real, src.synthetic) for p in s.paths}
+    seen = Counter(by_pixels[(x * 255).round().to(torch.uint8).numpy().tobytes()] for b in rec.batches for x in b)
+    assert set(seen) == set(by_pixels.values()) and set(seen.values()) == {1}  # 220 images = 11 batches of 20
+    assert tuple(load_model(tmp_path / "s" / "model").input_size) == (3, 20, 20)
+    with pytest.raises(UserError, match="image_size applies to folders"):
+        load_sources(tiny_cfg(tmp_path / "b", data={"image_size": 20}))
 
 
 @pytest.mark.parametrize("size,per_step", [(10, 3), (7, 7), (5, 12)])

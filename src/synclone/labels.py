@@ -173,12 +173,18 @@ FASHION_MNIST = LabelSpace(
 )
 
 BUILTIN_SPACES = {"fashion_mnist": FASHION_MNIST}
+# Bundled label spaces read on first use (synclone/data/labelspaces/<name>.json).
+BUNDLED_SPACES = ("imagenet1k",)
 
 
 def get_label_space(name_or_path: str) -> LabelSpace:
     """A built-in label space by name, or one read from a JSON file (``{"classes": [...]}``) or text file."""
     if name_or_path in BUILTIN_SPACES:
         return BUILTIN_SPACES[name_or_path]
+    if name_or_path in BUNDLED_SPACES:
+        from synclone.robustness.probe_io import read_data_file
+
+        return LabelSpace.from_dict(read_data_file(f"labelspaces/{name_or_path}.json"))
     from pathlib import Path
 
     p = Path(name_or_path)
@@ -187,6 +193,10 @@ def get_label_space(name_or_path: str) -> LabelSpace:
         if p.suffix == ".json":
             return LabelSpace.from_dict(json.loads(text))
         return LabelSpace(name=p.stem, classes=tuple(line.strip() for line in text.splitlines() if line.strip()))
+    if p.suffix in (".txt", ".json") or "/" in name_or_path:
+        raise UserError(f"label file '{name_or_path}' does not exist (a .txt file with one class name per line, or "
+                        "a .json file with a 'classes' list)")
     raise UserError(
-        f"unknown label space '{name_or_path}': use one of {sorted(BUILTIN_SPACES)} or a .json/.txt file of class names"
+        f"unknown label space '{name_or_path}': use one of {sorted([*BUILTIN_SPACES, *BUNDLED_SPACES])} or a "
+        ".json/.txt file of class names"
     )

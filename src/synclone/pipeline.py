@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,16 @@ STAGE_JSON = "stage.json"
 
 
 class Recipe(StrictModel):
-    """A whole experiment. Stage sections hold the configs of the matching commands, without their folders."""
+    """A whole experiment. Stage sections hold the configs of the matching commands, without their folders.
 
+    ``vars`` are substituted for ``${name}`` in every other string of the recipe (after overrides, so
+    ``vars.dataset=eurosat`` on the command line re-targets the whole recipe). A ``train`` entry's
+    ``kind`` picks the trainer: ``supervised`` (default), ``classifier-tuning``, ``linear-probe``,
+    ``fewshot`` (with ``shots``, ``seeds`` and ``eval_data``), or ``pretrained`` (import a trained timm
+    classifier, :mod:`synclone.models.pretrained`, e.g. the real-data baselines of a benchmark).
+    """
+
+    vars: dict[str, str | int | float] = Field(default_factory=dict, description="${name} substitutions")
     output: str = "runs/experiment"
     title: str = "synclone experiment"
     generate: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> generate config")
@@ -39,12 +49,79 @@ class Recipe(StrictModel):
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """A recipe from YAML with dotted overrides (``train.real.optim.steps=100``)."""
-    return validate(Recipe, apply_overrides(load_yaml(path), overrides or []), source=str(path))
+    """A recipe from YAML with dotted overrides (``train.real.optim.steps=100``) and ``${var}`` substitution."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    return validate(Recipe, substitute_vars(raw, str(path)), source=str(path))
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def substitute_vars(raw: dict, source: str = "recipe") -> dict:
+    """``raw`` with ``${name}`` replaced by ``raw['vars'][name]`` in every string outside ``vars``.
+
+    A string that is exactly one ``${name}`` takes the variable's own type (a number stays a number).
+    """
+    values = raw.get("vars") or {}
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: 'vars' must be a mapping of names to values")
+    values = dict(values)
+    # Variables may use other variables (output: runs/${dataset}); resolve them first, refusing cycles.
+    for _ in range(len(values) + 1):
+        pending = {k: v for k, v in values.items() if isinstance(v, str) and _VAR.search(v)}
+        if not pending:
+            break
+        for k, v in pending.items():
+            names = _VAR.findall(v)
+            unknown = [n for n in names if n not in values]
+            if unknown:
+                raise UserError(f"{source}: vars.{k} uses '${{{unknown[0]}}}' but vars has no '{unknown[0]}'")
+            if all(not (isinstance(values[n], str) and _VAR.search(values[n])) for n in names):
+                values[k] = _VAR.sub(lambda m: str(values[m.group(1)]), v)
+    else:
+        raise UserError(f"{source}: vars refer to each other in a cycle ({', '.join(sorted(pending))})")
+
+    def sub(obj: Any, where: str) -> Any:
+        if isinstance(obj, dict):
+            return {k: sub(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [sub(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if not isinstance(obj, str):
+            return obj
+        for name in _VAR.findall(obj):
+            if name not in values:
+                raise UserError(f"{source}: {where} uses '${{{name}}}' but vars has no '{name}' "
+                                f"(defined: {', '.join(sorted(values)) or 'none'})")
+        whole = _VAR.fullmatch(obj)
+        if whole:
+            return values[whole.group(1)]
+        return _VAR.sub(lambda m: str(values[m.group(1)]), obj)
+
+    return {k: (v if k == "vars" else sub(v, k)) for k, v in raw.items()}
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+TRAIN_KINDS = ("supervised", "classifier-tuning", "linear-probe", "fewshot", "pretrained")
+_FEWSHOT_KEYS = ("shots", "seeds", "eval_data")
+
+
+def model_folders(run: Path, raw: dict) -> list[tuple[str, Path]]:
+    """(suffix, model folder) of what a train entry makes: one model, or one per seed for ``fewshot``."""
+    if raw.get("kind") == "fewshot":
+        return [(f"_seed{s}", run / f"seed{s}" / "model") for s in raw.get("seeds", [0, 1, 2])]
+    return [("", run / "model")]
+
+
+class FewshotStage(StrictModel):
+    """A ``fewshot`` train entry: the supervised config, trained once per seed on ``shots`` real images per class."""
+
+    train: Any
+    shots: int = Field(10, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    eval_data: str = "fashion_mnist:test"
 
 
 class _Refs:
@@ -56,7 +133,7 @@ class _Refs:
             self.map["@curated"] = out / "curated"
         if recipe.teacher is not None:
             self.map["@teacher"] = out / "teacher" / "model"
-        self.map.update({f"@train.{n}": out / "train" / n / "model" for n in recipe.train})
+        self.map.update({f"@train.{n}": model_folders(out / "train" / n, raw)[0][1] for n, raw in recipe.train.items()})
 
     def resolve(self, obj: Any, where: str) -> Any:
         if isinstance(obj, dict):
@@ -91,10 +168,18 @@ class Stage:
             return "done" if rec.get("hash") == self.hash else "changed"
         return "partial" if self.folder.exists() else "new"
 
-    def run(self) -> float:
+    def recorded_seconds(self) -> float | None:
+        """The seconds this stage took when it last ran, from its stage.json (None when unknown)."""
+        try:
+            return json.loads((self.folder / STAGE_JSON).read_text(encoding="utf-8")).get("seconds")
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def run(self) -> float | None:
+        """Run the stage unless it is done; the seconds it took, or None when it was skipped."""
         state = self.state()
         if state == "done":
-            return 0.0
+            return None
         if state == "changed":
             if not self.derived:
                 raise UserError(f"stage '{self.name}' in '{self.folder}' was made with another config; remove that "
@@ -109,51 +194,91 @@ class Stage:
         return took
 
 
-def plan(recipe: Recipe) -> list[Stage]:
-    """The stages of ``recipe`` in order, with validated configs (every config error surfaces here)."""
+def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
+    """The stages of ``recipe`` in order, with validated configs.
+
+    Config errors raise at the first one, or, with ``problems`` (a :class:`synclone.recipe_check.Problems`),
+    are all collected and the stages that could be built are returned.
+    """
     from synclone.curate import CurateConfig
     from synclone.evaluate import EvaluateConfig
     from synclone.generate import GenerateConfig
+    from synclone.recipe_check import Problems
     from synclone.train import TrainConfig
 
+    problems = problems if problems is not None else Problems(collect=False)
     out = Path(recipe.output)
-    refs = _Refs(out, recipe)
     stages: list[Stage] = []
+    with problems.catch():
+        refs = _Refs(out, recipe)
+    if problems:
+        return stages
     for name, raw in recipe.generate.items():
-        cfg = validate(GenerateConfig, {**refs.resolve(raw, f"generate.{name}"),
-                                        "output": str(out / "generated" / name)}, f"recipe generate.{name}")
-        stages.append(Stage(f"generate.{name}", Path(cfg.output), cfg, _run_generate,
-                            estimate_s=_gen_estimate(cfg)))
+        with problems.catch():
+            cfg = validate(GenerateConfig, {**refs.resolve(raw, f"generate.{name}"),
+                                            "output": str(out / "generated" / name)}, f"recipe generate.{name}")
+            stages.append(Stage(f"generate.{name}", Path(cfg.output), cfg, _run_generate,
+                                estimate_s=_gen_estimate(cfg)))
     if recipe.teacher is not None:
-        cfg = validate(TrainConfig, {**refs.resolve(recipe.teacher, "teacher"), "output": str(out / "teacher")},
-                       "recipe teacher")
-        stages.append(Stage("teacher", out / "teacher", cfg, _run_train, estimate_s=_train_estimate(cfg)))
+        with problems.catch():
+            cfg = validate(TrainConfig, {**refs.resolve(recipe.teacher, "teacher"), "output": str(out / "teacher")},
+                           "recipe teacher")
+            stages.append(Stage("teacher", out / "teacher", cfg, _run_train, estimate_s=_train_estimate(cfg)))
     if recipe.curate is not None:
-        raw = refs.resolve(recipe.curate, "curate")
-        cfg = validate(CurateConfig, {**raw, "output": str(out / "curated"), "overwrite": True}, "recipe curate")
-        stages.append(Stage("curate", out / "curated", cfg, _run_curate, estimate_s=20.0))
+        with problems.catch():
+            raw = refs.resolve(recipe.curate, "curate")
+            cfg = validate(CurateConfig, {**raw, "output": str(out / "curated"), "overwrite": True}, "recipe curate")
+            stages.append(Stage("curate", out / "curated", cfg, _run_curate, estimate_s=20.0))
     for name, raw in recipe.train.items():
-        cfg = validate(TrainConfig, {**refs.resolve(raw, f"train.{name}"), "output": str(out / "train" / name)},
-                       f"recipe train.{name}")
-        stages.append(Stage(f"train.{name}", out / "train" / name, cfg, _run_train,
-                            estimate_s=_train_estimate(cfg)))
+        with problems.catch():
+            stages.append(_train_stage(name, refs.resolve(raw, f"train.{name}"), out / "train" / name))
     if recipe.train:
-        raw = refs.resolve(recipe.evaluate, "evaluate")
-        models = {n: str(out / "train" / n / "model") for n in recipe.train}
-        cfg = validate(EvaluateConfig, {**raw, "models": {**models, **raw.get("models", {})},
-                                        "output": str(out / "eval")}, "recipe evaluate")
-        cfg.probe_settings()
-        # The evaluation hash also covers the models' training stages, so a retrained model is re-evaluated.
-        stages.append(Stage("evaluate", out / "eval", cfg, _run_evaluate, derived=True, estimate_s=120.0,
-                            upstream=[s.hash for s in stages]))
-        report_cfg = ReportStage(output=str(out), title=recipe.report.get("title", recipe.title),
-                                 eval_dir=str(out / "eval"),
-                                 curation=str(out / "curated") if recipe.curate is not None else None,
-                                 datasets=[str(out / "generated" / n) for n in recipe.generate],
-                                 train_runs={n: str(out / "train" / n) for n in recipe.train},
-                                 upstream=_hash([s.hash for s in stages]))
-        stages.append(Stage("report", out / "report", report_cfg, _run_report, derived=True, estimate_s=15.0))
+        with problems.catch():
+            raw = refs.resolve(recipe.evaluate, "evaluate")
+            models = {n + suffix: str(folder) for n, r in recipe.train.items()
+                      for suffix, folder in model_folders(out / "train" / n, r)}
+            cfg = validate(EvaluateConfig, {**raw, "models": {**models, **raw.get("models", {})},
+                                            "output": str(out / "eval")}, "recipe evaluate")
+            cfg.probe_settings()
+            # The evaluation hash also covers the models' training stages, so a retrained model is re-evaluated.
+            stages.append(Stage("evaluate", out / "eval", cfg, _run_evaluate, derived=True, estimate_s=120.0,
+                                upstream=[s.hash for s in stages]))
+            report_cfg = ReportStage(output=str(out), title=recipe.report.get("title", recipe.title),
+                                     eval_dir=str(out / "eval"),
+                                     curation=str(out / "curated") if recipe.curate is not None else None,
+                                     datasets=[str(out / "generated" / n) for n in recipe.generate],
+                                     train_runs={n: str(out / "train" / n) for n in recipe.train},
+                                     upstream=_hash([s.hash for s in stages]))
+            stages.append(Stage("report", out / "report", report_cfg, _run_report, derived=True, estimate_s=15.0))
     return stages
+
+
+def _train_stage(name: str, raw: dict, folder: Path) -> Stage:
+    """The stage of one ``train`` entry, by its ``kind``."""
+    from synclone.models.pretrained import PretrainedConfig
+    from synclone.train import TrainConfig
+    from synclone.train.probe import ClassifierTuningConfig, LinearProbeConfig
+
+    raw = dict(raw)
+    kind = raw.pop("kind", "supervised")
+    where = f"recipe train.{name}"
+    if kind not in TRAIN_KINDS:
+        raise UserError(f"{where}: unknown kind '{kind}'; use {', '.join(TRAIN_KINDS)}")
+    if kind in ("classifier-tuning", "linear-probe"):
+        cls = ClassifierTuningConfig if kind == "classifier-tuning" else LinearProbeConfig
+        cfg = validate(cls, {**raw, "output": str(folder / "model")}, where)
+        return Stage(f"train.{name}", folder, cfg, _run_probe, estimate_s=_probe_estimate(cfg))
+    if kind == "pretrained":
+        cfg = validate(PretrainedConfig, {**raw, "output": str(folder)}, where)
+        return Stage(f"train.{name}", folder, cfg, _run_import, estimate_s=30.0)
+    if kind == "fewshot":
+        extra = {k: raw.pop(k) for k in _FEWSHOT_KEYS if k in raw}
+        train_cfg = validate(TrainConfig, {**raw, "output": str(folder)}, where)
+        cfg = validate(FewshotStage, {"train": train_cfg, **extra}, where)
+        return Stage(f"train.{name}", folder, cfg, _run_fewshot,
+                     estimate_s=len(cfg.seeds) * _train_estimate(train_cfg))
+    cfg = validate(TrainConfig, {**raw, "output": str(folder)}, where)
+    return Stage(f"train.{name}", folder, cfg, _run_train, estimate_s=_train_estimate(cfg))
 
 
 class ReportStage(StrictModel):
@@ -167,15 +292,32 @@ class ReportStage(StrictModel):
 
 
 def _gen_estimate(cfg: Any) -> float:
-    # The built-in generator makes ~25 images/s on 2 cores at 10 steps (bench/RESULTS.md); others are slower.
-    rate = 25.0 * 10 / max(cfg.generator.steps or 10, 1) if cfg.generator.backend == "classcond" else 0.05
-    n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else 10)
-    return n / rate
+    """Seconds on a 2-core CPU, roughly: the built-in generator makes ~25 images/s at 10 steps
+    (bench/RESULTS.md); a Stable-Diffusion-sized UNet takes ~4 s per guided step at 512x512."""
+    n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else _n_classes(cfg.labels))
+    steps = cfg.generator.steps or (10 if cfg.generator.backend == "classcond" else 50)
+    if cfg.generator.backend == "classcond":
+        return n / (25.0 * 10 / steps)
+    pixels = (cfg.generator.height or 512) * (cfg.generator.width or 512)
+    return n * steps * 4.0 * pixels / 512**2
+
+
+def _n_classes(labels: Any) -> int:
+    from synclone.labels import get_label_space
+
+    try:
+        return len(get_label_space(labels)) if isinstance(labels, str) else 10
+    except UserError:
+        return 10
 
 
 def _train_estimate(cfg: Any) -> float:
+    """Seconds on a 2-core CPU, roughly: synclone_cnn_small trains ~2.5k 28x28 images/s there; other
+    (ImageNet-sized) architectures ~8 images/s at 224x224 (a ResNet-50 step costs ~12 GFLOPs per image)."""
     steps = cfg.optim.steps or cfg.optim.epochs * 60000 // cfg.optim.batch_size
-    return steps * cfg.optim.batch_size / 2500.0  # synclone_cnn_small trains ~2.5k images/s on 2 cores
+    side = cfg.data.image_size or (28 if cfg.model.arch.startswith("synclone_cnn") else 224)
+    rate = 2500.0 * 28**2 / side**2 if cfg.model.arch.startswith("synclone_cnn") else 8.0 * 224**2 / side**2
+    return steps * cfg.optim.batch_size / rate
 
 
 def _disk_estimate(stage: Stage) -> float:
@@ -185,7 +327,7 @@ def _disk_estimate(stage: Stage) -> float:
         cfg = stage.cfg
         h, w = (cfg.generator.height or 28, cfg.generator.width or 28) if cfg.generator.backend == "classcond" else (
             cfg.generator.height or 512, cfg.generator.width or 512)
-        n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else 10)
+        n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else _n_classes(cfg.labels))
         return n * (h * w * 3 * 0.5 + 600)  # + a metadata line per image
     if kind in ("train", "teacher"):
         return 20 * 2**20  # model, last model and the resumable checkpoint of a small CNN
@@ -202,6 +344,30 @@ def _run_train(cfg: Any, resume: bool) -> None:
     from synclone.train import train
 
     train(cfg, resume=resume or (Path(cfg.output) / "checkpoints").is_dir(), progress=True)
+
+
+def _run_probe(cfg: Any, resume: bool) -> None:
+    from synclone.train.probe import ClassifierTuningConfig, classifier_tuning, linear_probe
+
+    # Features are cached on disk, so a re-run after an interruption encodes only what is missing.
+    (classifier_tuning if isinstance(cfg, ClassifierTuningConfig) else linear_probe)(cfg)
+
+
+def _run_import(cfg: Any, resume: bool) -> None:
+    from synclone.models.pretrained import import_timm
+
+    import_timm(cfg)
+
+
+def _run_fewshot(cfg: FewshotStage, resume: bool) -> None:
+    from synclone.train.fewshot import fewshot
+
+    fewshot(cfg.train, shots=cfg.shots, seeds=cfg.seeds, eval_data=cfg.eval_data, resume=True, progress=True)
+
+
+def _probe_estimate(cfg: Any) -> float:
+    # Encoding dominates: a ViT-B CLIP encodes ~10 images/s on 2 CPU cores; the head grid takes seconds.
+    return 10000 / 10.0
 
 
 def _run_curate(cfg: Any, resume: bool) -> None:
@@ -224,110 +390,17 @@ def _run_report(cfg: ReportStage, resume: bool) -> None:
                  datasets=[Path(d) for d in cfg.datasets], train_runs={k: Path(v) for k, v in cfg.train_runs.items()})
 
 
-def _generated_space(cfg: Any) -> Any:
-    """The label space a generate stage will produce, known before generating."""
-    import json as _json
-
-    from synclone.generate.hub import resolve_model
-    from synclone.labels import LabelSpace, get_label_space
-
-    folder = Path(resolve_model(cfg.generator.model, marker="model_index.json", what="generator").location)
-    meta = folder / "synclone.json"
-    own = LabelSpace.from_dict(_json.loads(meta.read_text(encoding="utf-8"))["label_space"]) if meta.is_file() else None
-    if isinstance(cfg.labels, list):
-        space = LabelSpace.from_names([str(c) for c in cfg.labels], name="custom")
-    elif isinstance(cfg.labels, str):
-        space = get_label_space(cfg.labels)
-    elif own is not None:
-        return own
-    else:
-        raise UserError(f"generator '{cfg.generator.model}' has no label space of its own: set 'labels' in its stage")
-    if cfg.generator.backend == "classcond" and own is not None:
-        missing = [c for c in space.classes if c not in own.classes]
-        if missing:
-            raise UserError(f"class-conditional generator '{cfg.generator.model}' cannot make "
-                            f"{', '.join(map(repr, missing[:5]))}: it knows {own.describe()}")
-    return space
-
-
-def _data_space(spec: str | None, spaces: dict[str, Any], where: str) -> Any:
-    """Label space of a dataset spec: a built-in, the output of an earlier stage, or an existing folder."""
-    from synclone.data.sources import BUILTIN
-    from synclone.labels import BUILTIN_SPACES
-
-    if spec is None:
-        return None
-    name = spec.partition(":")[0]
-    if name in BUILTIN:
-        return BUILTIN_SPACES[name]
-    for folder, space in spaces.items():
-        if Path(spec) == Path(folder):
-            return space
-    if not Path(spec).is_dir():
-        raise UserError(f"{where}: dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}), the output "
-                        "of a stage of this recipe, nor an existing folder")
-    from synclone.curate.folder import read_dataset_folder
-
-    return read_dataset_folder(spec)[1]
-
-
-def check(recipe: Recipe, stages: list[Stage]) -> None:
-    """What can be checked before work starts: data present, generators found, folders exist, labels aligned."""
-    from synclone.data.fashion_mnist import locate
-    from synclone.models.io import read_model_config
-
-    if any("fashion_mnist" in json.dumps(s.cfg.model_dump(mode="json")) for s in stages):
-        locate("train")
-        locate("test")
-    spaces: dict[str, Any] = {}  # stage output folder -> the label space it will hold
-    for s in stages:
-        kind = s.name.split(".")[0]
-        if kind == "generate":
-            spaces[str(s.folder)] = _generated_space(s.cfg)
-        elif kind == "curate":
-            src = _data_space(s.cfg.input, spaces, "curate.input")
-            spaces[str(s.folder)] = src
-            model = s.cfg.scorer.model
-            if s.cfg.scorer.kind == "teacher" and str(Path(model).parent) not in spaces and not Path(model).is_dir():
-                raise UserError(f"curate.scorer.model: teacher folder '{model}' does not exist")
-        elif kind in ("teacher", "train"):
-            real = _data_space(s.cfg.data.real, spaces, f"{s.name}.data.real")
-            syn = _data_space(s.cfg.data.synthetic, spaces, f"{s.name}.data.synthetic")
-            if real is not None and syn is not None:
-                real.check_aligned(syn, f"{s.name}'s real data", f"{s.name}'s synthetic data")
-            spaces[str(s.folder)] = real if real is not None else syn
-        elif kind == "evaluate":
-            clean = _data_space(s.cfg.data, spaces, "evaluate.data")
-            for name, folder in s.cfg.models.items():
-                run = str(Path(folder).parent)
-                space = spaces[run] if run in spaces else _external_model_space(folder, read_model_config)
-                space.check_aligned(clean, f"model '{name}'", f"evaluation data '{s.cfg.data}'")
-            for name, settings in s.cfg.probe_settings():
-                for spec in getattr(settings, "datasets", None) or []:
-                    if name == "shift":
-                        _data_space(spec, spaces, "evaluate.probes.shift.datasets")
-                    elif not Path(spec).is_dir() and not _is_builtin(spec):
-                        raise UserError(f"evaluate.probes.{name}.datasets: '{spec}' is neither a built-in nor a "
-                                        "folder")
-
-
-def _external_model_space(folder: str, read_model_config: Any) -> Any:
-    from synclone.labels import LabelSpace
-
-    return LabelSpace.from_dict(read_model_config(folder)["label_space"])
-
-
-def _is_builtin(spec: str) -> bool:
-    from synclone.data.sources import BUILTIN
-    from synclone.evaluate.datasets import OOD_BUILTINS
-
-    return spec.partition(":")[0] in (*BUILTIN, *OOD_BUILTINS)
-
-
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
-    """Run (or with ``dry_run`` only check and print) the recipe; returns the report path or the output folder."""
-    stages = plan(recipe)
-    check(recipe, stages)
+    """Run (or with ``dry_run`` only check and print) the recipe; returns the report path or the output folder.
+
+    Every problem found before work starts (configs, references, data, weights, label spaces) is listed
+    together; then a :class:`UserError` stops the run (``run`` and ``--dry-run`` alike) before anything is made.
+    """
+    from synclone.recipe_check import Problems, check
+
+    problems = Problems()
+    stages = plan(recipe, problems)
+    check(stages, problems)
     out = Path(recipe.output)
     lines = [f"recipe -> {out}"]
     total = disk = 0.0
@@ -336,9 +409,14 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
         est = 0.0 if st == "done" else s.estimate_s
         total += est
         disk += 0 if st == "done" else _disk_estimate(s)
-        lines.append(f"  {s.name:<26} {st:<8} ~{est / 60:5.1f} min  {s.folder}")
-    lines.append(f"  estimated: ~{total / 60:.1f} min on a 2-core CPU, ~{disk / 2**20:.0f} MB of disk")
+        lines.append(f"  {s.name:<26} {st:<8} ~{_duration(est):>9}  {s.folder}")
+    lines.append(f"  estimated: ~{_duration(total)} on a 2-core CPU, ~{_size(disk)} of disk")
     print("\n".join(lines), flush=True)
+    if problems:
+        print(f"{len(problems.items)} problem(s) to fix before this recipe can run:", file=sys.stderr)
+        for p in problems.items:
+            print(f"  - {p}", file=sys.stderr)
+        raise UserError(f"recipe not ready: {len(problems.items)} problem(s) listed above; nothing was run")
     if dry_run:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -347,9 +425,23 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
     times = {}
     for s in stages:
         print(f"== {s.name}", flush=True)
-        times[s.name] = round(s.run(), 1)
+        took = s.run()
+        # A stage skipped now still reports the seconds it took when it ran (kept in its stage.json).
+        times[s.name] = {"seconds": s.recorded_seconds() if took is None else round(took, 1), "ran": took is not None}
     (out / "timings.json").write_text(json.dumps(times, indent=2) + "\n", encoding="utf-8")
     return out / "report.html" if (out / "report.html").is_file() else out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 86400 * 3:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:,.0f} days"
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:.0f} MB" if n < 2**30 else f"{n / 2**30:.1f} GB"
 
 
 def demo_recipe(output: str = "runs/demo", quick: bool = False) -> Recipe:

@@ -16,13 +16,49 @@ from synclone.labels import LabelSpace
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Images with integer labels in a :class:`LabelSpace`; items are (float CxHxW in [0, 1], label)."""
+    """Images with integer labels in a :class:`LabelSpace`; items are (float CxHxW in [0, 1], label).
+
+    Subclasses hold ``labels`` (int64) and implement ``subset``; splits and per-class subsets are built on them.
+    """
 
     label_space: LabelSpace
     name: str
+    labels: torch.Tensor
 
     def fingerprint(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def subset(self, idx: torch.Tensor, name: str | None = None) -> ImageSet:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def per_class_subset(self, per_class: int, seed: int = 0, name: str | None = None) -> ImageSet:
+        """The first ``per_class`` images of every class in a seeded random order (fair size comparisons)."""
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=g)
+        picks = []
+        for c in range(len(self.label_space)):
+            cls_idx = order[self.labels[order] == c]
+            if len(cls_idx) < per_class:
+                raise UserError(f"dataset '{self.name}': class '{self.label_space.classes[c]}' has {len(cls_idx)} "
+                                f"images, fewer than the {per_class} asked for")
+            picks.append(cls_idx[:per_class])
+        idx = torch.cat(picks).sort().values
+        return self.subset(idx, name or f"{self.name}_{per_class}pc")
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+        """A seeded, class-stratified split into (rest, held-out ``fraction``)."""
+        if not 0.0 < fraction < 1.0:
+            raise UserError(f"split fraction must be in (0, 1), got {fraction}")
+        g = torch.Generator().manual_seed(seed)
+        held = []
+        for c in range(len(self.label_space)):
+            cls_idx = (self.labels == c).nonzero().flatten()
+            cls_idx = cls_idx[torch.randperm(len(cls_idx), generator=g)]
+            held.append(cls_idx[: max(1, round(len(cls_idx) * fraction))] if len(cls_idx) > 1 else cls_idx[:0])
+        mask = torch.zeros(len(self), dtype=torch.bool)
+        mask[torch.cat(held)] = True
+        rest = self.subset((~mask).nonzero().flatten(), f"{self.name}_train")
+        return rest, self.subset(mask.nonzero().flatten(), f"{self.name}_val")
 
 
 @dataclass
@@ -63,35 +99,6 @@ class TensorImageSet(ImageSet):
     def subset(self, idx: torch.Tensor, name: str | None = None) -> TensorImageSet:
         return TensorImageSet(self.images[idx], self.labels[idx], self.label_space, name or self.name, self.source)
 
-    def per_class_subset(self, per_class: int, seed: int = 0, name: str | None = None) -> TensorImageSet:
-        """The first ``per_class`` images of every class in a seeded random order (fair size comparisons)."""
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self), generator=g)
-        picks = []
-        for c in range(len(self.label_space)):
-            cls_idx = order[self.labels[order] == c]
-            if len(cls_idx) < per_class:
-                raise UserError(f"dataset '{self.name}': class '{self.label_space.classes[c]}' has {len(cls_idx)} "
-                                f"images, fewer than the {per_class} asked for")
-            picks.append(cls_idx[:per_class])
-        idx = torch.cat(picks).sort().values
-        return self.subset(idx, name or f"{self.name}_{per_class}pc")
-
-    def split(self, fraction: float, seed: int = 0) -> tuple[TensorImageSet, TensorImageSet]:
-        """A seeded, class-stratified split into (rest, held-out ``fraction``)."""
-        if not 0.0 < fraction < 1.0:
-            raise UserError(f"split fraction must be in (0, 1), got {fraction}")
-        g = torch.Generator().manual_seed(seed)
-        held = []
-        for c in range(len(self.label_space)):
-            cls_idx = (self.labels == c).nonzero().flatten()
-            cls_idx = cls_idx[torch.randperm(len(cls_idx), generator=g)]
-            held.append(cls_idx[: max(1, round(len(cls_idx) * fraction))] if len(cls_idx) > 1 else cls_idx[:0])
-        mask = torch.zeros(len(self), dtype=torch.bool)
-        mask[torch.cat(held)] = True
-        rest = self.subset((~mask).nonzero().flatten(), f"{self.name}_train")
-        return rest, self.subset(mask.nonzero().flatten(), f"{self.name}_val")
-
     def class_counts(self) -> list[int]:
         return torch.bincount(self.labels, minlength=len(self.label_space)).tolist()
 
@@ -102,3 +109,23 @@ class TensorImageSet(ImageSet):
         h.update(self.images.contiguous().numpy().tobytes())
         h.update(self.labels.numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+def concat_sets(sets: list[ImageSet], name: str) -> ImageSet:
+    """One set holding ``sets`` in order (same label space): tensors stay tensors, file sets stay streamed."""
+    from synclone.evaluate.streaming import FileImageSet
+
+    if len(sets) == 1:
+        return sets[0]
+    if all(isinstance(s, TensorImageSet) for s in sets):
+        return TensorImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
+                              sets[0].label_space, name)
+    if all(isinstance(s, FileImageSet) for s in sets):
+        first = sets[0]
+        if any(s.input_size != first.input_size or s.preprocess != first.preprocess for s in sets):
+            raise UserError(f"cannot join {', '.join(s.name for s in sets)}: they are read at different sizes")
+        return FileImageSet([p for s in sets for p in s.paths], torch.cat([s.labels for s in sets]),
+                            first.label_space, name, input_size=first.input_size, preprocess=first.preprocess,
+                            source="+".join(s.source for s in sets))
+    raise UserError(f"cannot join in-memory and streamed datasets ({', '.join(s.name for s in sets)}): set "
+                    "data.image_size so every source is streamed at that size")

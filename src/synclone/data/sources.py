@@ -5,20 +5,73 @@ from __future__ import annotations
 from pathlib import Path
 
 from synclone.data.fashion_mnist import load_fashion_mnist
-from synclone.data.imageset import TensorImageSet
+from synclone.data.imageset import ImageSet
 from synclone.errors import UserError
+from synclone.labels import LabelSpace
 
 BUILTIN = {"fashion_mnist": load_fashion_mnist}
 
 
-def resolve_dataset(spec: str, split: str = "train", data_root: str | None = None) -> TensorImageSet:
-    """A built-in dataset by name (``name`` or ``name:split``) or a dataset/image folder by path."""
-    name, _, explicit_split = spec.partition(":")
+def resolve_dataset(spec: str, split: str = "train", data_root: str | None = None,
+                    image_size: int | None = None) -> ImageSet:
+    """A built-in dataset by name (``name`` or ``name:split``) or a dataset/image folder by path.
+
+    Folders are decoded into memory (small images), unless ``image_size`` is given: then they are
+    streamed from disk a batch at a time, resized to ``image_size / 0.875`` and centre-cropped to
+    ``image_size`` (ImageNet-sized data that would not fit in memory). ImageNet-family folders (WordNet-id
+    class folders, or ``LAYOUT:PATH`` such as ``imagenet-val:/data/imagenet/val``) always stream, with the
+    ImageNet-1k label space, at ``image_size`` or 224.
+    """
+    from synclone.evaluate.imagenet_sets import LAYOUTS
+
+    name, _, rest = spec.partition(":")
     if name in BUILTIN:
-        return BUILTIN[name](explicit_split or split, data_root=data_root)
+        if image_size is not None:
+            raise UserError(f"data.image_size applies to folders, not to the built-in '{name}'; remove it")
+        return BUILTIN[name](rest or split, data_root=data_root)
+    if name in LAYOUTS and rest:
+        from synclone.evaluate.imagenet_sets import load_imagenet_set
+
+        size = int(image_size or 224)
+        return load_imagenet_set(rest, name, input_size=(3, size, size), name=Path(rest).name)
     path = Path(spec)
     if path.is_dir():
+        if image_size is not None or _imagenet_layout(path, split):
+            return streamed_folder(path, split, image_size or 224)
         from synclone.curate.folder import load_image_folder_tensors
 
         return load_image_folder_tensors(path)
-    raise UserError(f"dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}) nor an existing folder")
+    raise UserError(f"dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}), an ImageNet-family "
+                    f"folder ({', '.join(LAYOUTS)}:PATH) nor an existing folder")
+
+
+def _imagenet_layout(path: Path, split: str) -> str | None:
+    """The ImageNet-family layout of a folder that is not a synclone dataset folder (None otherwise)."""
+    from synclone.evaluate.imagenet_sets import detect_layout
+
+    if (path / split / "metadata.jsonl").is_file() or (path / "metadata.jsonl").is_file():
+        return None  # a synclone dataset folder (e.g. an ImageNet clone): its own metadata names the labels
+    return detect_layout(path)
+
+
+def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelSpace | None = None) -> ImageSet:
+    """The images of a folder read from disk a batch at a time at ``image_size`` (3 channels).
+
+    ImageNet-style folders keep the ImageNet-1k space; others take their own, or are re-indexed into
+    ``label_space`` (every class of the folder must be in it).
+    """
+    from synclone.curate.folder import read_dataset_folder
+    from synclone.evaluate.imagenet_sets import load_imagenet_set
+    from synclone.evaluate.streaming import FileImageSet
+
+    size = (3, int(image_size), int(image_size))
+    layout = _imagenet_layout(path, split)
+    if layout is not None:
+        return load_imagenet_set(path, layout, input_size=size, name=path.name)
+    records, space = read_dataset_folder(path, split)
+    if not records:
+        raise UserError(f"dataset folder '{path}' has no images")
+    target = label_space or space
+    remap = [target.index(c) for c in space.classes] if label_space is not None else list(range(len(space)))
+    return FileImageSet([r.path for r in records], [remap[r.label] for r in records], target, path.name,
+                        input_size=size, source=str(path))

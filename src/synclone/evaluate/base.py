@@ -76,7 +76,7 @@ class EvalContext:
     def __init__(self, models: dict[str, ModelEntry], clean: ImageSet, output: Path, *,
                  cache_dir: Path | None = None, batch_size: int = 256, device: str = "cpu",
                  data_root: str | None = None, max_images: int | None = None, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, image_size: int | None = None) -> None:
         self.models = models
         self.clean = clean
         self.output = Path(output)
@@ -84,6 +84,7 @@ class EvalContext:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.data_root = data_root
+        self.image_size = image_size  # folders stream at this size when set (EvaluateConfig.image_size)
         self.max_images = max_images
         self.seed = seed
         self.progress = progress
@@ -99,7 +100,8 @@ class EvalContext:
         if key not in self._datasets:
             from synclone.evaluate.datasets import load_eval_dataset
 
-            self._datasets[key] = self.cap(load_eval_dataset(spec, split, self.data_root, like=self.clean))
+            self._datasets[key] = self.cap(load_eval_dataset(spec, split, self.data_root, like=self.clean,
+                                                                 image_size=self.image_size))
         return self._datasets[key]
 
     def cap(self, data: ImageSet, limit: int | None = None) -> ImageSet:

@@ -19,6 +19,8 @@ class EvaluateConfig(StrictModel):
     models: dict[str, str] = Field(default_factory=dict, description="display name -> synclone model folder")
     data: str = Field("fashion_mnist:test", description="the clean (in-distribution) test set")
     data_root: str | None = None
+    image_size: int | None = Field(
+        None, ge=8, description="stream dataset folders from disk at this size (resize + centre crop): large sets")
     max_images: int | None = Field(None, ge=1, description="cap on images per dataset (seeded subset)")
     batch_size: int = Field(256, ge=1)
     seed: int = 0

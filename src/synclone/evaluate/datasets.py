@@ -92,11 +92,12 @@ OOD_BUILTINS = ("digits", "animal_shapes", "uniform_noise", "gaussian_noise")
 
 
 def load_eval_dataset(spec: str, split: str = "test", data_root: str | None = None,
-                      like: ImageSet | None = None) -> ImageSet:
+                      like: ImageSet | None = None, image_size: int | None = None) -> ImageSet:
     """Built-in datasets (``fashion_mnist[:split]`` and the OOD sets above) or a dataset/image folder.
 
     ImageNet-family folders (val, V2, Sketch, R, A, ObjectNet) are recognised by their layout, or named
     as ``LAYOUT:PATH``; they load as streaming sets (:class:`synclone.evaluate.streaming.FileImageSet`).
+    Other folders are decoded into memory at ``like``'s size, or with ``image_size`` streamed at that size.
     """
     name = spec.partition(":")[0]
     if name == "digits":
@@ -136,6 +137,10 @@ def load_eval_dataset(spec: str, split: str = "test", data_root: str | None = No
     if not (path / split / METADATA).is_file() and (path / "train" / METADATA).is_file():
         split = "train"
     space = _folder_space(path, split, like)
+    if image_size is not None:
+        from synclone.data.sources import streamed_folder
+
+        return streamed_folder(path, split, image_size, label_space=space)
     return load_image_folder_tensors(path, label_space=space, size=size, channels=channels, split=split)
 
 

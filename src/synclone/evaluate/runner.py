@@ -62,7 +62,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     probes = cfg.probe_settings()  # validate every probe's settings before any work
     from synclone.evaluate.datasets import load_eval_dataset
 
-    clean = load_eval_dataset(cfg.data, "test", cfg.data_root)
+    clean = load_eval_dataset(cfg.data, "test", cfg.data_root, image_size=cfg.image_size)
     models = {name: load_entry(name, path) for name, path in cfg.models.items()}
     for name, entry in models.items():
         entry.module.label_space.check_aligned(clean.label_space, f"model '{name}'", f"dataset '{clean.name}'")
@@ -70,7 +70,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     write_run_info(out, cfg)
     ctx = EvalContext(models, clean, out, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
                       batch_size=cfg.batch_size, data_root=cfg.data_root, max_images=cfg.max_images,
-                      seed=cfg.seed, progress=progress)
+                      seed=cfg.seed, progress=progress, image_size=cfg.image_size)
     ctx.clean = ctx.cap(clean)
     rows: list[Row] = []
     timings = {}

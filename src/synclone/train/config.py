@@ -30,6 +30,9 @@ class DataConfig(StrictModel):
         None, description="few-shot: weight of the real batch's loss (the synthetic one gets 1 - w); needs mix=ratio")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held out from each training source for selection")
     val_max: int | None = Field(5000, ge=1, description="cap on validation images (speed)")
+    image_size: int | None = Field(
+        None, ge=8, description="stream folders from disk at this size (resize + centre crop) instead of loading "
+        "them into memory: ImageNet-sized data")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

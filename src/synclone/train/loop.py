@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
-from synclone.data.imageset import TensorImageSet
+from synclone.data.imageset import ImageSet, concat_sets
 from synclone.data.sources import resolve_dataset
 from synclone.errors import UserError
 from synclone.models import create_classifier, load_model, save_model
@@ -34,17 +34,17 @@ CKPT = "checkpoints/last.pt"
 class Sources:
     """The training sources after subsetting, and the validation split held out from them."""
 
-    real: TensorImageSet | None
-    synthetic: TensorImageSet | None
-    val: TensorImageSet
+    real: ImageSet | None
+    synthetic: ImageSet | None
+    val: ImageSet
     val_desc: str
 
 
 def load_sources(cfg: TrainConfig) -> Sources:
     """Load, align, subset and split the training data; every problem is reported before training starts."""
     d = cfg.data
-    real = resolve_dataset(d.real, "train", d.data_root) if d.real else None
-    syn = resolve_dataset(d.synthetic, "train", d.data_root) if d.synthetic else None
+    real = resolve_dataset(d.real, "train", d.data_root, d.image_size) if d.real else None
+    syn = resolve_dataset(d.synthetic, "train", d.data_root, d.image_size) if d.synthetic else None
     if real is not None and syn is not None:
         real.label_space.check_aligned(syn.label_space, "real data", "synthetic data")
         if real.image_shape != syn.image_shape:
@@ -64,8 +64,7 @@ def load_sources(cfg: TrainConfig) -> Sources:
         parts.append(rest)
         vals.append(val)
         descs.append(f"{len(val)} {name} images held out from '{ds.name}'")
-    val = vals[0] if len(vals) == 1 else TensorImageSet(
-        torch.cat([v.images for v in vals]), torch.cat([v.labels for v in vals]), vals[0].label_space, "val")
+    val = concat_sets(vals, "val")
     if d.val_max is not None and len(val) > d.val_max:
         g = torch.Generator().manual_seed(cfg.seed)
         val = val.subset(torch.randperm(len(val), generator=g)[: d.val_max].sort().values, val.name)
@@ -73,7 +72,7 @@ def load_sources(cfg: TrainConfig) -> Sources:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: TensorImageSet, batch_size: int = 512,
+def predict(model: torch.nn.Module, data: ImageSet, batch_size: int = 512,
             device: torch.device | str = "cpu") -> torch.Tensor:
     """Logits of ``model`` on every image of ``data`` (eval mode, float32, on the CPU)."""
     was_training = model.training
@@ -86,7 +85,7 @@ def predict(model: torch.nn.Module, data: TensorImageSet, batch_size: int = 512,
     return torch.cat(out) if out else torch.empty(0, len(data.label_space))
 
 
-def _accuracy(model: torch.nn.Module, data: TensorImageSet, device: torch.device) -> float:
+def _accuracy(model: torch.nn.Module, data: ImageSet, device: torch.device) -> float:
     logits = predict(model, data, device=device)
     return float((logits.argmax(1) == data.labels).float().mean()) if len(data) else float("nan")
 
@@ -198,8 +197,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
                     (src.synthetic, CyclingSampler(len(src.synthetic), n_syn, cfg.seed, 1))]
     else:
         pool = [s for s in (src.real, src.synthetic) if s is not None]
-        whole = pool[0] if len(pool) == 1 else TensorImageSet(
-            torch.cat([s.images for s in pool]), torch.cat([s.labels for s in pool]), label_space, "train")
+        whole = concat_sets(pool, "train")
         samplers = [(whole, CyclingSampler(len(whole), o.batch_size, cfg.seed, 0))]
     samplers = [(ds, s) for ds, s in samplers if s.per_step > 0]
 

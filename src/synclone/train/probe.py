@@ -52,7 +52,8 @@ class ProbeDataConfig(StrictModel):
     """Where the images come from: a built-in name (``fashion_mnist``, ``fashion_mnist:test``) or a dataset
     folder, resolved by :func:`synclone.data.sources.resolve_dataset` like the supervised loop's data."""
 
-    train: str = "fashion_mnist"
+    # One source, or several joined (e.g. synthetic images + the few real shots, as He et al. do few-shot).
+    train: str | list[str] = "fashion_mnist"
     # A separate validation dataset; when None, ``val_fraction`` of the training source is held out.
     val: str | None = None
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -63,6 +64,9 @@ class ProbeDataConfig(StrictModel):
     train_per_class: int | None = Field(None, ge=2)
     test_per_class: int | None = Field(None, ge=1)
     data_root: str | None = None
+    # Stream folders from disk at this size instead of decoding them into memory (large downstream sets);
+    # the encoder still applies its own preprocessing.
+    image_size: int | None = Field(None, ge=8)
     seed: int = 0
 
 
@@ -113,12 +117,21 @@ def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, 
     """Load, split and subset the data the way the supervised loop does (synclone.train.loop.load_sources):
     the validation split is held out from the whole training source first, then the per-class budget is
     taken from the rest, so probe and supervised runs of the same config see the same images."""
+    from synclone.data.imageset import concat_sets
     from synclone.data.sources import resolve_dataset
 
     d = cfg.data
-    train = train if train is not None else resolve_dataset(d.train, "train", d.data_root)
+    if train is None:
+        specs = [d.train] if isinstance(d.train, str) else list(d.train)
+        if not specs:
+            raise UserError("data.train is an empty list: give at least one dataset")
+        parts = [resolve_dataset(s, "train", d.data_root, d.image_size) for s in specs]
+        for s, part in zip(specs[1:], parts[1:], strict=True):
+            parts[0].label_space.check_aligned(part.label_space, what=f"training data '{specs[0]}'",
+                                               other_what=f"training data '{s}'")
+        train = concat_sets(parts, "+".join(p.name for p in parts))
     if val is None and d.val is not None:
-        val = resolve_dataset(d.val, "train", d.data_root)
+        val = resolve_dataset(d.val, "train", d.data_root, d.image_size)
     if val is None:
         source = getattr(train, "name", d.train)
         train, val = train.split(d.val_fraction, seed=d.seed)
@@ -132,7 +145,7 @@ def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, 
     if d.train_per_class is not None:
         train = train.per_class_subset(d.train_per_class, seed=d.seed)
     if test is None and d.test is not None:
-        test = resolve_dataset(d.test, "test", d.data_root)
+        test = resolve_dataset(d.test, "test", d.data_root, d.image_size)
         if d.test_per_class is not None:
             test = test.per_class_subset(d.test_per_class, seed=d.seed)
     for other, what in ((val, "validation"), (test, "test")):
