@@ -37,7 +37,7 @@ class Recipe(StrictModel):
     classifier, :mod:`synclone.models.pretrained`, e.g. the real-data baselines of a benchmark).
     """
 
-    vars: dict[str, str | int | float] = Field(default_factory=dict, description="${name} substitutions")
+    vars: dict[str, str | int | float | bool | None] = Field(default_factory=dict, description="${name} substitutions")
     output: str = "runs/experiment"
     title: str = "synclone experiment"
     generate: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> generate config")
@@ -247,7 +247,10 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
                                      eval_dir=str(out / "eval"),
                                      curation=str(out / "curated") if recipe.curate is not None else None,
                                      datasets=[str(out / "generated" / n) for n in recipe.generate],
-                                     train_runs={n: str(out / "train" / n) for n in recipe.train},
+                                     # training curves: the runs of the loop (probes and imports have none)
+                                     train_runs={n + sfx: str(f.parent) for n, r in recipe.train.items()
+                                                 if r.get("kind", "supervised") in ("supervised", "fewshot")
+                                                 for sfx, f in model_folders(out / "train" / n, r)},
                                      upstream=_hash([s.hash for s in stages]))
             stages.append(Stage("report", out / "report", report_cfg, _run_report, derived=True, estimate_s=15.0))
     return stages
@@ -400,8 +403,9 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
 
     problems = Problems()
     stages = plan(recipe, problems)
-    check(stages, problems)
     out = Path(recipe.output)
+    planned = {str(f) for n, r in recipe.train.items() for _, f in model_folders(out / "train" / n, r)}
+    check(stages, problems, planned)
     lines = [f"recipe -> {out}"]
     total = disk = 0.0
     for s in stages:

@@ -227,8 +227,12 @@ def _aligned(a: Any, b: Any, what_a: str, what_b: str) -> None:
 # --- the whole recipe ---------------------------------------------------------------------------------
 
 
-def check(stages: list[Any], problems: Problems) -> None:
-    """Every check that needs no work: data present, weights reachable, folders exist, labels aligned."""
+def check(stages: list[Any], problems: Problems, planned: set[str] | frozenset[str] = frozenset()) -> None:
+    """Every check that needs no work: data present, weights reachable, folders exist, labels aligned.
+
+    ``planned``: output folders the recipe means to make, also of stages whose config failed (already
+    reported), so that their consumers are not reported again.
+    """
     from synclone.labels import get_label_space
     from synclone.models.pretrained import PretrainedConfig
     from synclone.pipeline import FewshotStage
@@ -242,7 +246,7 @@ def check(stages: list[Any], problems: Problems) -> None:
             locate("test")
     # Output folder of a stage (dataset or model) -> the label space it will hold; None while unknown (a
     # stage whose own checks failed), so its consumers are not reported a second time as "missing".
-    spaces: dict[str, Any] = {}
+    spaces: dict[str, Any] = dict.fromkeys(planned, None)
     for s in stages:
         kind = s.name.split(".")[0]
         cfg = s.cfg
