@@ -22,27 +22,28 @@ def resolve_dataset(spec: str, split: str = "train", data_root: str | None = Non
     class folders, or ``LAYOUT:PATH`` such as ``imagenet-val:/data/imagenet/val``) always stream, with the
     ImageNet-1k label space, at ``image_size`` or 224.
     """
-    from synclone.evaluate.imagenet_sets import LAYOUTS
+    from synclone.evaluate.imagenet_sets import LAYOUTS, load_imagenet_set
 
     name, _, rest = spec.partition(":")
     if name in BUILTIN:
         if image_size is not None:
             raise UserError(f"data.image_size applies to folders, not to the built-in '{name}'; remove it")
         return BUILTIN[name](rest or split, data_root=data_root)
-    if name in LAYOUTS and rest:
-        from synclone.evaluate.imagenet_sets import load_imagenet_set
-
-        size = int(image_size or 224)
-        return load_imagenet_set(rest, name, input_size=(3, size, size), name=Path(rest).name)
-    path = Path(spec)
+    path, layout = (Path(rest), name) if name in LAYOUTS and rest else (Path(spec), None)
     if path.is_dir():
-        if image_size is not None or _imagenet_layout(path, split):
-            return streamed_folder(path, split, image_size or 224)
+        layout = layout or _imagenet_layout(path, split)
+        if layout is not None:
+            size = int(image_size or 224)
+            return load_imagenet_set(path, layout, input_size=(3, size, size), name=path.name)
+        if image_size is not None:
+            return streamed_folder(path, split, image_size)
         from synclone.curate.folder import load_image_folder_tensors
 
         return load_image_folder_tensors(path)
-    raise UserError(f"dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}), an ImageNet-family "
-                    f"folder ({', '.join(LAYOUTS)}:PATH) nor an existing folder")
+    if layout is not None:
+        raise UserError(f"dataset '{spec}': {layout} folder '{path}' does not exist")
+    raise UserError(f"dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}), an existing folder, "
+                    f"nor LAYOUT:PATH with LAYOUT one of {', '.join(LAYOUTS)}")
 
 
 def _imagenet_layout(path: Path, split: str) -> str | None:
@@ -55,19 +56,14 @@ def _imagenet_layout(path: Path, split: str) -> str | None:
 
 
 def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelSpace | None = None) -> ImageSet:
-    """The images of a folder read from disk a batch at a time at ``image_size`` (3 channels).
-
-    ImageNet-style folders keep the ImageNet-1k space; others take their own, or are re-indexed into
-    ``label_space`` (every class of the folder must be in it).
+    """The images of a synclone dataset folder or a plain class folder, read from disk a batch at a time at
+    ``image_size`` (3 channels); labels in the folder's own space, or re-indexed into ``label_space`` (every
+    class of the folder must be in it). ImageNet-family folders go through ``load_imagenet_set`` instead.
     """
     from synclone.curate.folder import read_dataset_folder
-    from synclone.evaluate.imagenet_sets import load_imagenet_set
     from synclone.evaluate.streaming import FileImageSet
 
     size = (3, int(image_size), int(image_size))
-    layout = _imagenet_layout(path, split)
-    if layout is not None:
-        return load_imagenet_set(path, layout, input_size=size, name=path.name)
     records, space = read_dataset_folder(path, split)
     if not records:
         raise UserError(f"dataset folder '{path}' has no images")
