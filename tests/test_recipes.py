@@ -71,6 +71,24 @@ def test_seed_recipe_dry_run_lists_everything_missing_offline(name, tmp_path, ca
     assert "estimated:" in out and "train." in out and not (tmp_path / "out").exists()
 
 
+def test_bansal_recipe_with_its_datasets_in_place_lacks_only_weights(tmp_path, capsys):
+    """Once the ImageNet folders exist, the dry run accepts them (labels aligned between the real train
+    folder, found by its WordNet-id layout, and the generated ImageNet-1k clone) and lists only weights."""
+    from synclone.evaluate.imagenet_sets import imagenet1k_wnids
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for w in imagenet1k_wnids():
+            (data / "imagenet" / split / w).mkdir(parents=True)
+    for name in ("imagenet-v2", "imagenet-sketch", "imagenet-r", "objectnet"):
+        (data / name).mkdir()
+    code, out = run(capsys, "run", str(RECIPES / "bansal2023_imagenet_clone.yaml"), "--dry-run",
+                    f"vars.data={data}", f"vars.output={tmp_path / 'out'}")
+    assert code == 2 and "7 problem(s)" in out, out  # the generator and six baselines' weights
+    assert "stable-diffusion-v1-4" in out and out.count("timm's pretrained weights") == 6
+    assert str(data) not in out.split("problem(s) to fix")[1]
+
+
 # --- recipe variables ---------------------------------------------------------------------------------
 
 def _write(tmp_path: Path, recipe: dict, name: str = "r.yaml") -> Path:
