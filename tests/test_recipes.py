@@ -51,7 +51,7 @@ MISSING = {
         "nodata/eurosat/shots' does not exist", "open_clip 'ViT-B-16' ('openai')", "nodata/eurosat/test"],
     "singh2024_robustness_benchmark": [
         "resnet50.tv_in1k", "resnet50_synthetic.safetensors", "vit_base_patch14_dinov2.lvd142m",
-        "synclr_vit_b16.safetensors", "synclip_vit_b16.safetensors", "open_clip 'ViT-B-16' ('openai')",
+        "synclr_vit_b16.safetensors", "synclip_vit_b16.safetensors' does not exist", "open_clip 'ViT-B-16' ('openai')",
         "imagenet-a folder", "imagenet-c' does not exist", "cue-conflict' does not exist",
         "bg_challenge' does not exist", "focus' does not exist", "ood/textures"],
 }
@@ -63,8 +63,9 @@ def test_seed_recipe_dry_run_lists_everything_missing_offline(name, tmp_path, ca
     code, out = run(capsys, "run", str(RECIPES / f"{name}.yaml"), "--dry-run", f"vars.data={data}",
                     f"vars.output={tmp_path / 'out'}", f"vars.checkpoints={tmp_path / 'ckpt'}")
     assert code == 2, out
-    assert "problem(s) to fix before this recipe can run" in out and "nothing was run" in out
-    assert not any(e in out for e in CONFIG_ERRORS), out  # a valid recipe: only what this machine lacks
+    # a valid recipe: everything reported is something this machine lacks, nothing is wrong in the recipe
+    assert "the recipe is valid, but" in out and "not on this machine" in out and "nothing was run" in out
+    assert "error(s) in the recipe" not in out and not any(e in out for e in CONFIG_ERRORS), out
     for item in MISSING[name]:
         assert item in out, f"{item!r} not reported:\n{out}"
     # every stage of the plan is printed with an estimate, and nothing is written
@@ -84,9 +85,9 @@ def test_bansal_recipe_with_its_datasets_in_place_lacks_only_weights(tmp_path, c
         (data / name).mkdir()
     code, out = run(capsys, "run", str(RECIPES / "bansal2023_imagenet_clone.yaml"), "--dry-run",
                     f"vars.data={data}", f"vars.output={tmp_path / 'out'}")
-    assert code == 2 and "7 problem(s)" in out, out  # the generator and six baselines' weights
+    assert code == 2 and "7 thing(s) this recipe needs" in out, out  # the generator and six baselines' weights
     assert "stable-diffusion-v1-4" in out and out.count("timm's pretrained weights") == 6
-    assert str(data) not in out.split("problem(s) to fix")[1]
+    assert str(data) not in out.split("not on this machine")[1]
 
 
 # --- recipe variables ---------------------------------------------------------------------------------
@@ -130,8 +131,11 @@ def test_dry_run_collects_every_problem_of_a_recipe(tmp_path, capsys):
     code, out = run(capsys, "run", str(_write(tmp_path, recipe)), "--dry-run")
     assert code == 2
     for item in ("unknown config key 'optim.epocs'", "missing' is neither a built-in", "unknown kind 'pretraind'",
-                 "no.pth' does not exist", "cue' does not exist", "5 problem(s)"):
+                 "no.pth' does not exist", "cue' does not exist", "recipe not ready: 5 problem(s)"):
         assert item in out, out
+    # mistakes in the recipe and what the machine lacks are listed apart
+    errors, missing = out.split("2 error(s) in the recipe:")[1].split("3 thing(s) this recipe needs")
+    assert "epocs" in errors and "pretraind" in errors and "no.pth" in missing and "cue'" in missing
     assert not (tmp_path / "out").exists()
 
 

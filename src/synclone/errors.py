@@ -10,3 +10,10 @@ class UserError(Exception):
     """Bad input the user can fix. The message says what is wrong and how to fix it."""
 
     exit_code = 2
+
+
+class MissingResource(UserError):
+    """Something a valid config needs is not on this machine (weights, a dataset folder, a checkpoint).
+
+    ``synclone run --dry-run`` lists these apart from mistakes in the recipe itself.
+    """

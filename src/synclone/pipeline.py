@@ -416,10 +416,15 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
     lines.append(f"  estimated: ~{_duration(total)} on a 2-core CPU, ~{_size(disk)} of disk")
     print("\n".join(lines), flush=True)
     if problems:
-        print(f"{len(problems.items)} problem(s) to fix before this recipe can run:", file=sys.stderr)
-        for p in problems.items:
-            print(f"  - {p}", file=sys.stderr)
-        raise UserError(f"recipe not ready: {len(problems.items)} problem(s) listed above; nothing was run")
+        if problems.errors:
+            print(f"{len(problems.errors)} error(s) in the recipe:", file=sys.stderr)
+            print("\n".join(f"  - {p}" for p in problems.errors), file=sys.stderr)
+        if problems.missing:
+            print(f"{len(problems.missing)} thing(s) this recipe needs that are not on this machine:", file=sys.stderr)
+            print("\n".join(f"  - {p}" for p in problems.missing), file=sys.stderr)
+        verdict = "the recipe is valid, but" if not problems.errors else "recipe not ready:"
+        raise UserError(f"{verdict} {len(problems.items)} problem(s) to fix before it can run (listed above); "
+                        "nothing was run")
     if dry_run:
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -17,15 +17,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from synclone.errors import UserError
+from synclone.errors import MissingResource, UserError
 
 
 class Problems:
-    """Collects :class:`UserError` messages (``collect=True``) or lets the first one through."""
+    """Collects :class:`UserError` messages (``collect=True``) or lets the first one through.
+
+    ``missing`` holds what this machine lacks (:class:`MissingResource`: weights, datasets, checkpoints),
+    ``errors`` the mistakes in the recipe itself (configs, references, label spaces).
+    """
 
     def __init__(self, collect: bool = True) -> None:
         self.collect = collect
-        self.items: list[str] = []
+        self.errors: list[str] = []
+        self.missing: list[str] = []
+
+    @property
+    def items(self) -> list[str]:
+        return self.errors + self.missing
 
     @contextmanager
     def catch(self, where: str = "") -> Iterator[None]:
@@ -35,7 +44,8 @@ class Problems:
             if not self.collect:
                 raise
             msg = str(err)
-            self.items.append(f"{where}: {msg}" if where and not msg.startswith(where) else msg)
+            line = f"{where}: {msg}" if where and not msg.startswith(where) else msg
+            (self.missing if isinstance(err, MissingResource) else self.errors).append(line)
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -49,14 +59,17 @@ def check_open_clip(model: str, pretrained: str | None, where: str) -> None:
     if model.startswith("local-dir:"):
         folder = Path(model[len("local-dir:"):])
         if not (folder / "open_clip_config.json").is_file():
-            raise UserError(f"{where}: open_clip folder '{folder}' does not exist or has no open_clip_config.json")
+            raise MissingResource(f"{where}: open_clip folder '{folder}' does not exist or has no "
+                                  "open_clip_config.json")
         return
     if model.endswith(".json") and not Path(model).is_file():
-        raise UserError(f"{where}: open_clip model config '{model}' does not exist")
+        raise MissingResource(f"{where}: open_clip model config '{model}' does not exist")
     if not pretrained:
         return
     if Path(pretrained).is_file():
         return
+    if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or "/" in pretrained:
+        raise MissingResource(f"{where}: checkpoint '{pretrained}' does not exist")
     import open_clip
 
     if not model.endswith(".json") and model not in open_clip.list_models():
@@ -72,7 +85,7 @@ def check_open_clip(model: str, pretrained: str | None, where: str) -> None:
     if url and (Path.home() / ".cache" / "clip" / url.rsplit("/", 1)[-1]).is_file():
         return
     src = f"hub repo '{hub}'" if hub else f"'{url}'"
-    raise UserError(f"{where}: weights of open_clip '{model}' ('{pretrained}') are not on this machine; download "
+    raise MissingResource(f"{where}: weights of open_clip '{model}' ('{pretrained}') are not on this machine; download "
                     f"{src} where there is internet (e.g. huggingface-cli download {hub or '...'}), or set "
                     "pretrained to a checkpoint file")
 
@@ -95,7 +108,7 @@ def check_hf_model(name: str, where: str, marker: str = "config.json") -> None:
     try:
         resolve_model(name, marker=marker, what="model", local_files_only=True)
     except UserError as err:
-        raise UserError(f"{where}: {err}") from None
+        raise MissingResource(f"{where}: {err}") from None
 
 
 def check_timm_weights(arch: str, where: str) -> None:
@@ -109,7 +122,7 @@ def check_timm_weights(arch: str, where: str) -> None:
     hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if hub and _hub_cached(hub.split("@")[0]):
         return
-    raise UserError(f"{where}: timm's pretrained weights of '{arch}' are not on this machine; download "
+    raise MissingResource(f"{where}: timm's pretrained weights of '{arch}' are not on this machine; download "
                     f"{hub or 'them'} where there is internet, or give a checkpoint file")
 
 
@@ -119,7 +132,7 @@ def check_backbone(cfg: Any, where: str) -> None:
         check_open_clip(cfg.name, cfg.pretrained, where)
     elif cfg.kind == "hf_clip":
         if not (Path(cfg.name) / "config.json").is_file():
-            raise UserError(f"{where}: '{cfg.name}' is not a transformers CLIP folder (no config.json); download "
+            raise MissingResource(f"{where}: '{cfg.name}' is not a transformers CLIP folder (no config.json); download "
                             "it and save it with save_pretrained")
     elif cfg.kind == "synclone":
         _check_model_folder(cfg.name, where)
@@ -127,12 +140,12 @@ def check_backbone(cfg: Any, where: str) -> None:
         if cfg.pretrained == "default":
             check_timm_weights(cfg.name, where)
         elif not Path(cfg.pretrained).is_file():
-            raise UserError(f"{where}: checkpoint '{cfg.pretrained}' does not exist")
+            raise MissingResource(f"{where}: checkpoint '{cfg.pretrained}' does not exist")
 
 
 def _check_model_folder(folder: str, where: str) -> None:
     if not (Path(folder) / "config.json").is_file():
-        raise UserError(f"{where}: model folder '{folder}' does not exist (or has no config.json)")
+        raise MissingResource(f"{where}: model folder '{folder}' does not exist (or has no config.json)")
 
 
 # --- label spaces -------------------------------------------------------------------------------------
@@ -145,9 +158,12 @@ def check_generator(cfg: Any) -> None:
     if cfg.generator.backend == "img2img":
         refs = (cfg.generator.options or {}).get("references")
         if not refs or not Path(refs).is_dir():
-            raise UserError(f"generator.options.references: reference folder '{refs}' does not exist (real "
+            raise MissingResource(f"generator.options.references: reference folder '{refs}' does not exist (real "
                             "guidance needs a few real images per class)")
-    resolve_model(cfg.generator.model, marker="model_index.json", what="generator", local_files_only=True)
+    try:
+        resolve_model(cfg.generator.model, marker="model_index.json", what="generator", local_files_only=True)
+    except UserError as err:
+        raise MissingResource(str(err)) from None
 
 
 def generated_space(cfg: Any) -> Any:
@@ -166,7 +182,10 @@ def generated_space(cfg: Any) -> Any:
     if isinstance(cfg.labels, list):
         space = LabelSpace.from_names([str(c) for c in cfg.labels], name="custom")
     elif isinstance(cfg.labels, str):
-        space = get_label_space(cfg.labels)
+        try:
+            space = get_label_space(cfg.labels)
+        except UserError as err:
+            raise (MissingResource if "does not exist" in str(err) else UserError)(str(err)) from None
     elif own is not None:
         return own
     elif folder is None:
@@ -195,15 +214,15 @@ def data_space(spec: str | None, spaces: dict[str, Any], where: str) -> Any:
         return BUILTIN_SPACES[name]
     if name in LAYOUTS:  # "imagenet-r:PATH": an ImageNet-family folder named by its layout
         if not Path(rest).is_dir():
-            raise UserError(f"{where}: {name} folder '{rest}' does not exist")
+            raise MissingResource(f"{where}: {name} folder '{rest}' does not exist")
         return imagenet1k_space()
     for folder, space in spaces.items():
         if Path(spec) == Path(folder):
             return space
     path = Path(spec)
     if not path.is_dir():
-        raise UserError(f"{where}: dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}), the output "
-                        "of a stage of this recipe, nor an existing folder")
+        raise MissingResource(f"{where}: dataset '{spec}' is neither a built-in ({', '.join(sorted(BUILTIN))}), "
+                              "the output of a stage of this recipe, nor an existing folder")
     if not (path / "metadata.jsonl").is_file() and not (path / "train" / "metadata.jsonl").is_file() \
             and detect_layout(path) is not None:
         return imagenet1k_space()
@@ -242,8 +261,11 @@ def check(stages: list[Any], problems: Problems, planned: set[str] | frozenset[s
         from synclone.data.fashion_mnist import locate
 
         with problems.catch("Fashion-MNIST"):
-            locate("train")
-            locate("test")
+            try:
+                locate("train")
+                locate("test")
+            except UserError as err:
+                raise MissingResource(str(err)) from None
     # Output folder of a stage (dataset or model) -> the label space it will hold; None while unknown (a
     # stage whose own checks failed), so its consumers are not reported a second time as "missing".
     spaces: dict[str, Any] = dict.fromkeys(planned, None)
@@ -272,7 +294,7 @@ def check(stages: list[Any], problems: Problems, planned: set[str] | frozenset[s
                 if cfg.pretrained == "default":
                     check_timm_weights(cfg.arch, f"{s.name}.pretrained")
                 elif not Path(cfg.pretrained).is_file():
-                    raise UserError(f"{s.name}.pretrained: checkpoint '{cfg.pretrained}' does not exist")
+                    raise MissingResource(f"{s.name}.pretrained: checkpoint '{cfg.pretrained}' does not exist")
             with problems.catch(s.name):
                 spaces[str(Path(cfg.output) / "model")] = get_label_space(cfg.labels)
         elif isinstance(cfg, ClassifierTuningConfig | LinearProbeConfig):
@@ -354,10 +376,11 @@ def _check_evaluate(cfg: Any, spaces: dict[str, Any], problems: Problems) -> Non
             value = getattr(settings, key, None)
             with problems.catch(f"evaluate.probes.{name}.{key}"):
                 if value and not Path(value).exists():
-                    raise UserError(f"evaluate.probes.{name}.{key}: '{value}' does not exist")
+                    raise MissingResource(f"evaluate.probes.{name}.{key}: '{value}' does not exist")
         for spec in getattr(settings, "datasets", None) or []:
             with problems.catch(f"evaluate.probes.{name}.datasets"):
                 if name == "shift":
                     data_space(spec, spaces, f"evaluate.probes.{name}.datasets")
                 elif not Path(spec).is_dir() and not _is_builtin(spec):
-                    raise UserError(f"evaluate.probes.{name}.datasets: '{spec}' is neither a built-in nor a folder")
+                    raise MissingResource(f"evaluate.probes.{name}.datasets: '{spec}' is neither a built-in nor "
+                                          "a folder")
