@@ -2,7 +2,7 @@
 validation only, failure modes, model folders, and few-shot over seeds.
 
 Batches are observed by wrapping ``synclone.train.loop.augment`` (it receives every training batch before
-augmentation) and validation sets by wrapping ``loop._accuracy``. The dataset folders written here carry a
+augmentation) and validation sets by wrapping ``loop._validate``. The dataset folders written here carry a
 source marker and an image id in their first pixels, so any batch can be traced back to the images in it.
 """
 
@@ -86,12 +86,12 @@ def folders(tmp_path_factory):
 
 
 class Recorder:
-    """Wraps the loop's augment / _accuracy to record every training batch and every validation set."""
+    """Wraps the loop's augment / _validate to record every training batch and every validation set."""
 
     def __init__(self, mp: pytest.MonkeyPatch, poison_step: int | None = None) -> None:
         self.batches: list[torch.Tensor] = []
         self.val_sets: list = []
-        real_augment, real_accuracy = loop.augment, loop._accuracy
+        real_augment, real_validate = loop.augment, loop._validate
 
         def augment(x, *a, **k):
             self.batches.append(x.clone())
@@ -99,12 +99,12 @@ class Recorder:
                 x = x * float("nan")  # a corrupt batch: the loss turns NaN at this step
             return real_augment(x, *a, **k)
 
-        def accuracy(model, data, device):
+        def validate(model, data, device):
             self.val_sets.append(data)
-            return real_accuracy(model, data, device)
+            return real_validate(model, data, device)
 
         mp.setattr(loop, "augment", augment)
-        mp.setattr(loop, "_accuracy", accuracy)
+        mp.setattr(loop, "_validate", validate)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -240,11 +240,26 @@ def test_ratio_mix_batches_and_disjoint_validation(folders, tmp_path, monkeypatc
     m = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert m["selected_by"] == "validation"
     assert m["best_val_acc"] == max(h["val_acc"] for h in m["history"])
-    assert m["best_step"] == max(m["history"], key=lambda h: h["val_acc"])["step"]
+    assert m["best_step"] == max(m["history"], key=lambda h: (h["val_acc"], -h["val_loss"]))["step"]
     # The selected model folder scores on the validation split exactly what selected it.
     val_set = rec.val_sets[0]
     acc = float((predict(load_model(tmp_path / "r" / "model"), val_set).argmax(1) == val_set.labels).float().mean())
     assert acc == pytest.approx(m["best_val_acc"], abs=1e-6)
+
+
+def test_accuracy_ties_go_to_the_lower_validation_loss(folders, tmp_path, monkeypatch):
+    """On a saturated validation split (every check at 100%, common for synthetic images) the model is the
+    one with the lowest validation loss, not the first to reach 100%."""
+    losses = iter([0.9, 0.5, 0.2, 0.4, 0.3])
+    monkeypatch.setattr(loop, "_validate", lambda model, data, device: (1.0, next(losses)))
+    cfg = tiny_cfg(tmp_path / "t", data={"real": str(folders["real"]), "real_per_class": None},
+                   optim={"steps": 10, "batch_size": 20}, eval_every=2)
+    train(cfg, progress=False)
+    m = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert [h["step"] for h in m["history"]] == [2, 4, 6, 8, 10]
+    assert m["best_step"] == 6 and m["best_val_loss"] == 0.2 and m["best_val_acc"] == 1.0
+    note = json.loads((tmp_path / "t" / "model" / "config.json").read_text())["training"]
+    assert note["step"] == 6  # the saved model is the selected one
 
 
 def test_concat_shows_each_image_of_both_sources_once_per_epoch(folders, tmp_path, monkeypatch):

@@ -85,9 +85,13 @@ def predict(model: torch.nn.Module, data: ImageSet, batch_size: int = 512,
     return torch.cat(out) if out else torch.empty(0, len(data.label_space))
 
 
-def _accuracy(model: torch.nn.Module, data: ImageSet, device: torch.device) -> float:
+def _validate(model: torch.nn.Module, data: ImageSet, device: torch.device) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``data`` (one forward pass)."""
+    if not len(data):
+        return float("nan"), float("nan")
     logits = predict(model, data, device=device)
-    return float((logits.argmax(1) == data.labels).float().mean()) if len(data) else float("nan")
+    acc = float((logits.argmax(1) == data.labels).float().mean())
+    return acc, float(torch.nn.functional.cross_entropy(logits, data.labels))
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
@@ -179,12 +183,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         optimizer, sched=o.sched, num_epochs=total_steps, warmup_epochs=min(o.warmup_steps, total_steps // 2),
         warmup_lr=o.lr * 0.01, min_lr=o.lr * 0.01)
 
-    step, best_val, best_step, history = 0, -1.0, -1, []
+    step, best_val, best_loss, best_step, history = 0, -1.0, float("inf"), -1, []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best_val, best_step = int(state["step"]), float(state["best_val"]), int(state["best_step"])
+        best_loss = float(state.get("best_loss", float("inf")))
         history = json.loads(state["history"])
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
@@ -206,7 +211,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             return
         _atomic_torch_save({
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "best_val": best_val, "best_step": best_step,
+            "scheduler": scheduler.state_dict(), "step": step, "best_val": best_val, "best_loss": best_loss,
+            "best_step": best_step,
             "history": json.dumps(history), "config_key": _config_key(cfg),
         }, ckpt_path)
 
@@ -262,11 +268,15 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             raise UserError(f"weights became non-finite ('{bad}') at step {step}; training stopped and {kept}. "
                             "Lower optim.lr or check the data")
         if step % eval_every == 0 or step == total_steps:
-            val_acc = _accuracy(raw_model, src.val, device)
-            history.append({"step": step, "loss": loss_value, "val_acc": val_acc, "time_s": time.time() - t0})
-            accelerator.log({"loss": loss_value, "val_acc": val_acc}, step=step)
-            if val_acc > best_val and main:
-                best_val, best_step = val_acc, step
+            val_acc, val_loss = _validate(raw_model, src.val, device)
+            history.append({"step": step, "loss": loss_value, "val_acc": val_acc, "val_loss": val_loss,
+                            "time_s": time.time() - t0})
+            accelerator.log({"loss": loss_value, "val_acc": val_acc, "val_loss": val_loss}, step=step)
+            # Ties on accuracy go to the lower validation loss: on an easy validation split (synthetic images
+            # are often classified perfectly) the first step to reach 100% is a noisy early peak, not the model
+            # the rest of training makes.
+            if (val_acc > best_val or (val_acc == best_val and val_loss < best_loss)) and main:
+                best_val, best_loss, best_step = val_acc, val_loss, step
                 save_model(raw_model, out / "model", extra=_model_note(cfg, src, best_step, best_val))
             model.train()
             save_checkpoint()
@@ -276,8 +286,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     accelerator.wait_for_everyone()
     if main:
         save_model(raw_model, out / "model_last", extra=_model_note(cfg, src, step, history[-1]["val_acc"]))
-        summary = {"best_val_acc": best_val, "best_step": best_step, "total_steps": total_steps,
-                   "selected_by": "validation", "validation": src.val_desc, "history": history,
+        summary = {"best_val_acc": best_val, "best_val_loss": best_loss, "best_step": best_step,
+                   "total_steps": total_steps, "selected_by": "validation",
+                   "selection_rule": "highest validation top-1; ties broken by the lower validation loss",
+                   "validation": src.val_desc, "history": history,
                    "train_images": n_train, "data": _data_record(src), "processes": world}
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     accelerator.end_training()
