@@ -85,9 +85,9 @@ def check_open_clip(model: str, pretrained: str | None, where: str) -> None:
     if url and (Path.home() / ".cache" / "clip" / url.rsplit("/", 1)[-1]).is_file():
         return
     src = f"hub repo '{hub}'" if hub else f"'{url}'"
-    raise MissingResource(f"{where}: weights of open_clip '{model}' ('{pretrained}') are not on this machine; download "
-                    f"{src} where there is internet (e.g. huggingface-cli download {hub or '...'}), or set "
-                    "pretrained to a checkpoint file")
+    raise MissingResource(f"{where}: weights of open_clip '{model}' ('{pretrained}') are not on this machine; "
+                          f"download {src} where there is internet (e.g. huggingface-cli download {hub or '...'}), "
+                          "or set pretrained to a checkpoint file")
 
 
 def _hub_cached(repo: str) -> bool:
@@ -119,11 +119,13 @@ def check_timm_weights(arch: str, where: str) -> None:
         cfg = timm.models.get_pretrained_cfg(arch)
     except Exception:  # noqa: BLE001 - timm raises several types for unknown names
         cfg = None
-    hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if cfg is None:
+        raise UserError(f"{where}: timm has no pretrained weights named '{arch}' (see timm.list_pretrained())")
+    hub = getattr(cfg, "hf_hub_id", None)
     if hub and _hub_cached(hub.split("@")[0]):
         return
     raise MissingResource(f"{where}: timm's pretrained weights of '{arch}' are not on this machine; download "
-                    f"{hub or 'them'} where there is internet, or give a checkpoint file")
+                          f"{hub or 'them'} where there is internet, or give a checkpoint file")
 
 
 def check_backbone(cfg: Any, where: str) -> None:
@@ -132,8 +134,8 @@ def check_backbone(cfg: Any, where: str) -> None:
         check_open_clip(cfg.name, cfg.pretrained, where)
     elif cfg.kind == "hf_clip":
         if not (Path(cfg.name) / "config.json").is_file():
-            raise MissingResource(f"{where}: '{cfg.name}' is not a transformers CLIP folder (no config.json); download "
-                            "it and save it with save_pretrained")
+            raise MissingResource(f"{where}: '{cfg.name}' is not a transformers CLIP folder (no config.json); "
+                                  "download it and save it with save_pretrained")
     elif cfg.kind == "synclone":
         _check_model_folder(cfg.name, where)
     elif cfg.kind == "timm" and cfg.pretrained:
@@ -159,7 +161,7 @@ def check_generator(cfg: Any) -> None:
         refs = (cfg.generator.options or {}).get("references")
         if not refs or not Path(refs).is_dir():
             raise MissingResource(f"generator.options.references: reference folder '{refs}' does not exist (real "
-                            "guidance needs a few real images per class)")
+                                  "guidance needs a few real images per class)")
     try:
         resolve_model(cfg.generator.model, marker="model_index.json", what="generator", local_files_only=True)
     except UserError as err:
