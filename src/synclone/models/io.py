@@ -49,6 +49,26 @@ def read_model_config(folder: str | Path) -> dict:
     return cfg
 
 
+def state_mismatch(expected: dict, state: dict, needs: str) -> str | None:
+    """How the tensors of ``state`` fail to fit ``expected`` (a module's state dict), or None when they fit.
+
+    ``needs`` names the receiving side in the message (e.g. "the config's architecture").
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"'{k}' has shape {tuple(state[k].shape)}, {needs} needs {tuple(expected[k].shape)}"
+                     + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (e.g. '{unexpected[0]}')")
+    return "; ".join(parts) or None
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a model folder into an eval-mode module: pixels in [0, 1] in, logits out, normalisation inside.
 
@@ -67,20 +87,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.
         state = load_file(str(Path(folder) / WEIGHTS))
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read '{Path(folder) / WEIGHTS}': {err}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            parts.append(f"'{k}' has shape {tuple(state[k].shape)}, the config's architecture needs "
-                         f"{tuple(expected[k].shape)}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
-        if missing:
-            parts.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensors (e.g. '{unexpected[0]}')")
-        raise UserError(f"weights in '{folder}' don't match its config (arch '{cfg['arch']}'): " + "; ".join(parts))
+    problem = state_mismatch(model.state_dict(), state, "the config's architecture")
+    if problem:
+        raise UserError(f"weights in '{folder}' don't match its config (arch '{cfg['arch']}'): {problem}")
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -23,7 +23,7 @@ from synclone.config import StrictModel, write_run_info
 from synclone.errors import UserError
 from synclone.labels import get_label_space
 from synclone.models.classifier import Classifier
-from synclone.models.io import save_model
+from synclone.models.io import save_model, state_mismatch
 
 
 class PretrainedConfig(StrictModel):
@@ -45,7 +45,8 @@ def import_timm(cfg: PretrainedConfig) -> Path:
     import timm
 
     space = get_label_space(cfg.labels)
-    if cfg.arch not in timm.list_models() and cfg.arch.split(".")[0] not in timm.list_models():
+    known = timm.list_models()
+    if cfg.arch not in known and cfg.arch.split(".")[0] not in known:
         raise UserError(f"unknown timm architecture '{cfg.arch}': use a name from timm.list_models()")
     in_chans = int(cfg.input_size[0]) if cfg.input_size else 3
     if cfg.pretrained == "default":
@@ -86,14 +87,7 @@ def _load_checkpoint(net: torch.nn.Module, path: Path, arch: str) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        what = (f"shape of '{wrong[0]}' is {tuple(state[wrong[0]].shape)}, '{arch}' needs "
-                f"{tuple(expected[wrong[0]].shape)}" if wrong else
-                f"missing '{missing[0]}'" if missing else f"unexpected '{unexpected[0]}'")
-        raise UserError(f"checkpoint '{path}' does not fit timm '{arch}' ({len(missing)} missing, "
-                        f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped tensors; {what})")
+    problem = state_mismatch(net.state_dict(), state, f"timm '{arch}'")
+    if problem:
+        raise UserError(f"checkpoint '{path}' does not fit timm '{arch}': {problem}")
     net.load_state_dict(state)

@@ -91,7 +91,7 @@ def _validate(model: torch.nn.Module, data: ImageSet, device: torch.device) -> t
         return float("nan"), float("nan")
     logits = predict(model, data, device=device)
     acc = float((logits.argmax(1) == data.labels).float().mean())
-    return acc, float(torch.nn.functional.cross_entropy(logits, data.labels))
+    return acc, float(F.cross_entropy(logits, data.labels))
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
