@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from synclone.errors import UserError
+from synclone.robustness import corruption_kernels as kernels
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Random numbers
@@ -36,35 +37,25 @@ def image_seed(seed: int, name: str, severity: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
-# SplitMix64 (G. Steele, D. Lea, C. Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014; constants
-# from S. Vigna's reference splitmix64.c): word j of the stream seeded s is mix(s + j * GAMMA). Counter-based, so a
-# whole batch is one vectorised NumPy expression.
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
 def splitmix64(keys: np.ndarray, start: int, count: int) -> np.ndarray:
-    """Words ``start + 1 .. start + count`` of the SplitMix64 streams seeded by ``keys``: (len(keys), count)."""
-    j = np.arange(start + 1, start + count + 1, dtype=np.uint64)
-    j *= _GAMMA
-    x = keys[:, None] + j[None, :]  # uint64 arithmetic wraps, as the generator intends
-    t = x >> np.uint64(30)
-    x ^= t
-    x *= _MIX1
-    np.right_shift(x, np.uint64(27), out=t)
-    x ^= t
-    x *= _MIX2
-    np.right_shift(x, np.uint64(31), out=t)
-    x ^= t
-    return x
+    """Words ``start + 1 .. start + count`` of the SplitMix64 streams seeded by ``keys``: (len(keys), count).
+
+    SplitMix64: G. Steele, D. Lea, C. Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014,
+    constants from S. Vigna's reference splitmix64.c. Word j of the stream seeded s is mix(s + j * GAMMA):
+    counter-based, so every image's words come from one compiled loop (:mod:`corruption_kernels`).
+    """
+    keys = np.ascontiguousarray(keys, dtype=np.uint64)
+    return kernels.splitmix64(keys, int(start), np.empty((len(keys), int(count)), dtype=np.uint64))
 
 
-def _unit_float32(bits: np.ndarray) -> np.ndarray:
-    """Floats on [1, 2) from the top 23 bits of uint32 words (mantissa bits under a fixed exponent)."""
-    out = bits >> np.uint32(9)
-    out |= np.uint32(0x3F800000)
-    return out.view(np.float32)
+def uniforms23(keys: np.ndarray, start: int, count: int) -> np.ndarray:
+    """``count`` float32 uniforms on [0, 1) per stream from its next ``ceil(count / 2)`` words (23 bits each).
+
+    Equal to the top 23 bits of each uint32 of :func:`splitmix64`'s words viewed as little-endian uint32
+    values, scaled by 2^-23.
+    """
+    out = np.empty((len(keys), count + (count & 1)), dtype=np.float32)
+    return kernels.uniforms23(np.ascontiguousarray(keys, dtype=np.uint64), int(start), out)[:, :count]
 
 
 class ImageRNG:
@@ -104,10 +95,16 @@ class ImageRNG:
         size = math.prod(shape)
         return self.words((size + 1) // 2).view(np.uint32)[:, :size].reshape(len(self), *shape)
 
+    def _uniforms23(self, size: int) -> np.ndarray:
+        """``size`` float32 uniforms per image, 23 bits each, two per word (:func:`uniforms23`)."""
+        out = uniforms23(self.keys, self._used, size)
+        self._used += (size + 1) // 2
+        return out
+
     def random(self, shape: tuple[int, ...] = (), dtype=np.float64) -> np.ndarray:
         """Uniforms on [0, 1) as a NumPy array (N, *shape), on the CPU."""
         if np.dtype(dtype) == np.float32:
-            return _unit_float32(self.bits32(shape)) - np.float32(1.0)
+            return self._uniforms23(math.prod(shape)).reshape(len(self), *shape)
         w = self.words(math.prod(shape)).reshape(len(self), *shape)
         return np.multiply(w >> np.uint64(11), 2.0**-53)
 
@@ -125,27 +122,65 @@ class ImageRNG:
         return torch.from_numpy(self.normal_np(loc, scale, shape)).to(self.device)
 
     def normal_np(self, loc: float, scale: float, shape: tuple[int, ...] = ()) -> np.ndarray:
-        """:meth:`normal` as a float32 NumPy array on the CPU."""
+        """:meth:`normal` as a float32 NumPy array on the CPU (Box-Muller, one word per pair of values)."""
         size = math.prod(shape)
-        half = (size + 1) // 2
-        bits = self.words(half).view(np.uint32)  # (N, 2 * half): radii from the first half, angles from the second
-        # NumPy's float32 log, sqrt, sin and cos are SIMD, several times faster than torch's on the CPU
-        r = np.subtract(np.float32(2.0), _unit_float32(bits[:, :half]))  # (0, 1]
-        np.log(r, out=r)
-        r *= np.float32(-2.0 * scale * scale)
-        np.sqrt(r, out=r)
-        a = _unit_float32(bits[:, half:])
-        a -= np.float32(1.0)
-        a *= np.float32(2 * math.pi)
-        z = np.empty((len(self), 2 * half), dtype=np.float32)
-        np.cos(a, out=z[:, :half])
-        z[:, :half] *= r
-        np.sin(a, out=z[:, half:])
-        z[:, half:] *= r
-        z = z[:, :size]
-        if loc:
-            z += np.float32(loc)
-        return z.reshape(len(self), *shape)
+        out = kernels.normals(self.keys, self._used, np.float32(loc), np.float32(scale),
+                              np.empty((len(self), size), dtype=np.float32))
+        self._used += (size + 1) // 2
+        return out.reshape(len(self), *shape)
+
+    # Fused draws: one compiled pass from the stream to the corrupted values (no noise array in between). Each
+    # writes straight into ``out`` (the caller's result, already clipped to [0, 1]) when it is a contiguous
+    # float32 CPU tensor, and returns it; otherwise a new tensor.
+
+    def add_normal(self, x: torch.Tensor, scale: float, multiplicative: bool = False,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """``clip(x + z, 0, 1)`` (``clip(x + x z, 0, 1)`` if ``multiplicative``), z ~ N(0, scale^2) per value.
+
+        The same numbers as ``x + normal(0, scale, x.shape[1:])`` would add.
+        """
+        def run(src, dst):
+            kernels.add_normals(self.keys, self._used, src, np.float32(scale), bool(multiplicative), dst)
+
+        return self._fused(x, out, run)
+
+    def impulse(self, x: torch.Tensor, amount: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Salt-and-pepper: each value becomes 1 with probability amount / 2, 0 with amount / 2, else stays.
+
+        One 32-bit uniform u per value (:meth:`bits32`'s) decides both: u < amount flips, and given that,
+        u < amount / 2 is a fair coin; probabilities exact to 2^-32.
+        """
+        def run(src, dst):
+            kernels.impulse(self.keys, self._used, src, np.uint64(round(amount / 2 * 2**32)),
+                            np.uint64(round(amount * 2**32)), dst)
+
+        return self._fused(x, out, run)
+
+    def shot(self, x: torch.Tensor, c: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``clip(Poisson(c x) / c, 0, 1)`` for 8-bit images (rates on the grid c / 255), else None.
+
+        The draws equal :meth:`poisson`'s table path; None (nothing consumed) sends other images there.
+        """
+        cdf, table, width = _poisson_tables(c / 255)
+
+        def run(src, dst):
+            return kernels.poisson_on_grid(self.keys, self._used, src, np.float32(c), np.float32(c / 255),
+                                           table.ravel(), cdf.ravel(), width, POISSON_BUCKET_BITS, dst)
+
+        return self._fused(x, out, run)
+
+    def _fused(self, x: torch.Tensor, out: torch.Tensor | None, run) -> torch.Tensor | None:
+        """Run a fused kernel ``run(src, dst)`` on (N, values) rows; it consumes one word per two values."""
+        src = x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).contiguous().numpy()
+        direct = out is not None and out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
+        dst = out.view(out.shape[0], -1).numpy() if direct else np.empty_like(src)
+        if run(src, dst) is False:
+            return None
+        self._used += (src.shape[1] + 1) // 2
+        if direct:
+            return out
+        result = torch.from_numpy(dst).view(x.shape).to(x.device)
+        return result if out is None else out.copy_(result)
 
     def randint(self, low: int, high: int | Sequence[int], shape: tuple[int, ...] = ()) -> torch.Tensor:
         """Integers in [low, high) (``high`` may differ per image): ``np.random.randint(low, high, shape)``.

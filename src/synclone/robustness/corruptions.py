@@ -221,6 +221,10 @@ def _run(out, x, spec, severity, rng, reference_size) -> torch.Tensor:
         if colour and x.shape[1] == 1:
             # Colour-dependent corruptions run on the equal-channel RGB image, then back to luma.
             y = ops.to_gray(fn(x.expand(-1, 3, -1, -1), severity, rng, s).clamp(0, 1))
+        elif fn in _WRITE_OUT:
+            y = fn(x, severity, rng, s, out=out)
+            if y is out:  # written and clipped in place
+                return out
         else:
             y = fn(x, severity, rng, s)
         if y.dtype != out.dtype or not y.is_contiguous():  # clamping into another layout is slow on the CPU
@@ -238,28 +242,34 @@ def _pixels(value: float, s: float) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _gaussian_noise(x, severity, rng, s):
+def _gaussian_noise(x, severity, rng, s, out=None):
+    if hasattr(rng, "add_normal"):  # our streams: drawn, added and clipped in one compiled pass
+        return rng.add_normal(x, GAUSSIAN_NOISE[severity - 1], out=out)
     return x + rng.normal(0.0, GAUSSIAN_NOISE[severity - 1], tuple(x.shape[1:]))
 
 
-def _shot_noise(x, severity, rng, s):
+def _shot_noise(x, severity, rng, s, out=None):
     c = SHOT_NOISE[severity - 1]
-    return rng.poisson(x * c, grid=c / 255) / c  # 8-bit images take the fast table path
+    y = rng.shot(x, c, out=out) if hasattr(rng, "shot") else None  # 8-bit images: one compiled table-lookup pass
+    return y if y is not None else rng.poisson(x * c, grid=c / 255) / c
 
 
-def _impulse_noise(x, severity, rng, s):
+def _impulse_noise(x, severity, rng, s, out=None):
     # scikit-image random_noise(mode="s&p", amount=c): each value flips with probability c, to 1 or 0 evenly.
     # One 32-bit uniform u per value does both draws: u < c flips, and given that, u < c / 2 is a fair coin
-    # (probabilities exact to 2^-32). The comparisons run in NumPy (several times faster than torch's on the
-    # CPU); the result is x * keep + salt.
+    # (probabilities exact to 2^-32); the result is x * keep + salt.
     c = IMPULSE_NOISE[severity - 1]
+    if hasattr(rng, "impulse"):  # our streams: one compiled pass
+        return rng.impulse(x, c, out=out)
     u = rng.bits32(tuple(x.shape[1:]))
     keep = torch.from_numpy((u >= np.uint32(round(c * 2**32))).astype(np.float32)).to(x.device)
     salt = torch.from_numpy((u < np.uint32(round(c / 2 * 2**32))).astype(np.float32)).to(x.device)
     return torch.addcmul(salt, x, keep)
 
 
-def _speckle_noise(x, severity, rng, s):
+def _speckle_noise(x, severity, rng, s, out=None):
+    if hasattr(rng, "add_normal"):
+        return rng.add_normal(x, SPECKLE_NOISE[severity - 1], multiplicative=True, out=out)
     return x + x * rng.normal(0.0, SPECKLE_NOISE[severity - 1], tuple(x.shape[1:]))
 
 
@@ -472,3 +482,5 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
     "saturate": (_saturate, True, CHUNK_VALUES),
 }
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
+# Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
+_WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise}

@@ -1,0 +1,237 @@
+"""Compiled (numba) loops of the corruption engine, where NumPy and torch would make many passes over memory.
+
+Each kernel does in one pass what the array code it replaces did in several, with the same arithmetic, so
+results are unchanged up to float rounding (and bit for bit for the random streams). They run on CPU NumPy
+arrays; :mod:`corruption_ops` moves tensors to and from other devices. numba comes with the ``robust``
+extra (``imagecorruptions-imaug`` needs it too); without it, calling a kernel says how to install it.
+Kernels compile on first use and are cached on disk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from synclone.errors import UserError
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba ships with the robust extra
+    numba = None
+
+
+def _compiled(fn):
+    """``numba.njit`` with an on-disk cache, or a stand-in naming the missing package."""
+    if numba is None:  # pragma: no cover
+
+        def missing(*args, **kwargs):
+            raise UserError("the corruption engine needs numba: pip install numba (or 'synclone[robust]')")
+
+        return missing
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+
+
+# SplitMix64 constants (S. Vigna, splitmix64.c): word j of the stream seeded s is mix(s + j * GAMMA).
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+S30, S27, S31, S32, S9, S41 = (np.uint64(v) for v in (30, 27, 31, 32, 9, 41))
+LOW32 = np.uint64(0xFFFFFFFF)
+F23 = np.float32(2.0**-23)
+
+
+@_compiled
+def splitmix64(keys, start, out):
+    """Fill ``out`` (N, count) with words ``start + 1 .. start + count`` of the streams seeded by ``keys``."""
+    for i in range(out.shape[0]):
+        k, row = keys[i], out[i]
+        for j in range(out.shape[1]):
+            row[j] = _word(k, start + 1 + j)
+    return out
+
+
+@_compiled
+def uniforms23(keys, start, out):
+    """Uniforms on [0, 1) from the streams, two per word, straight into float32 ``out`` (N, 2 * words).
+
+    Word j's low and high 32-bit halves b (the order of a little-endian uint32 view) give columns 2j and
+    2j + 1: u = (b >> 9) 2^-23, exact in float32.
+    """
+    for i in range(out.shape[0]):
+        k, row = keys[i], out[i]
+        for j in range(out.shape[1] >> 1):
+            x = _word(k, start + 1 + j)
+            row[2 * j] = np.float32(np.int64((x & LOW32) >> S9)) * F23
+            row[2 * j + 1] = np.float32(np.int64(x >> S41)) * F23
+    return out
+
+
+# Box-Muller in closed form, vectorisable: numba has no SIMD log, sin or cos (its LLVM lacks Intel's SVML), so
+# they are written out as float32 polynomials here, accurate to a few float32 roundings (as NumPy's are).
+_f = np.float32
+LN2 = _f(0.6931471805599453)
+SQRT2 = _f(1.4142135623730951)
+QUARTER_STEP = _f(1.5707963267948966 / 2097152.0)  # (pi / 2) / 2^21
+LOG_SERIES = tuple(_f(2.0 / k) for k in (1, 3, 5, 7, 9))  # ln f = 2 atanh t = sum 2 t^k / k
+SIN_SERIES = tuple(_f((-1) ** k / math.factorial(2 * k + 1)) for k in range(7))
+COS_SERIES = tuple(_f((-1) ** k / math.factorial(2 * k)) for k in range(7))
+ONE, TWO, HALF, MINUS_TWO = _f(1), _f(2), _f(0.5), _f(-2)
+POW2 = tuple(_f(2.0**k) for k in (16, 8, 4, 2, 1))
+INV_POW2 = tuple(_f(2.0**-k) for k in (16, 8, 4, 2, 1))
+
+
+def _inline(fn):
+    return fn if numba is None else numba.njit(inline="always", error_model="numpy")(fn)
+
+
+@_inline
+def _box_muller(word, scale):
+    """Two independent N(0, scale^2) values from one 64-bit word, as float32.
+
+    Radius from the low 32 bits (their top 23, k1): R = scale sqrt(-2 ln r) with r = (2^23 - k1) / 2^23 on
+    (0, 1]. Angle from the high 32 bits (their top 23, k2): 2 pi k2 / 2^23. The largest |value| is 5.65 scale.
+    """
+    f = _f(np.int32(8388608 - np.int32((word & LOW32) >> S9)))  # 2^23 r: an integer in [1, 2^23], exact
+    # ln: f = 2^e g with g in [0.707, 1.414), by exact halvings (bit casts and loops would stop vectorisation)
+    e = _f(0)
+    big = f >= POW2[0]
+    f, e = (f * INV_POW2[0], e + _f(16)) if big else (f, e)
+    big = f >= POW2[1]
+    f, e = (f * INV_POW2[1], e + _f(8)) if big else (f, e)
+    big = f >= POW2[2]
+    f, e = (f * INV_POW2[2], e + _f(4)) if big else (f, e)
+    big = f >= POW2[3]
+    f, e = (f * INV_POW2[3], e + _f(2)) if big else (f, e)
+    big = f >= POW2[4]
+    f, e = (f * INV_POW2[4], e + ONE) if big else (f, e)
+    big = f > SQRT2
+    f, e = (f * HALF, e + ONE) if big else (f, e)
+    t = (f - ONE) / (f + ONE)  # ln g = 2 atanh t with |t| <= 0.172: the series to t^9 errs by 3e-10
+    t2 = t * t
+    c = LOG_SERIES
+    ln_g = t * (c[0] + t2 * (c[1] + t2 * (c[2] + t2 * (c[3] + t2 * c[4]))))
+    radius = scale * np.sqrt(MINUS_TWO * ((e - _f(23)) * LN2 + ln_g))
+    k2 = np.int32(word >> S41)
+    q = k2 >> 21  # quadrant of the angle
+    p = _f(k2 & 0x1FFFFF) * QUARTER_STEP  # angle within the quadrant, [0, pi / 2)
+    p2 = p * p  # Taylor series to p^13 (sine) and p^12 (cosine): the rest is below 1e-8 on [0, pi / 2)
+    c = SIN_SERIES
+    sin_p = p * (c[0] + p2 * (c[1] + p2 * (c[2] + p2 * (c[3] + p2 * (c[4] + p2 * (c[5] + p2 * c[6]))))))
+    c = COS_SERIES
+    cos_p = c[0] + p2 * (c[1] + p2 * (c[2] + p2 * (c[3] + p2 * (c[4] + p2 * (c[5] + p2 * c[6])))))
+    a = sin_p if q & 1 else cos_p  # rotate by q quarter turns
+    b = cos_p if q & 1 else sin_p
+    cos_a = -a if (q + 1) & 2 else a
+    sin_a = -b if q & 2 else b
+    return radius * cos_a, radius * sin_a
+
+
+@_inline
+def _word(key, j):
+    """Word j (from 1) of the SplitMix64 stream seeded ``key``."""
+    x = key + np.uint64(j) * GAMMA
+    x = (x ^ (x >> S30)) * MIX1
+    x = (x ^ (x >> S27)) * MIX2
+    return x ^ (x >> S31)
+
+
+@_inline
+def _unit_clip(v):
+    v = v if v > _f(0) else _f(0)  # selects, not min/max: those do not vectorise
+    return v if v < ONE else ONE
+
+
+@_compiled
+def add_normals(keys, start, x, scale, multiplicative, out):
+    """``out = clip(x + z)`` (or ``clip(x + x z)``) with z ~ N(0, scale^2): x, out (N, size) float32.
+
+    Word ``start + 1 + j`` of image i's stream gives the noise of values j and pairs + j, pairs = size // 2
+    (:func:`_box_muller`'s cosine and sine parts); an odd size takes one more word for its last value.
+    """
+    size = x.shape[1]
+    pairs = size >> 1
+    for i in range(x.shape[0]):
+        k, src, dst = keys[i], x[i], out[i]
+        # the noise goes to out first, then is added in place: reading x in the drawing loop stops its
+        # vectorisation (the compiler cannot rule out that x and out overlap)
+        for j in range(pairs):
+            dst[j], dst[pairs + j] = _box_muller(_word(k, start + 1 + j), scale)
+        if size & 1:  # an odd count: the last value takes the cosine part of one more word
+            dst[size - 1] = _box_muller(_word(k, start + 1 + pairs), scale)[0]
+        if multiplicative:
+            for v in range(size):
+                dst[v] = _unit_clip(src[v] + src[v] * dst[v])
+        else:
+            for v in range(size):
+                dst[v] = _unit_clip(src[v] + dst[v])
+    return out
+
+
+@_compiled
+def impulse(keys, start, x, salt_below, flip_below, out):
+    """Salt-and-pepper: value v's 32-bit uniform b (the halves of word ``start + 1 + v // 2``, low first) sets
+    it to 1 when b < ``salt_below``, to 0 when ``salt_below`` <= b < ``flip_below``, else keeps x."""
+    size = x.shape[1]
+    for i in range(x.shape[0]):
+        k, src, dst = keys[i], x[i], out[i]
+        for j in range(size >> 1):
+            w = _word(k, start + 1 + j)
+            for v, b in ((2 * j, w & LOW32), (2 * j + 1, w >> S32)):
+                dst[v] = ONE if b < salt_below else (_f(0) if b < flip_below else src[v])
+        if size & 1:
+            b = _word(k, start + 1 + (size >> 1)) & LOW32
+            dst[size - 1] = ONE if b < salt_below else (_f(0) if b < flip_below else src[size - 1])
+    return out
+
+
+@_compiled
+def poisson_on_grid(keys, start, x, c, grid, table, cdf, width, bucket_bits, out):
+    """Shot noise ``clip(Poisson(c x) / c)`` for rates on the grid (c x = level * grid, level 0-255).
+
+    Returns False, with ``out`` unfinished, when a rate is off the grid by more than 1e-4 grid steps or above
+    255 steps (the caller then takes the general path). Value v's uniform is the 32-bit half of word
+    ``start + 1 + v // 2`` (low first) and its draw is the table inversion of
+    :func:`corruption_ops._poisson_table`. (A scalar loop: the table lookups miss the cache whatever the
+    order, and vectorising does not pay.)
+    """
+    size = x.shape[1]
+    shift = np.uint64(32 - bucket_bits)
+    for i in range(x.shape[0]):
+        k, src, dst = keys[i], x[i], out[i]
+        w = np.uint64(0)
+        for v in range(size):
+            if v & 1 == 0:
+                w = _word(k, start + 1 + (v >> 1))
+            b = w >> S32 if v & 1 else w & LOW32
+            ratio = (src[v] * c) / grid
+            level = np.rint(ratio)
+            if abs(ratio - level) > _f(1e-4) or level > _f(255):
+                return False
+            code = np.int64(level)
+            entry = np.int64(table[(code << bucket_bits) | np.int64(b >> shift)])
+            draw = entry & 255
+            if entry > 255:  # a CDF step falls inside the bucket: compare u with the CDF
+                u = np.float64(b) * 2.0**-32
+                for _ in range(entry >> 8):
+                    if cdf[code * width + draw] > u:
+                        break
+                    draw += 1
+            dst[v] = min(_f(draw) / c, ONE)
+    return True
+
+
+@_compiled
+def normals(keys, start, loc, scale, out):
+    """N(loc, scale^2) draws into float32 ``out`` (N, size), laid out as in :func:`add_normals`."""
+    size = out.shape[1]
+    pairs = size >> 1
+    for i in range(out.shape[0]):
+        k, row = keys[i], out[i]
+        for j in range(pairs):
+            z1, z2 = _box_muller(_word(k, start + 1 + j), scale)
+            row[j] = z1 + loc
+            row[pairs + j] = z2 + loc
+        if size & 1:
+            row[size - 1] = _box_muller(_word(k, start + 1 + pairs), scale)[0] + loc
+    return out
