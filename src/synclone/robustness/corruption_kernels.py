@@ -235,3 +235,85 @@ def normals(keys, start, loc, scale, out):
         if size & 1:
             row[size - 1] = _box_muller(_word(k, start + 1 + pairs), scale)[0] + loc
     return out
+
+
+@_compiled
+def pixelate(x, row_start, row_len, col_start, col_len, row_src, col_src, out):
+    """Box-average planes ``x`` (P, H, W) into blocks, then repeat the blocks back to (H, W) in ``out``.
+
+    Block (a, b) averages rows ``row_start[a]`` .. + ``row_len[a]`` and columns ``col_start[b]`` .. +
+    ``col_len[b]`` (sums of rows first, then of columns, then one division); output pixel (y, x) takes block
+    (``row_src[y]``, ``col_src[x]``). Loops index arrays directly: slices in inner loops cost more here.
+    """
+    h2, w2, width = len(row_start), len(col_start), x.shape[2]
+    rows = np.empty(width, dtype=np.float32)
+    small = np.empty((h2, w2), dtype=np.float32)
+    # Column sums take the same number of terms for every block, a shorter block adding 0 * (a neighbour):
+    # runs of varying length would mispredict a branch per block.
+    terms = col_len.max()
+    col_idx = np.empty((terms, w2), dtype=np.int64)
+    col_on = np.empty((terms, w2), dtype=np.float32)
+    for j in range(terms):
+        for b in range(w2):
+            col_idx[j, b] = min(col_start[b] + j, width - 1)
+            col_on[j, b] = _f(1) if col_len[b] > j else _f(0)
+    for p in range(x.shape[0]):
+        for a in range(h2):
+            r0 = row_start[a]
+            for q in range(width):
+                rows[q] = x[p, r0, q]
+            for r in range(r0 + 1, r0 + row_len[a]):
+                for q in range(width):
+                    rows[q] += x[p, r, q]
+            for b in range(w2):
+                small[a, b] = rows[col_idx[0, b]]
+            for j in range(1, terms):
+                for b in range(w2):
+                    small[a, b] += rows[col_idx[j, b]] * col_on[j, b]
+            for b in range(w2):
+                small[a, b] /= _f(row_len[a] * col_len[b])
+        for y in range(out.shape[1]):
+            a = row_src[y]
+            for q in range(out.shape[2]):
+                out[p, y, q] = small[a, col_src[q]]
+    return out
+
+
+@_compiled
+def shift_sum(x, dy, dx, weight, clip, out):
+    """``out[n] = sum_t weight[n, t] * x[n]`` shifted by (dy, dx)[n, t], borders replicated: (N, C, H, W).
+
+    One output row at a time (it stays in the L1 cache while every tap adds a shifted source row); taps of
+    weight 0 are skipped, the others added in order, in the dtype of ``x`` and ``weight``. ``clip`` clips
+    the sums to [0, 1]. The interior loop indexes with unsigned offsets: signed ones would make numba check
+    for negative indices on every access.
+    """
+    n_img, channels, height, width = x.shape
+    row = np.empty(width, dtype=out.dtype)
+    for n in range(n_img):
+        for c in range(channels):
+            for y in range(height):
+                for q in range(width):
+                    row[q] = 0
+                for t in range(dy.shape[1]):
+                    w = weight[n, t]
+                    if w == 0:
+                        continue
+                    src = x[n, c, min(max(y - dy[n, t], 0), height - 1)]
+                    sx = dx[n, t]
+                    lo, hi = min(max(sx, 0), width), max(min(width + sx, width), 0)  # where x - sx is in [0, W)
+                    for q in range(lo):
+                        row[q] += w * src[0]
+                    start, first = np.uint64(lo - sx), np.uint64(lo)
+                    for q in range(np.uint64(hi - lo)):
+                        row[first + q] += w * src[start + q]
+                    for q in range(hi, width):
+                        row[q] += w * src[width - 1]
+                dst = out[n, c, y]
+                if clip:
+                    for q in range(width):
+                        dst[q] = min(max(row[q], 0), 1)
+                else:
+                    for q in range(width):
+                        dst[q] = row[q]
+    return out

@@ -509,35 +509,20 @@ def motion_taps(radius: int, sigma: float, angles_deg: Sequence[float], height: 
     return np.stack(dys), np.stack(dxs), np.stack(ws)
 
 
-def shift_sum(x: torch.Tensor, dy: np.ndarray, dx: np.ndarray, w: np.ndarray) -> torch.Tensor:
+def shift_sum(x: torch.Tensor, dy: np.ndarray, dx: np.ndarray, w: np.ndarray,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over taps of ``w * x`` shifted by (dy, dx) with replicated borders (the reference ``shift``).
 
-    Taps differ per image (one row of ``dy``, ``dx``, ``w`` per image). Large images add one shifted slice
-    per image and tap. For small images (up to 64 x 64) the per-call cost dominates, so the batch is summed
-    once per distinct shift instead (sorted), each image weighted by its own taps at that shift and by an
-    exact zero where it has none; an image's sums then run in the same order whatever else is in the batch.
-    The choice depends on the image size only, so results never depend on the batch.
+    Taps differ per image (one row of ``dy``, ``dx``, ``w`` per image); each image's taps are added in order
+    (:func:`corruption_kernels.shift_sum`), so its result never depends on the rest of the batch. With
+    ``out`` (a contiguous CPU tensor of x's dtype) the sum, clipped to [0, 1], is written there.
     """
-    n, c, h, wd = x.shape
-    live = w != 0
-    py = int(min(np.abs(dy[live]).max(initial=0), h - 1))
-    px = int(min(np.abs(dx[live]).max(initial=0), wd - 1))
-    xp = pad(x, py, px, "replicate")
-    out = torch.zeros_like(x)
-    shifts, inverse = np.unique(np.stack([dy[live], dx[live]], axis=1), axis=0, return_inverse=True)
-    if h * wd <= 64 * 64:
-        weights = np.zeros((n, len(shifts)))
-        np.add.at(weights, (np.nonzero(live)[0], inverse.ravel()), w[live])
-        weights = torch.from_numpy(weights).to(x.device, x.dtype).view(n, -1, 1, 1, 1)
-        for k, (sy, sx) in enumerate(shifts.tolist()):
-            out.addcmul_(xp[:, :, py - sy : py - sy + h, px - sx : px - sx + wd], weights[:, k])
-        return out
-    for b in range(n):
-        acc = out[b]
-        for j in np.flatnonzero(live[b]).tolist():
-            y0, x0 = py - int(dy[b, j]), px - int(dx[b, j])
-            acc.add_(xp[b, :, y0 : y0 + h, x0 : x0 + wd], alpha=float(w[b, j]))
-    return out
+    src = x.detach().cpu().contiguous().numpy()
+    direct = out is not None and out.device.type == "cpu" and out.dtype == x.dtype and out.is_contiguous()
+    dst = out.numpy() if direct else np.empty_like(src)
+    kernels.shift_sum(src, np.ascontiguousarray(dy, dtype=np.int64), np.ascontiguousarray(dx, dtype=np.int64),
+                      np.ascontiguousarray(w, dtype=src.dtype), direct, dst)
+    return out if direct else torch.from_numpy(dst).to(x.device)
 
 
 def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
