@@ -317,3 +317,36 @@ def shift_sum(x, dy, dx, weight, clip, out):
                     for q in range(width):
                         dst[q] = row[q]
     return out
+
+
+@_compiled
+def correlate_separable(x, ky, rows, kx, cols, out):
+    """Correlate planes ``x`` (P, H, W) with ``ky`` down the columns, then ``kx`` along the rows, into ``out``.
+
+    ``rows`` / ``cols``: the source index of each padded row / column (the border rule), lengths H + len(ky)
+    - 1 and W + len(kx) - 1. Row by row: output row y is the vertical sum over padded rows y .. y +
+    len(ky) - 1, taps in order, then its horizontal sums, taps in order, in the dtype of ``x``.
+    """
+    planes, height, width = x.shape
+    ny, nx = len(ky), len(kx)
+    line = np.empty(width + nx - 1, dtype=out.dtype)  # the vertical sums, padded for the horizontal pass
+    acc = np.empty(width, dtype=out.dtype)
+    for p in range(planes):
+        for y in range(height):
+            src, k = x[p, rows[y]], ky[0]
+            for q in range(width):
+                acc[q] = src[q] * k
+            for t in range(1, ny):
+                src, k = x[p, rows[y + t]], ky[t]
+                for q in range(width):
+                    acc[q] += src[q] * k
+            for q in range(width + nx - 1):
+                line[q] = acc[cols[q]]
+            dst, k = out[p, y], kx[0]
+            for q in range(width):
+                dst[q] = line[q] * k
+            for t in range(1, nx):
+                k, first = kx[t], np.uint64(t)
+                for q in range(np.uint64(width)):
+                    dst[q] += line[first + q] * k
+    return out

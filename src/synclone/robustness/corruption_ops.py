@@ -370,19 +370,16 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
 def correlate_separable(x: torch.Tensor, ky: np.ndarray, kx: np.ndarray, mode: str) -> torch.Tensor:
     """Correlate the last two dimensions of ``x`` with 1-D kernels along H then W (odd lengths).
 
-    A sum of shifted slices: on the CPU this is far faster than ``conv2d`` with a one-channel kernel.
+    Border rule ``mode`` as in :func:`border_index`; one compiled pass per plane
+    (:func:`corruption_kernels.correlate_separable`).
     """
-    for k, dim in ((ky, -2), (kx, -1)):
-        if len(k) == 1:
-            continue
-        r = len(k) // 2
-        n = x.shape[dim]
-        xp = pad(x, r, 0, mode) if dim == -2 else pad(x, 0, r, mode)
-        out = xp.narrow(dim, 0, n) * float(k[0])
-        for i in range(1, len(k)):
-            out.add_(xp.narrow(dim, i, n), alpha=float(k[i]))
-        x = out
-    return x
+    h, w = x.shape[-2:]
+    planes = x.detach().cpu().reshape(-1, h, w).contiguous().numpy()
+    ry, rx = len(ky) // 2, len(kx) // 2
+    out = kernels.correlate_separable(planes, np.asarray(ky, dtype=planes.dtype), border_index(h, ry, ry, mode),
+                                      np.asarray(kx, dtype=planes.dtype), border_index(w, rx, rx, mode),
+                                      np.empty_like(planes))
+    return torch.from_numpy(out).view(x.shape).to(x.device)
 
 
 def gaussian_filter(x: torch.Tensor, sigma: float | tuple[float, float], mode: str = "replicate",
