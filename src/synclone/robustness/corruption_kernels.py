@@ -138,8 +138,7 @@ def _word(key, j):
 
 @_inline
 def _unit_clip(v):
-    v = v if v > _f(0) else _f(0)  # selects, not min/max: those do not vectorise
-    return v if v < ONE else ONE
+    return min(max(v, _f(0)), ONE)  # min and max vectorise; numba turns conditional expressions into branches
 
 
 @_compiled
@@ -349,4 +348,71 @@ def correlate_separable(x, ky, rows, kx, cols, out):
                 k, first = kx[t], np.uint64(t)
                 for q in range(np.uint64(width)):
                     dst[q] += line[first + q] * k
+    return out
+
+
+# Pointwise colour corruptions: one pass from the input to the clipped output. Images are (N, C, H * W).
+TINY = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32: keeps quotients finite without a mask
+
+
+@_compiled
+def contrast(x, means, c, out):
+    """``clip((x - mean) c + mean)`` per image and channel, given the ``means`` (N, C)."""
+    c32 = _f(c)
+    for n in range(x.shape[0]):
+        for ch in range(x.shape[1]):
+            src, dst = x[n, ch], out[n, ch]
+            offset = _f(means[n, ch] * (1 - c))
+            for p in range(src.shape[0]):
+                dst[p] = _unit_clip(src[p] * c32 + offset)
+    return out
+
+
+@_compiled
+def value_shift(x, c, out):
+    """scikit-image rgb2hsv, V <- clip(V + c, 0, 1), hsv2rgb, in closed form (see ``hsv_value_shift``)."""
+    channels = x.shape[1]
+    for n in range(x.shape[0]):
+        v = x[n, 0].copy()
+        for ch in range(1, channels):
+            src = x[n, ch]
+            for p in range(v.shape[0]):
+                v[p] = max(v[p], src[p])
+        for ch in range(channels):
+            src, dst = x[n, ch], out[n, ch]
+            for p in range(v.shape[0]):
+                v2 = _unit_clip(v[p] + c)
+                ratio = v2 / max(v[p], TINY)
+                dst[p] = _unit_clip(src[p] * ratio + (v2 - v[p] * ratio))
+    return out
+
+
+@_compiled
+def saturation_affine(x, mul, add, grey_sat, out):
+    """scikit-image rgb2hsv, S <- clip(S mul + add, 0, 1), hsv2rgb on RGB (N, 3, H * W), in closed form (see
+    ``hsv_saturation_affine``); ``grey_sat`` = clip(add, 0, 1) is the saturation grey pixels take, as red."""
+    for n in range(x.shape[0]):
+        r, g, b = x[n, 0], x[n, 1], x[n, 2]
+        out_r, out_g, out_b = out[n, 0], out[n, 1], out[n, 2]
+        for p in range(r.shape[0]):
+            v, lo = max(r[p], max(g[p], b[p])), min(r[p], min(g[p], b[p]))
+            delta = v - lo
+            s2 = _unit_clip((delta / max(v, TINY)) * mul + add)
+            k = (s2 * v) / max(delta, TINY)
+            grey = v * grey_sat * _f(delta == 0)
+            out_r[p] = _unit_clip(v - (v - r[p]) * k)
+            out_g[p] = _unit_clip(v - (v - g[p]) * k - grey)
+            out_b[p] = _unit_clip(v - (v - b[p]) * k - grey)
+    return out
+
+
+@_compiled
+def blend_crop(x, c_img, texture, top, left, c_tex, out):
+    """``clip(c_img x + c_tex crop)`` for one image (C, H, W): crop = ``texture`` (C, H', W') uint8 at (top, left)."""
+    channels, height, width = x.shape
+    for ch in range(channels):
+        for y in range(height):
+            src, tex, dst = x[ch, y], texture[ch, top + y], out[ch, y]
+            for q in range(width):
+                dst[q] = _unit_clip(src[q] * c_img + _f(tex[left + q]) * c_tex)
     return out

@@ -171,16 +171,10 @@ class ImageRNG:
 
     def _fused(self, x: torch.Tensor, out: torch.Tensor | None, run) -> torch.Tensor | None:
         """Run a fused kernel ``run(src, dst)`` on (N, values) rows; it consumes one word per two values."""
-        src = x.detach().to("cpu", torch.float32).reshape(x.shape[0], -1).contiguous().numpy()
-        direct = out is not None and out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
-        dst = out.view(out.shape[0], -1).numpy() if direct else np.empty_like(src)
-        if run(src, dst) is False:
-            return None
-        self._used += (src.shape[1] + 1) // 2
-        if direct:
-            return out
-        result = torch.from_numpy(dst).view(x.shape).to(x.device)
-        return result if out is None else out.copy_(result)
+        result = run_compiled(x, out, run, (x.shape[0], -1))
+        if result is not None:
+            self._used += (math.prod(x.shape[1:]) + 1) // 2
+        return result
 
     def randint(self, low: int, high: int | Sequence[int], shape: tuple[int, ...] = ()) -> torch.Tensor:
         """Integers in [low, high) (``high`` may differ per image): ``np.random.randint(low, high, shape)``.
@@ -208,6 +202,25 @@ class ImageRNG:
     def poisson(self, lam: torch.Tensor, grid: float) -> torch.Tensor:
         """Poisson draws with per-element rates ``lam`` (N, ...), exact in distribution; see :func:`poisson`."""
         return poisson(lam, self, grid)
+
+
+def run_compiled(x: torch.Tensor, out: torch.Tensor | None, run, shape: tuple[int, ...],
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """Run a compiled kernel ``run(src, dst)`` on ``x`` as a contiguous CPU array of ``dtype`` viewed as ``shape``.
+
+    The kernel writes straight into ``out`` when that is a contiguous CPU tensor of ``dtype`` (saving a pass)
+    and ``out`` is returned; otherwise into a new array, returned as a tensor on x's device (copied into
+    ``out`` if given). A kernel returning False means "not done here": then None.
+    """
+    src = x.detach().to("cpu", dtype).contiguous().numpy().reshape(shape)
+    direct = out is not None and out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+    dst = out.numpy().reshape(shape) if direct else np.empty_like(src)
+    if run(src, dst) is False:
+        return None
+    if direct:
+        return out
+    result = torch.from_numpy(dst).view(x.shape).to(x.device)
+    return result if out is None else out.copy_(result)
 
 
 def poisson(lam: torch.Tensor, rng: ImageRNG, grid: float) -> torch.Tensor:
@@ -512,14 +525,13 @@ def shift_sum(x: torch.Tensor, dy: np.ndarray, dx: np.ndarray, w: np.ndarray,
 
     Taps differ per image (one row of ``dy``, ``dx``, ``w`` per image); each image's taps are added in order
     (:func:`corruption_kernels.shift_sum`), so its result never depends on the rest of the batch. With
-    ``out`` (a contiguous CPU tensor of x's dtype) the sum, clipped to [0, 1], is written there.
+    ``out`` the sum is clipped to [0, 1] and written there (:func:`run_compiled`).
     """
-    src = x.detach().cpu().contiguous().numpy()
-    direct = out is not None and out.device.type == "cpu" and out.dtype == x.dtype and out.is_contiguous()
-    dst = out.numpy() if direct else np.empty_like(src)
-    kernels.shift_sum(src, np.ascontiguousarray(dy, dtype=np.int64), np.ascontiguousarray(dx, dtype=np.int64),
-                      np.ascontiguousarray(w, dtype=src.dtype), direct, dst)
-    return out if direct else torch.from_numpy(dst).to(x.device)
+    def run(src, dst):
+        kernels.shift_sum(src, np.ascontiguousarray(dy, dtype=np.int64), np.ascontiguousarray(dx, dtype=np.int64),
+                          np.ascontiguousarray(w, dtype=src.dtype), out is not None, dst)
+
+    return run_compiled(x, out, run, tuple(x.shape), x.dtype)
 
 
 def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -769,41 +781,31 @@ def to_gray(x: torch.Tensor) -> torch.Tensor:
     return (x[:, 0:1] * LUMA[0] + x[:, 1:2] * LUMA[1] + x[:, 2:3] * LUMA[2])
 
 
-TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32: keeps quotients finite without a mask
-
-
-def hsv_value_shift(x: torch.Tensor, c: float) -> torch.Tensor:
-    """scikit-image rgb2hsv, V <- clip(V + c, 0, 1), hsv2rgb, in closed form.
+def hsv_value_shift(x: torch.Tensor, c: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scikit-image rgb2hsv, V <- clip(V + c, 0, 1), hsv2rgb, in closed form, clipped to [0, 1].
 
     With hue and saturation fixed every channel is proportional to V, so the round trip scales the pixel
     by V'/V; a black pixel (V = 0, saturation 0 by scikit-image's convention) becomes grey V'. Written as
-    x * r + (V' - V r) with r = V' / V: one pass over the channels, and a black pixel gets r * 0 + V' without
-    a branch (the offset is otherwise a float rounding of zero).
+    x * r + (V' - V r) with r = V' / V: a black pixel gets r * 0 + V' without a branch (the offset is
+    otherwise a float rounding of zero). One compiled pass (:func:`corruption_kernels.value_shift`).
     """
-    v = x.amax(dim=1, keepdim=True)
-    v2 = (v + c).clamp_(0, 1)
-    ratio = v2 / v.clamp_min(TINY)
-    return torch.addcmul(v2 - v * ratio, x, ratio)
+    return run_compiled(x, out, lambda src, dst: kernels.value_shift(src, np.float32(c), dst),
+                        (x.shape[0], x.shape[1], -1))
 
 
-def hsv_saturation_affine(x: torch.Tensor, mul: float, add: float) -> torch.Tensor:
-    """scikit-image rgb2hsv, S <- clip(S * mul + add, 0, 1), hsv2rgb, in closed form.
+def hsv_saturation_affine(x: torch.Tensor, mul: float, add: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scikit-image rgb2hsv, S <- clip(S * mul + add, 0, 1), hsv2rgb on RGB, in closed form, clipped to [0, 1].
 
     For fixed hue and value each channel is v - S' * v * (v - x) / (v - min): the maximum stays, the rest
     move linearly with S. A grey pixel (v = min) has hue 0 (red) by scikit-image's convention, so it becomes
     (v, v (1 - S'), v (1 - S')) with S' = clip(add, 0, 1); the first formula gives v there (its (v - x) is
-    0), so only ``add`` > 0 needs the red correction.
+    0), so only ``add`` > 0 needs the red correction. One compiled pass
+    (:func:`corruption_kernels.saturation_affine`).
     """
-    v, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)  # (aminmax over dim 1 is 5x slower)
-    delta = v - lo
-    s2 = (delta / v.clamp_min(TINY)).mul_(mul).add_(add).clamp_(0, 1)
-    k = s2.mul_(v).div_(delta.clamp_min(TINY))
-    out = torch.addcmul(v, v - x, k, value=-1)
-    grey_sat = min(max(add, 0.0), 1.0)
-    if grey_sat > 0:
-        grey = (1 - torch.sign(delta)).mul_(v * grey_sat)  # v S' on grey pixels, 0 elsewhere
-        out[:, 1:] -= grey
-    return out
+    grey_sat = np.float32(min(max(add, 0.0), 1.0))
+    return run_compiled(x, out, lambda src, dst: kernels.saturation_affine(src, np.float32(mul), np.float32(add),
+                                                                           grey_sat, dst),
+                        (x.shape[0], 3, -1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

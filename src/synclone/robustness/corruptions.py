@@ -334,16 +334,20 @@ def _snow(x, severity, rng, s):
     return torch.maximum(x, bright).mul_(1 - blend).add_(x, alpha=blend).add_(flakes)
 
 
-def _frost(x, severity, rng, s):
+def _frost(x, severity, rng, s, out=None):
     c_img, c_frost = FROST[severity - 1]
     n, _, h, w = x.shape
     which = rng.randint(0, len(ops.FROST_FILES), ()).tolist()
     textures = [ops.frost_resized(i, h, w, s) for i in which]
     tops = rng.randint(0, [t.shape[1] - h for t in textures], ()).tolist()
     lefts = rng.randint(0, [t.shape[2] - w for t in textures], ()).tolist()
-    crops = torch.stack([t[:, a : a + h, b : b + w] for t, a, b in zip(textures, tops, lefts, strict=True)])
-    # c_img * x + c_frost * crop / 255, the uint8 crop converted inside the add
-    return torch.mul(x, c_img).add_(crops.to(x.device), alpha=c_frost / 255)
+
+    def run(src, dst):  # c_img * x + c_frost * crop / 255, image by image, reading the crop in place
+        for k, (texture, top, left) in enumerate(zip(textures, tops, lefts, strict=True)):
+            kernels.blend_crop(src[k], np.float32(c_img), texture.numpy(), top, left, np.float32(c_frost / 255),
+                               dst[k])
+
+    return ops.run_compiled(x, out, run, tuple(x.shape))
 
 
 def _fog(x, severity, rng, s):
@@ -402,18 +406,21 @@ def _spatter_water(liquid: np.ndarray, intensity: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _brightness(x, severity, rng, s):
-    return ops.hsv_value_shift(x, BRIGHTNESS[severity - 1])
+def _brightness(x, severity, rng, s, out=None):
+    return ops.hsv_value_shift(x, BRIGHTNESS[severity - 1], out=out)
 
 
-def _saturate(x, severity, rng, s):
-    return ops.hsv_saturation_affine(x, *SATURATE[severity - 1])
+def _saturate(x, severity, rng, s, out=None):
+    return ops.hsv_saturation_affine(x, *SATURATE[severity - 1], out=out)
 
 
-def _contrast(x, severity, rng, s):
-    c = CONTRAST[severity - 1]
-    means = x.mean(dim=(2, 3), keepdim=True)
-    return torch.add(means * (1 - c), x, alpha=c)  # (x - mean) * c + mean in one pass
+def _contrast(x, severity, rng, s, out=None):
+    c = CONTRAST[severity - 1]  # (x - mean) * c + mean
+
+    def run(src, dst):  # NumPy's pairwise float32 sums are fast and accurate to about 1e-7
+        kernels.contrast(src, np.add.reduce(src, axis=2) / np.float32(src.shape[2]), c, dst)
+
+    return ops.run_compiled(x, out, run, (x.shape[0], x.shape[1], -1))
 
 
 def _elastic_transform(x, severity, rng, s):
@@ -433,12 +440,8 @@ def _pixelate(x, severity, rng, s, out=None):
     c = PIXELATE[severity - 1]
     n, ch, h, w = x.shape
     h2, w2 = max(1, int(h * c)), max(1, int(w * c))
-    planes = x.detach().to("cpu", torch.float32).reshape(n * ch, h, w).contiguous().numpy()
-    direct = out is not None and out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
-    dst = out.view(n * ch, h, w).numpy() if direct else np.empty_like(planes)
-    kernels.pixelate(planes, *ops.box_blocks(h, h2), *ops.box_blocks(w, w2), ops.nearest_index(h2, h),
-                     ops.nearest_index(w2, w), dst)
-    return out if direct else torch.from_numpy(dst).view(x.shape).to(x.device)
+    blocks = (*ops.box_blocks(h, h2), *ops.box_blocks(w, w2), ops.nearest_index(h2, h), ops.nearest_index(w2, w))
+    return ops.run_compiled(x, out, lambda src, dst: kernels.pixelate(src, *blocks, dst), (n * ch, h, w))
 
 
 def _jpeg_compression(x, severity, rng, s):
@@ -483,4 +486,5 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
 }
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
 # Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
-_WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur}
+_WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur, _brightness,
+              _saturate, _contrast, _frost}
