@@ -416,3 +416,70 @@ def blend_crop(x, c_img, texture, top, left, c_tex, out):
             for q in range(width):
                 dst[q] = _unit_clip(src[q] * c_img + _f(tex[left + q]) * c_tex)
     return out
+
+
+@_compiled
+def plasma_fractal(u, mapsize, wibbledecay, out):
+    """The reference's diamond-square ``plasma_fractal`` per image into ``out`` (N, mapsize, mapsize), unscaled.
+
+    ``u``: (N, plasma_count(mapsize)) float32 uniforms, consumed in the reference's order: per step the square
+    centres, then the two diamond sets, each row-major; each gives ``wibble * uniform(-wibble, wibble)``
+    (``u (2 wibble^2) - wibble^2``) added to a quarter of its four neighbours' sum, neighbours wrapping around
+    the map as the reference's ``np.roll`` does. float32 throughout (the reference adds in float64 and stores
+    float32: a last-bit difference). The reference then maps the values to [0, 1]: :func:`fog_blend` does.
+    """
+    for n in range(u.shape[0]):
+        m, un = out[n], u[n]
+        m[0, 0] = 0
+        used, step, wibble = 0, mapsize, 100.0
+        while step >= 2:
+            half, k = step // 2, mapsize // step
+            spread, shift = _f(2 * wibble * wibble), _f(wibble * wibble)
+            last = mapsize - step  # neighbours wrap around at the edges (no modulo: integer division is slow)
+            for i in range(k):  # square centres
+                y = i * step
+                y1 = y + step if y < last else 0
+                for j in range(k):
+                    x = j * step
+                    x1 = x + step if x < last else 0
+                    total = (m[y, x] + m[y1, x]) + (m[y, x1] + m[y1, x1])
+                    m[y + half, x + half] = (un[used + i * k + j] * spread - shift) + total * _f(0.25)
+            used += k * k
+            for i in range(k):  # diamonds on the rows of known points: (y, x + half)
+                y = i * step
+                up = (y if y > 0 else mapsize) - half
+                for j in range(k):
+                    x = j * step
+                    x1 = x + step if x < last else 0
+                    total = (m[y + half, x + half] + m[up, x + half]) + (m[y, x] + m[y, x1])
+                    m[y, x + half] = (un[used + i * k + j] * spread - shift) + total * _f(0.25)
+            used += k * k
+            for i in range(k):  # diamonds on the columns of known points: (y + half, x)
+                y = i * step
+                y1 = y + step if y < last else 0
+                for j in range(k):
+                    x = j * step
+                    left = (x if x > 0 else mapsize) - half
+                    total = (m[y + half, x + half] + m[y + half, left]) + (m[y, x] + m[y1, x])
+                    m[y + half, x] = (un[used + i * k + j] * spread - shift) + total * _f(0.25)
+            used += k * k
+            step //= 2
+            wibble /= wibbledecay
+    return out
+
+
+@_compiled
+def fog_blend(x, top, plasma, low, spread, strength, out):
+    """``clip((x + strength * fog) * scale)`` per image (N, C, H, W), scale = top / (top + strength), ``top``
+    the image's maximum, fog = (plasma - low) / spread, the plasma map scaled to [0, 1] by its minimum and
+    range (as the reference's ``(m - min) / max(m - min)``)."""
+    channels, height, width = x.shape[1:]
+    for n in range(x.shape[0]):
+        scale = top[n] / (top[n] + strength)
+        weight = scale * strength
+        for c in range(channels):
+            for y in range(height):
+                src, fog, dst = x[n, c, y], plasma[n, y], out[n, c, y]
+                for q in range(width):
+                    dst[q] = _unit_clip(((fog[q] - low[n]) / spread[n]) * weight + src[q] * scale)
+    return out

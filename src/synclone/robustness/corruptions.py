@@ -350,15 +350,20 @@ def _frost(x, severity, rng, s, out=None):
     return ops.run_compiled(x, out, run, tuple(x.shape))
 
 
-def _fog(x, severity, rng, s):
+def _fog(x, severity, rng, s, out=None):
     strength, decay = FOG[severity - 1]
     h, w = x.shape[-2:]
     mapsize = 1 << (max(h, w, 3) - 1).bit_length()  # the reference's next power of two of the longest side
-    u = rng.uniform(0.0, 1.0, (ops.plasma_count(mapsize),))
-    plasma = ops.plasma_fractal(u, mapsize, decay)[:, None, :h, :w].to(x.device, x.dtype)
-    max_val = x.amax(dim=(1, 2, 3), keepdim=True)
-    scale = max_val / (max_val + strength)
-    return torch.addcmul(plasma * (scale * strength), x, scale)  # (x + strength * plasma) * scale, one pass
+    u = rng.uniform(0.0, 1.0, (ops.plasma_count(mapsize),)).cpu().numpy()
+    plasma = kernels.plasma_fractal(u, mapsize, decay, np.empty((len(u), mapsize, mapsize), dtype=np.float32))
+    low = plasma.min(axis=(1, 2))  # NumPy's reductions are vectorised; compiled ones would not be
+    spread = plasma.max(axis=(1, 2)) - low
+
+    def run(src, dst):
+        top = src.reshape(len(src), -1).max(axis=1)
+        kernels.fog_blend(src, top, plasma, low, spread, np.float32(strength), dst)
+
+    return ops.run_compiled(x, out, run, tuple(x.shape))
 
 
 def _spatter(x, severity, rng, s):
@@ -487,4 +492,4 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
 # Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
 _WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur, _brightness,
-              _saturate, _contrast, _frost}
+              _saturate, _contrast, _frost, _fog}
