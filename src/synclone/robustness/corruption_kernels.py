@@ -341,13 +341,13 @@ def correlate_separable(x, ky, rows, kx, cols, out):
                     acc[q] += src[q] * k
             for q in range(width + nx - 1):
                 line[q] = acc[cols[q]]
-            dst, k = out[p, y], kx[0]
+            k = kx[0]
             for q in range(width):
-                dst[q] = line[q] * k
+                out[p, y, q] = line[q] * k
             for t in range(1, nx):
-                k, first = kx[t], np.uint64(t)
-                for q in range(np.uint64(width)):
-                    dst[q] += line[first + q] * k
+                k = kx[t]
+                for q in range(width):
+                    out[p, y, q] += line[q + t] * k
     return out
 
 
@@ -482,4 +482,74 @@ def fog_blend(x, top, plasma, low, spread, strength, out):
                 src, fog, dst = x[n, c, y], plasma[n, y], out[n, c, y]
                 for q in range(width):
                     dst[q] = _unit_clip(((fog[q] - low[n]) / spread[n]) * weight + src[q] * scale)
+    return out
+
+
+@_compiled
+def _column_prefix(src, prefix):
+    """``prefix[r] = sum of src[:r]`` down the columns, a whole row at a time (vectorised), in float64."""
+    for q in range(src.shape[1]):
+        prefix[0, q] = 0.0
+    for r in range(src.shape[0]):
+        for q in range(src.shape[1]):
+            prefix[r + 1, q] = prefix[r, q] + src[r, q]
+
+
+@_compiled
+def _column_runs(prefix, half_widths, value, inner):
+    """``inner[y, x]``: ``value`` times the sum of the runs of column dx over rows y + R - w .. y + R + w of the
+    summed image (w = ``half_widths[dx]``), at columns x + dx."""
+    radius = len(half_widths) // 2
+    for y in range(inner.shape[0]):
+        for q in range(inner.shape[1]):
+            inner[y, q] = 0.0
+        for dx in range(2 * radius + 1):
+            w = half_widths[dx]
+            if w < 0:
+                continue
+            top, bottom = y + radius - w, y + radius + w + 1
+            for q in range(inner.shape[1]):
+                inner[y, q] += prefix[bottom, q + dx] - prefix[top, q + dx]
+        for q in range(inner.shape[1]):
+            inner[y, q] *= value
+
+
+@_compiled
+def _gaussian_valid(inner, g, line, out):
+    """The separable Gaussian ``g`` over ``inner``, valid part only (down the columns, then along the rows)."""
+    taps = len(g)
+    for y in range(out.shape[0]):
+        for q in range(inner.shape[1]):
+            line[q] = inner[y, q] * g[0]
+        for a in range(1, taps):
+            k = g[a]
+            for q in range(inner.shape[1]):
+                line[q] += inner[y + a, q] * k
+        for q in range(out.shape[1]):
+            out[y, q] = line[q] * g[0]
+        for b in range(1, taps):
+            k = g[b]
+            for q in range(out.shape[1]):
+                out[y, q] += line[q + b] * k
+
+
+@_compiled
+def disk_blur(xp, half_widths, value, g, out):
+    """A disk of runs, then a small separable Gaussian: ``out`` (P, H, W) from padded planes ``xp``.
+
+    ``xp``: (P, H + 2p, W + 2p) with p = R + len(g) // 2, the image with its border already applied. The disk
+    is symmetric, so its columns are runs: column dx (-R..R) covers rows -w..w (w = ``half_widths[dx + R]``,
+    -1 for none), each with weight ``value``. A run's sum is a difference of two prefix sums down the
+    columns. The Gaussian ``g`` then runs down the columns and along the rows of the disk sums. Accumulates
+    in float64.
+    """
+    planes, height, width = out.shape
+    gr = len(g) // 2
+    prefix = np.empty((xp.shape[1] + 1, xp.shape[2]))
+    inner = np.empty((height + 2 * gr, width + 2 * gr))
+    line = np.empty(width + 2 * gr)
+    for p in range(planes):
+        _column_prefix(xp[p], prefix)
+        _column_runs(prefix, half_widths, value, inner)
+        _gaussian_valid(inner, g, line, out[p])
     return out

@@ -469,20 +469,62 @@ def _disk_taps(height: int, width: int, radius: float, alias_blur: float) -> tup
             torch.from_numpy(weight.reshape(height * width, -1).astype(np.float32)))
 
 
+@lru_cache(maxsize=64)
+def disk_runs(radius: float, alias_blur: float) -> tuple[np.ndarray, float, np.ndarray] | None:
+    """The disk kernel as Gaussian * (aliased disk), if that factorisation is exact; else None.
+
+    The reference blurs the aliased disk inside its (2R + 1)^2 grid, reflecting at the grid's edge. While the
+    blur stays inside the grid (radius up to 6 on the 17 x 17 grid) the kernel is exactly the full convolution
+    of the Gaussian with the disk (checked here to 1e-7), so filtering with it is filtering with the disk,
+    whose rows are runs of equal weight, then with the separable Gaussian. Returns the run half-widths per
+    disk row (-1 for none), the disk's weight and the Gaussian's taps.
+    """
+    if radius <= 8:
+        grid, ksize = 8, 3
+    else:
+        grid, ksize = math.ceil(radius), 5
+    ax = np.arange(-grid, grid + 1)
+    inside = ax[None, :] ** 2 + ax[:, None] ** 2 <= radius**2
+    t = np.arange(ksize) - (ksize - 1) / 2
+    g = np.exp(-(t**2) / (2 * alias_blur**2))
+    g /= g.sum()
+    value = float(np.float32(1) / np.float32(inside.sum()))  # the reference's float32 normalisation
+    disk = np.pad(inside * value, ksize // 2)
+    full = sum(g[a] * g[b] * np.roll(np.roll(disk, a - ksize // 2, 0), b - ksize // 2, 1)
+               for a in range(ksize) for b in range(ksize))
+    kernel = np.pad(disk_kernel(radius, alias_blur), ksize // 2)
+    if np.abs(full - kernel).max() > 1e-7:
+        return None
+    used = inside.any(axis=1)
+    half = np.where(used, np.abs(ax)[np.argmax(inside, axis=1)], -1)
+    lo = int(np.flatnonzero(used)[0])
+    return half[lo : len(half) - lo].astype(np.int64), value, g
+
+
 def defocus(x: torch.Tensor, radius: float, alias_blur: float) -> torch.Tensor:
     """``cv2.filter2D(x, -1, disk(radius, alias_blur))`` (border BORDER_REFLECT_101).
 
     Small kernels on small images (the sub-pixel disks of 28x28 images) apply their nonzero taps with one
-    fused gather (:func:`gather_sum`). Large ones go by FFT: the image is mirrored by the kernel's radius R (what
-    filter2D reads beyond the edge), zero-filled to an FFT-friendly size and multiplied by the kernel's
-    spectrum; the output keeps the centre, which circular wrap-around cannot reach. float32 FFTs round at
-    about 1e-7, far below an 8-bit level.
+    fused gather (:func:`gather_sum`). Kernels that factorise (:func:`disk_runs`) go through the disk's runs
+    and the Gaussian in one compiled pass (:func:`corruption_kernels.disk_blur`), on the image mirrored as
+    filter2D mirrors it. The others go by FFT: the image is mirrored by the kernel's radius R (what filter2D
+    reads beyond the edge), zero-filled to an FFT-friendly size and multiplied by the kernel's spectrum; the
+    output keeps the centre, which circular wrap-around cannot reach. float32 FFTs round at about 1e-7, far
+    below an 8-bit level.
     """
     ker = disk_kernel(radius, alias_blur)
     if np.count_nonzero(ker) <= 64 and x.shape[-2] * x.shape[-1] <= 128 * 128:  # tap tables stay small
         return gather_sum(x, *_disk_taps(*x.shape[-2:], float(radius), float(alias_blur)))
-    r = ker.shape[0] // 2
     h, w = x.shape[-2:]
+    runs = disk_runs(float(radius), float(alias_blur))
+    if runs is not None:
+        half, value, g = runs
+        p = len(half) // 2 + len(g) // 2
+        if p < min(h, w):  # a wider border would reflect more than once
+            planes = pad(x.reshape(-1, 1, h, w), p, p, "reflect")[:, 0].cpu().contiguous().numpy()
+            out = kernels.disk_blur(planes, half, value, g, np.empty((len(planes), h, w), dtype=np.float32))
+            return torch.from_numpy(out).view(x.shape).to(x.device)
+    r = ker.shape[0] // 2
     lh, lw = _fft_size(h + 2 * r), _fft_size(w + 2 * r)
     spec = _kernel_spectrum(float(radius), float(alias_blur), lh, lw).to(x.device)
     xp = pad(x, r, r, "reflect")
