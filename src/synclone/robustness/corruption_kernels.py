@@ -553,3 +553,32 @@ def disk_blur(xp, half_widths, value, g, out):
         _column_runs(prefix, half_widths, value, inner)
         _gaussian_valid(inner, g, line, out[p])
     return out
+
+
+LUMA = (np.float32(0.299), np.float32(0.587), np.float32(0.114))  # ITU-R BT.601, as corruption_ops.LUMA
+
+
+@_compiled
+def snow_blend(x, layer, blend, out):
+    """Snow's last steps in one pass: ``clip(blend x + (1 - blend) max(x, 1.5 gray + 0.5) + flakes)``.
+
+    ``layer`` (N, H', W') float64 is the blurred snow layer (H' >= H, W' >= W); it is rounded to 8 bits and
+    cropped to (H, W), and the flakes are it plus its 180-degree rotation. gray is the BT.601 luma for RGB
+    images (the value itself for one channel). float32 arithmetic in the reference's order.
+    """
+    n_img, channels, height, width = x.shape
+    keep, brighten = _f(blend), _f(1 - blend)
+    for n in range(n_img):
+        for y in range(height):
+            top, bottom = layer[n, y], layer[n, height - 1 - y]
+            for q in range(width):
+                flakes = _f(np.rint(top[q] * 255) / 255) + _f(np.rint(bottom[width - 1 - q] * 255) / 255)
+                if channels == 3:
+                    gray = (x[n, 0, y, q] * LUMA[0] + x[n, 1, y, q] * LUMA[1]) + x[n, 2, y, q] * LUMA[2]
+                else:
+                    gray = x[n, 0, y, q]
+                bright = gray * _f(1.5) + _f(0.5)
+                for c in range(channels):
+                    v = x[n, c, y, q]
+                    out[n, c, y, q] = _unit_clip(max(v, bright) * brighten + v * keep + flakes)
+    return out

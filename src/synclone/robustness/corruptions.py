@@ -317,7 +317,7 @@ def _zoom_blur(x, severity, rng, s):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _snow(x, severity, rng, s):
+def _snow(x, severity, rng, s, out=None):
     loc, scale, zoom, threshold, radius, sigma, blend = SNOW[severity - 1]
     n, _, h, w = x.shape
     layer = rng.normal(loc, scale, (h, w)).to(torch.float64)[:, None]
@@ -326,12 +326,9 @@ def _snow(x, severity, rng, s):
     layer = torch.nn.functional.threshold(layer, threshold, 0.0).clamp_(max=1)
     angles = rng.uniform(-135.0, -45.0, (), dtype=torch.float64)
     dy, dx, wt = ops.motion_taps(_pixels(radius, s), sigma * s, angles.cpu().tolist(), *layer.shape[-2:])
-    layer = ops.shift_sum(layer, dy, dx, wt)
-    layer = (torch.round(layer * 255) / 255)[..., :h, :w].to(x.dtype)
-    flakes = layer + torch.flip(layer, dims=(-2, -1))  # the layer and its 180-degree rotation
-    bright = (ops.to_gray(x) if x.shape[1] == 3 else x).mul(1.5).add_(0.5)
-    # blend * x + (1 - blend) * max(x, 1.5 gray + 0.5) + flakes, in three passes over the image
-    return torch.maximum(x, bright).mul_(1 - blend).add_(x, alpha=blend).add_(flakes)
+    layer = ops.shift_sum(layer, dy, dx, wt)[:, 0].cpu().numpy()
+    # the layer rounded to 8 bits and cropped, plus its 180-degree rotation; blended with the brightened image
+    return ops.run_compiled(x, out, lambda src, dst: kernels.snow_blend(src, layer, blend, dst), tuple(x.shape))
 
 
 def _frost(x, severity, rng, s, out=None):
@@ -492,4 +489,4 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
 # Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
 _WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur, _brightness,
-              _saturate, _contrast, _frost, _fog}
+              _saturate, _contrast, _frost, _fog, _snow}
