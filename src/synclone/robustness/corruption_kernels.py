@@ -73,7 +73,7 @@ _f = np.float32
 LN2 = _f(0.6931471805599453)
 SQRT2 = _f(1.4142135623730951)
 QUARTER_STEP = _f(1.5707963267948966 / 2097152.0)  # (pi / 2) / 2^21
-LOG_SERIES = tuple(_f(2.0 / k) for k in (1, 3, 5, 7, 9))  # ln f = 2 atanh t = sum 2 t^k / k
+LOG_SERIES = tuple(_f(2.0 / k) for k in (1, 3, 5, 7, 9))  # ln g = 2 atanh t = sum 2 t^k / k
 SIN_SERIES = tuple(_f((-1) ** k / math.factorial(2 * k + 1)) for k in range(7))
 COS_SERIES = tuple(_f((-1) ** k / math.factorial(2 * k)) for k in range(7))
 ONE, TWO, HALF, MINUS_TWO = _f(1), _f(2), _f(0.5), _f(-2)
@@ -93,21 +93,13 @@ def _box_muller(word, scale):
     (0, 1]. Angle from the high 32 bits (their top 23, k2): 2 pi k2 / 2^23. The largest |value| is 5.65 scale.
     """
     f = _f(np.int32(8388608 - np.int32((word & LOW32) >> S9)))  # 2^23 r: an integer in [1, 2^23], exact
-    # ln: f = 2^e g with g in [0.707, 1.414), by exact halvings (bit casts and loops would stop vectorisation)
-    e = _f(0)
-    big = f >= POW2[0]
-    f, e = (f * INV_POW2[0], e + _f(16)) if big else (f, e)
-    big = f >= POW2[1]
-    f, e = (f * INV_POW2[1], e + _f(8)) if big else (f, e)
-    big = f >= POW2[2]
-    f, e = (f * INV_POW2[2], e + _f(4)) if big else (f, e)
-    big = f >= POW2[3]
-    f, e = (f * INV_POW2[3], e + _f(2)) if big else (f, e)
-    big = f >= POW2[4]
-    f, e = (f * INV_POW2[4], e + ONE) if big else (f, e)
-    big = f > SQRT2
-    f, e = (f * HALF, e + ONE) if big else (f, e)
-    t = (f - ONE) / (f + ONE)  # ln g = 2 atanh t with |t| <= 0.172: the series to t^9 errs by 3e-10
+    # ln f = e ln 2 + ln g with f = 2^e g, g in [0.707, 1.414) (centred on 1, so that ln r is accurate near
+    # r = 1 too), read off the float's bits: the exponent, and the mantissa scaled to [1, 2) then maybe halved
+    bits = f.view(np.int32)
+    big = (bits & 0x7FFFFF) > 0x3504F3  # mantissa above sqrt 2
+    e = _f((bits >> 23) - 127 + big)
+    g = np.int32((bits & 0x7FFFFF) | (0x3F000000 if big else 0x3F800000)).view(np.float32)
+    t = (g - ONE) / (g + ONE)  # ln g = 2 atanh t with |t| <= 0.172: the series to t^9 errs by 3e-10
     t2 = t * t
     c = LOG_SERIES
     ln_g = t * (c[0] + t2 * (c[1] + t2 * (c[2] + t2 * (c[3] + t2 * c[4]))))
