@@ -274,39 +274,54 @@ def pixelate(x, row_start, row_len, col_start, col_len, row_src, col_src, out):
 def shift_sum(x, dy, dx, weight, clip, out):
     """``out[n] = sum_t weight[n, t] * x[n]`` shifted by (dy, dx)[n, t], borders replicated: (N, C, H, W).
 
-    One output row at a time (it stays in the L1 cache while every tap adds a shifted source row); taps of
-    weight 0 are skipped, the others added in order, in the dtype of ``x`` and ``weight``. ``clip`` clips
-    the sums to [0, 1]. The interior loop indexes with unsigned offsets: signed ones would make numba check
-    for negative indices on every access.
+    Each plane is first padded by its largest shifts (replicated edges), so every tap reads a plain slice.
+    Then one output row at a time (it stays in the L1 cache): the taps of nonzero weight, in order, are
+    added four at a time ((a + b) + (c + d)), in the dtype of ``x`` and ``weight``. ``clip`` clips the
+    sums to [0, 1]. Offsets are unsigned: with signed ones numba checks every index for wrap-around, which
+    stops the vectorisation.
     """
     n_img, channels, height, width = x.shape
     row = np.empty(width, dtype=out.dtype)
     for n in range(n_img):
+        live = np.flatnonzero(weight[n])
+        if len(live) == 0:
+            out[n] = 0
+            continue
+        ys, xs, ws = dy[n][live], dx[n][live], weight[n][live]
+        py = min(np.abs(ys).max(), height - 1)
+        px = min(np.abs(xs).max(), width - 1)
+        padded = np.empty((height + 2 * py, width + 2 * px), dtype=x.dtype)
+        rows = py - ys  # tap t of output row y reads padded row y + rows[t], columns from ucols[t]
+        ucols = (px - xs).astype(np.uint64)  # unsigned: numba then skips its negative-index checks
+        uwidth = np.uint64(width)
         for c in range(channels):
+            for r in range(height + 2 * py):
+                src = x[n, c, min(max(r - py, 0), height - 1)]
+                for q in range(width + 2 * px):
+                    padded[r, q] = src[min(max(q - px, 0), width - 1)]
             for y in range(height):
                 for q in range(width):
                     row[q] = 0
-                for t in range(dy.shape[1]):
-                    w = weight[n, t]
-                    if w == 0:
-                        continue
-                    src = x[n, c, min(max(y - dy[n, t], 0), height - 1)]
-                    sx = dx[n, t]
-                    lo, hi = min(max(sx, 0), width), max(min(width + sx, width), 0)  # where x - sx is in [0, W)
-                    for q in range(lo):
-                        row[q] += w * src[0]
-                    start, first = np.uint64(lo - sx), np.uint64(lo)
-                    for q in range(np.uint64(hi - lo)):
-                        row[first + q] += w * src[start + q]
-                    for q in range(hi, width):
-                        row[q] += w * src[width - 1]
-                dst = out[n, c, y]
+                t = 0
+                while t + 4 <= len(live):
+                    a, b = padded[y + rows[t]], padded[y + rows[t + 1]]
+                    cc, d = padded[y + rows[t + 2]], padded[y + rows[t + 3]]
+                    oa, ob, oc, od = ucols[t], ucols[t + 1], ucols[t + 2], ucols[t + 3]
+                    wa, wb, wc, wd = ws[t], ws[t + 1], ws[t + 2], ws[t + 3]
+                    for q in range(uwidth):
+                        row[q] += (wa * a[q + oa] + wb * b[q + ob]) + (wc * cc[q + oc] + wd * d[q + od])
+                    t += 4
+                while t < len(live):
+                    a, oa, wa = padded[y + rows[t]], ucols[t], ws[t]
+                    for q in range(uwidth):
+                        row[q] += wa * a[q + oa]
+                    t += 1
                 if clip:
                     for q in range(width):
-                        dst[q] = min(max(row[q], 0), 1)
+                        out[n, c, y, q] = min(max(row[q], 0), 1)
                 else:
                     for q in range(width):
-                        dst[q] = row[q]
+                        out[n, c, y, q] = row[q]
     return out
 
 

@@ -312,14 +312,14 @@ def _code_blocks(plane, nblocks, tables, ws):
             for j in range(n):
                 o = j * 8
                 e = _fdct_pass1(
-                    _I(src[o]) - 128,
-                    _I(src[o + 1]) - 128,
-                    _I(src[o + 2]) - 128,
-                    _I(src[o + 3]) - 128,
-                    _I(src[o + 4]) - 128,
-                    _I(src[o + 5]) - 128,
-                    _I(src[o + 6]) - 128,
-                    _I(src[o + 7]) - 128,
+                    _I(_I(src[o]) - 128),
+                    _I(_I(src[o + 1]) - 128),
+                    _I(_I(src[o + 2]) - 128),
+                    _I(_I(src[o + 3]) - 128),
+                    _I(_I(src[o + 4]) - 128),
+                    _I(_I(src[o + 5]) - 128),
+                    _I(_I(src[o + 6]) - 128),
+                    _I(_I(src[o + 7]) - 128),
                 )
                 ws[k, j] = e[0]
                 ws[k + 1, j] = e[1]
