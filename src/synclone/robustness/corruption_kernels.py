@@ -500,14 +500,18 @@ def fog_blend(x, top, plasma, low, spread, strength, out):
     the image's maximum, fog = (plasma - low) / spread, the plasma map scaled to [0, 1] by its minimum and
     range (as the reference's ``(m - min) / max(m - min)``)."""
     channels, height, width = x.shape[1:]
+    fog = np.empty(width, dtype=np.float32)
     for n in range(x.shape[0]):
         scale = top[n] / (top[n] + strength)
         weight = scale * strength
-        for c in range(channels):
-            for y in range(height):
-                src, fog, dst = x[n, c, y], plasma[n, y], out[n, c, y]
+        for y in range(height):
+            src = plasma[n, y]
+            for q in range(width):
+                fog[q] = ((src[q] - low[n]) / spread[n]) * weight
+            for c in range(channels):
+                src, dst = x[n, c, y], out[n, c, y]
                 for q in range(width):
-                    dst[q] = _unit_clip(((fog[q] - low[n]) / spread[n]) * weight + src[q] * scale)
+                    dst[q] = _unit_clip(fog[q] + src[q] * scale)
     return out
 
 
@@ -594,17 +598,22 @@ def snow_blend(x, layer, blend, out):
     """
     n_img, channels, height, width = x.shape
     keep, brighten = _f(blend), _f(1 - blend)
+    flakes, bright = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
     for n in range(n_img):
         for y in range(height):
             top, bottom = layer[n, y], layer[n, height - 1 - y]
             for q in range(width):
-                flakes = _f(np.rint(top[q] * 255) / 255) + _f(np.rint(bottom[width - 1 - q] * 255) / 255)
-                if channels == 3:
-                    gray = (x[n, 0, y, q] * LUMA[0] + x[n, 1, y, q] * LUMA[1]) + x[n, 2, y, q] * LUMA[2]
-                else:
-                    gray = x[n, 0, y, q]
-                bright = gray * _f(1.5) + _f(0.5)
-                for c in range(channels):
-                    v = x[n, c, y, q]
-                    out[n, c, y, q] = _unit_clip(max(v, bright) * brighten + v * keep + flakes)
+                flakes[q] = _f(np.rint(top[q] * 255) / 255) + _f(np.rint(bottom[width - 1 - q] * 255) / 255)
+            if channels == 3:
+                r, g, b = x[n, 0, y], x[n, 1, y], x[n, 2, y]
+                for q in range(width):
+                    bright[q] = ((r[q] * LUMA[0] + g[q] * LUMA[1]) + b[q] * LUMA[2]) * _f(1.5) + _f(0.5)
+            else:
+                src = x[n, 0, y]
+                for q in range(width):
+                    bright[q] = src[q] * _f(1.5) + _f(0.5)
+            for c in range(channels):
+                src, dst = x[n, c, y], out[n, c, y]
+                for q in range(width):
+                    dst[q] = _unit_clip(max(src[q], bright[q]) * brighten + src[q] * keep + flakes[q])
     return out

@@ -301,14 +301,15 @@ def _code_blocks(plane, nblocks, tables, ws):
     """Forward DCT, quantise, dequantise and inverse DCT every 8x8 block of ``plane``, in place.
 
     plane: uint8 (8, >= nblocks * 8), strip-major: block b's row r is plane[r, 8 b : 8 b + 8]. tables: int32
-    (4, 64) from :func:`_divisors`. ws: int32 (64, CHUNK) workspace, row k = coefficient k of each block.
+    (4, 64) from :func:`_divisors`. ws: int32 (64 * CHUNK,) workspace, coefficient k of the chunk's block j at
+    k * CHUNK + j. (One flat array with a constant stride lets the compiler see that the 64 rows never overlap.)
     """
     for b0 in range(0, nblocks, CHUNK):
         n = min(CHUNK, nblocks - b0)
         # jcdctmgr.c convsamp + jfdctint.c pass 1 (rows)
         for r in range(8):
             src = plane[r, b0 * 8 : (b0 + n) * 8]
-            k = r * 8
+            k = r * 8 * CHUNK
             for j in range(n):
                 o = j * 8
                 e = _fdct_pass1(
@@ -321,29 +322,36 @@ def _code_blocks(plane, nblocks, tables, ws):
                     _I(_I(src[o + 6]) - 128),
                     _I(_I(src[o + 7]) - 128),
                 )
-                ws[k, j] = e[0]
-                ws[k + 1, j] = e[1]
-                ws[k + 2, j] = e[2]
-                ws[k + 3, j] = e[3]
-                ws[k + 4, j] = e[4]
-                ws[k + 5, j] = e[5]
-                ws[k + 6, j] = e[6]
-                ws[k + 7, j] = e[7]
+                ws[k + j] = e[0]
+                ws[k + 1 * CHUNK + j] = e[1]
+                ws[k + 2 * CHUNK + j] = e[2]
+                ws[k + 3 * CHUNK + j] = e[3]
+                ws[k + 4 * CHUNK + j] = e[4]
+                ws[k + 5 * CHUNK + j] = e[5]
+                ws[k + 6 * CHUNK + j] = e[6]
+                ws[k + 7 * CHUNK + j] = e[7]
         # pass 2 (columns), quantise / dequantise, then jidctint.c pass 1 (columns), one column at a time
         for c in range(8):
-            rc0, rc1, rc2, rc3 = tables[0, c], tables[0, 8 + c], tables[0, 16 + c], tables[0, 24 + c]
-            rc4, rc5, rc6, rc7 = tables[0, 32 + c], tables[0, 40 + c], tables[0, 48 + c], tables[0, 56 + c]
-            co0, co1, co2, co3 = tables[1, c], tables[1, 8 + c], tables[1, 16 + c], tables[1, 24 + c]
-            co4, co5, co6, co7 = tables[1, 32 + c], tables[1, 40 + c], tables[1, 48 + c], tables[1, 56 + c]
-            sh0, sh1, sh2, sh3 = tables[2, c], tables[2, 8 + c], tables[2, 16 + c], tables[2, 24 + c]
-            sh4, sh5, sh6, sh7 = tables[2, 32 + c], tables[2, 40 + c], tables[2, 48 + c], tables[2, 56 + c]
-            qv0, qv1, qv2, qv3 = tables[3, c], tables[3, 8 + c], tables[3, 16 + c], tables[3, 24 + c]
-            qv4, qv5, qv6, qv7 = tables[3, 32 + c], tables[3, 40 + c], tables[3, 48 + c], tables[3, 56 + c]
+            rc = tables[0, c::8]
+            co = tables[1, c::8]
+            sh = tables[2, c::8]
+            qv = tables[3, c::8]
+            rc0, rc1, rc2, rc3, rc4, rc5, rc6, rc7 = rc[0], rc[1], rc[2], rc[3], rc[4], rc[5], rc[6], rc[7]
+            co0, co1, co2, co3, co4, co5, co6, co7 = co[0], co[1], co[2], co[3], co[4], co[5], co[6], co[7]
+            sh0, sh1, sh2, sh3, sh4, sh5, sh6, sh7 = sh[0], sh[1], sh[2], sh[3], sh[4], sh[5], sh[6], sh[7]
+            qv0, qv1, qv2, qv3, qv4, qv5, qv6, qv7 = qv[0], qv[1], qv[2], qv[3], qv[4], qv[5], qv[6], qv[7]
+            k = c * CHUNK
             for j in range(n):
                 f = _fdct_pass2(
-                    ws[c, j], ws[8 + c, j], ws[16 + c, j], ws[24 + c, j],
-                    ws[32 + c, j], ws[40 + c, j], ws[48 + c, j], ws[56 + c, j],
-                )  # fmt: skip
+                    ws[k + j],
+                    ws[k + 8 * CHUNK + j],
+                    ws[k + 16 * CHUNK + j],
+                    ws[k + 24 * CHUNK + j],
+                    ws[k + 32 * CHUNK + j],
+                    ws[k + 40 * CHUNK + j],
+                    ws[k + 48 * CHUNK + j],
+                    ws[k + 56 * CHUNK + j],
+                )
                 w = _idct_pass(
                     _qdq(f[0], rc0, co0, sh0, qv0),
                     _qdq(f[1], rc1, co1, sh1, qv1),
@@ -355,25 +363,31 @@ def _code_blocks(plane, nblocks, tables, ws):
                     _qdq(f[7], rc7, co7, sh7, qv7),
                     IDCT1_SHIFT,
                 )
-                ws[c, j] = w[0]
-                ws[8 + c, j] = w[1]
-                ws[16 + c, j] = w[2]
-                ws[24 + c, j] = w[3]
-                ws[32 + c, j] = w[4]
-                ws[40 + c, j] = w[5]
-                ws[48 + c, j] = w[6]
-                ws[56 + c, j] = w[7]
+                ws[k + j] = w[0]
+                ws[k + 8 * CHUNK + j] = w[1]
+                ws[k + 16 * CHUNK + j] = w[2]
+                ws[k + 24 * CHUNK + j] = w[3]
+                ws[k + 32 * CHUNK + j] = w[4]
+                ws[k + 40 * CHUNK + j] = w[5]
+                ws[k + 48 * CHUNK + j] = w[6]
+                ws[k + 56 * CHUNK + j] = w[7]
         # jidctint.c pass 2 (rows) and range limit
         for r in range(8):
             dst = plane[r, b0 * 8 : (b0 + n) * 8]
-            k = r * 8
+            k = r * 8 * CHUNK
             for j in range(n):
                 o = j * 8
                 p = _idct_pass(
-                    ws[k, j], ws[k + 1, j], ws[k + 2, j], ws[k + 3, j],
-                    ws[k + 4, j], ws[k + 5, j], ws[k + 6, j], ws[k + 7, j],
+                    ws[k + j],
+                    ws[k + CHUNK + j],
+                    ws[k + 2 * CHUNK + j],
+                    ws[k + 3 * CHUNK + j],
+                    ws[k + 4 * CHUNK + j],
+                    ws[k + 5 * CHUNK + j],
+                    ws[k + 6 * CHUNK + j],
+                    ws[k + 7 * CHUNK + j],
                     IDCT2_SHIFT,
-                )  # fmt: skip
+                )
                 dst[o] = _sample(p[0])
                 dst[o + 1] = _sample(p[1])
                 dst[o + 2] = _sample(p[2])
@@ -482,7 +496,7 @@ def _roundtrip_rgb(pixels, out, lum, chrom):
     ysm = np.zeros((8, _round_up(nby, LANES) * 8), np.uint8)
     cbsm = np.zeros((8, _round_up(nbc, LANES) * 8), np.uint8)
     crsm = np.zeros((8, _round_up(nbc, LANES) * 8), np.uint8)
-    ws = np.empty((64, CHUNK), np.int32)
+    ws = np.empty(64 * CHUNK, np.int32)
     colsum = np.empty(wc + 2, np.int32)
     up_cb = np.empty(2 * wc, np.uint8)
     up_cr = np.empty(2 * wc, np.uint8)
@@ -542,7 +556,7 @@ def _roundtrip_gray(pixels, out, lum):
     hp = _round_up(h, 8)
     nb = (hp >> 3) * (wp >> 3)
     sm = np.zeros((8, _round_up(nb, LANES) * 8), np.uint8)
-    ws = np.empty((64, CHUNK), np.int32)
+    ws = np.empty(64 * CHUNK, np.int32)
     for i in range(n):
         src = pixels[i, 0]
         for y in range(hp):
