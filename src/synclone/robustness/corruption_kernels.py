@@ -326,14 +326,14 @@ def shift_sum(x, dy, dx, weight, clip, out):
 
 
 @_compiled
-def correlate_separable(x, ky, rows, kx, cols, out):
+def correlate_separable(x, ky, rows, kx, cols, clip, out):
     """Correlate planes ``x`` (P, H, W) with ``ky`` down the columns, then ``kx`` along the rows, into ``out``.
 
     ``rows`` / ``cols``: the source index of each padded row / column (the border rule), lengths H + len(ky)
     - 1 and W + len(kx) - 1. Row by row: output row y is the vertical sum over padded rows y .. y +
     len(ky) - 1, then its horizontal sums, in the dtype of ``x``. Taps are added in order, four at a time
     after the first ((a + b) + (c + d)); offsets are unsigned so that numba need not check for negative
-    indices (which would stop the vectorisation).
+    indices (which would stop the vectorisation). ``clip`` clips the results to [0, 1].
     """
     planes, height, width = x.shape
     ny, nx = len(ky), len(kx)
@@ -374,6 +374,25 @@ def correlate_separable(x, ky, rows, kx, cols, out):
                 for q in range(uwidth):
                     dst[q] += line[q + oa] * k
                 t += 1
+            if clip:
+                for q in range(width):
+                    dst[q] = min(max(dst[q], 0), 1)
+    return out
+
+
+@_compiled
+def gather_planes(x, index, to_8bit, out):
+    """``out[n, c, i] = x[n, c, index[n, i]]`` for planes (N, C, H * W); ``to_8bit`` truncates to 8-bit levels."""
+    for n in range(x.shape[0]):
+        idx = index[n]
+        for c in range(x.shape[1]):
+            src, dst = x[n, c], out[n, c]
+            if to_8bit:
+                for i in range(len(idx)):
+                    dst[i] = np.floor(min(max(src[idx[i]] * _f(255), _f(0)), _f(255))) / _f(255)
+            else:
+                for i in range(len(idx)):
+                    dst[i] = src[idx[i]]
     return out
 
 

@@ -380,26 +380,33 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
     return phi / phi.sum()
 
 
-def correlate_separable(x: torch.Tensor, ky: np.ndarray, kx: np.ndarray, mode: str) -> torch.Tensor:
+def correlate_separable(x: torch.Tensor, ky: np.ndarray, kx: np.ndarray, mode: str,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Correlate the last two dimensions of ``x`` with 1-D kernels along H then W (odd lengths).
 
     Border rule ``mode`` as in :func:`border_index`; one compiled pass per plane
-    (:func:`corruption_kernels.correlate_separable`).
+    (:func:`corruption_kernels.correlate_separable`). With ``out`` the result is clipped to [0, 1] and
+    written there (:func:`run_compiled`).
     """
     h, w = x.shape[-2:]
-    planes = x.detach().cpu().reshape(-1, h, w).contiguous().numpy()
     ry, rx = len(ky) // 2, len(kx) // 2
-    out = kernels.correlate_separable(planes, np.asarray(ky, dtype=planes.dtype), border_index(h, ry, ry, mode),
-                                      np.asarray(kx, dtype=planes.dtype), border_index(w, rx, rx, mode),
-                                      np.empty_like(planes))
-    return torch.from_numpy(out).view(x.shape).to(x.device)
+
+    def run(src, dst):
+        kernels.correlate_separable(src, np.asarray(ky, dtype=src.dtype), border_index(h, ry, ry, mode),
+                                    np.asarray(kx, dtype=src.dtype), border_index(w, rx, rx, mode),
+                                    out is not None, dst)
+
+    return run_compiled(x, out, run, (-1, h, w), x.dtype)
 
 
 def gaussian_filter(x: torch.Tensor, sigma: float | tuple[float, float], mode: str = "replicate",
-                    truncate: float = 4.0) -> torch.Tensor:
-    """scikit-image ``filters.gaussian`` (SciPy ``gaussian_filter``) over the last two dimensions."""
+                    truncate: float = 4.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scikit-image ``filters.gaussian`` (SciPy ``gaussian_filter``) over the last two dimensions.
+
+    With ``out``, clipped to [0, 1] and written there.
+    """
     sy, sx = (sigma, sigma) if np.isscalar(sigma) else sigma
-    return correlate_separable(x, gaussian_kernel1d(sy, truncate), gaussian_kernel1d(sx, truncate), mode)
+    return correlate_separable(x, gaussian_kernel1d(sy, truncate), gaussian_kernel1d(sx, truncate), mode, out)
 
 
 @lru_cache(maxsize=64)
@@ -652,12 +659,19 @@ def gather_sum(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> to
     return out.t().contiguous().view(n, c, h, w)
 
 
-def glass_shuffle(x: torch.Tensor, offsets: torch.Tensor | np.ndarray, delta: int) -> torch.Tensor:
-    """The reference glass-blur pixel loop, exactly: ``x`` gathered through :func:`glass_source_map`."""
+def glass_shuffle(x: torch.Tensor, offsets: torch.Tensor | np.ndarray, delta: int,
+                  to_8bit: bool = False) -> torch.Tensor:
+    """The reference glass-blur pixel loop, exactly: ``x`` gathered through :func:`glass_source_map`.
+
+    ``to_8bit`` also truncates the values to 8-bit levels (``floor(clip(255 v, 0, 255)) / 255``), in the
+    same pass, as the reference stores its first blur as uint8.
+    """
     n, c, h, w = x.shape
     off = offsets.cpu().numpy() if isinstance(offsets, torch.Tensor) else np.asarray(offsets)
-    index = torch.from_numpy(glass_source_map(off, h, w, delta)).to(x.device)
-    return x.reshape(n, c, h * w).gather(2, index[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)
+    index = glass_source_map(off, h, w, delta)
+    src = x.detach().cpu().reshape(n, c, h * w).contiguous().numpy()
+    out = kernels.gather_planes(src, index, bool(to_8bit), np.empty_like(src))
+    return torch.from_numpy(out).view(x.shape).to(x.device)
 
 
 def glass_source_map(offsets: np.ndarray, height: int, width: int, delta: int) -> np.ndarray:

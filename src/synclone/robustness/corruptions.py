@@ -283,15 +283,15 @@ def _gaussian_blur(x, severity, rng, s):
     return ops.gaussian_filter(x, GAUSSIAN_BLUR[severity - 1] * s, "replicate")
 
 
-def _glass_blur(x, severity, rng, s):
+def _glass_blur(x, severity, rng, s, out=None):
     sigma, delta, passes = GLASS_BLUR[severity - 1]
     sigma, delta = sigma * s, _pixels(delta, s)
-    # The reference stores the first blur as uint8 (truncating) before shuffling pixels.
-    y = torch.floor(torch.clamp(ops.gaussian_filter(x, sigma) * 255, 0, 255)).div_(255)
     h, w = x.shape[-2:]
     nh, nw = max(h - 2 * delta, 0), max(w - 2 * delta, 0)
     offsets = rng.randint(-delta, delta, (passes, nh, nw, 2))
-    return ops.gaussian_filter(ops.glass_shuffle(y, offsets, delta), sigma)
+    # The reference stores the first blur as uint8 (truncating) before shuffling pixels: one pass does both.
+    shuffled = ops.glass_shuffle(ops.gaussian_filter(x, sigma), offsets, delta, to_8bit=True)
+    return ops.gaussian_filter(shuffled, sigma, out=out)
 
 
 def _defocus_blur(x, severity, rng, s):
@@ -489,4 +489,4 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
 # Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
 _WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur, _brightness,
-              _saturate, _contrast, _frost, _fog, _snow}
+              _saturate, _contrast, _frost, _fog, _snow, _glass_blur}
