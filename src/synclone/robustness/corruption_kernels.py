@@ -234,39 +234,47 @@ def pixelate(x, row_start, row_len, col_start, col_len, row_src, col_src, out):
 
     Block (a, b) averages rows ``row_start[a]`` .. + ``row_len[a]`` and columns ``col_start[b]`` .. +
     ``col_len[b]`` (sums of rows first, then of columns, then one division); output pixel (y, x) takes block
-    (``row_src[y]``, ``col_src[x]``). Loops index arrays directly: slices in inner loops cost more here.
+    (``row_src[y]``, ``col_src[x]``). The row sums are transposed so that the column sums, too, add whole
+    rows (vectorised) instead of picking single values.
     """
     h2, w2, width = len(row_start), len(col_start), x.shape[2]
-    rows = np.empty(width, dtype=np.float32)
-    small = np.empty((h2, w2), dtype=np.float32)
-    # Column sums take the same number of terms for every block, a shorter block adding 0 * (a neighbour):
-    # runs of varying length would mispredict a branch per block.
-    terms = col_len.max()
-    col_idx = np.empty((terms, w2), dtype=np.int64)
-    col_on = np.empty((terms, w2), dtype=np.float32)
-    for j in range(terms):
-        for b in range(w2):
-            col_idx[j, b] = min(col_start[b] + j, width - 1)
-            col_on[j, b] = _f(1) if col_len[b] > j else _f(0)
+    rows = np.empty((h2, width), dtype=np.float32)
+    rows_t = np.empty((width, h2), dtype=np.float32)
+    small_t = np.empty((w2, h2), dtype=np.float32)
+    expanded = np.empty(width, dtype=np.float32)
     for p in range(x.shape[0]):
+        plane = x[p]
         for a in range(h2):
-            r0 = row_start[a]
+            acc, src = rows[a], plane[row_start[a]]
             for q in range(width):
-                rows[q] = x[p, r0, q]
-            for r in range(r0 + 1, r0 + row_len[a]):
+                acc[q] = src[q]
+            for r in range(row_start[a] + 1, row_start[a] + row_len[a]):
+                src = plane[r]
                 for q in range(width):
-                    rows[q] += x[p, r, q]
-            for b in range(w2):
-                small[a, b] = rows[col_idx[0, b]]
-            for j in range(1, terms):
-                for b in range(w2):
-                    small[a, b] += rows[col_idx[j, b]] * col_on[j, b]
-            for b in range(w2):
-                small[a, b] /= _f(row_len[a] * col_len[b])
+                    acc[q] += src[q]
+        for a in range(h2):
+            src = rows[a]
+            for q in range(width):
+                rows_t[q, a] = src[q]
+        for b in range(w2):
+            acc, src = small_t[b], rows_t[col_start[b]]
+            for a in range(h2):
+                acc[a] = src[a]
+            for c in range(col_start[b] + 1, col_start[b] + col_len[b]):
+                src = rows_t[c]
+                for a in range(h2):
+                    acc[a] += src[a]
+            for a in range(h2):
+                acc[a] /= _f(row_len[a] * col_len[b])
+        done = -1  # the block row ``expanded`` holds
         for y in range(out.shape[1]):
-            a = row_src[y]
-            for q in range(out.shape[2]):
-                out[p, y, q] = small[a, col_src[q]]
+            if row_src[y] != done:
+                done = row_src[y]
+                for q in range(width):
+                    expanded[q] = small_t[col_src[q], done]
+            dst = out[p, y]
+            for q in range(width):
+                dst[q] = expanded[q]
     return out
 
 

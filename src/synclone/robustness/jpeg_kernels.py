@@ -12,12 +12,21 @@ Lane, Guido Vollbeding; libjpeg-turbo modifications: D. R. Commander and others;
 see libjpeg-turbo's README.ijg). This file is an independent implementation of the same arithmetic; the
 comments name the libjpeg-turbo source each step reproduces.
 
-Blocks are processed many at a time: the DCT workspace is coefficient-major (64 rows, one column per block), so
-each 1-D pass is a loop over blocks that the compiler vectorises. All arithmetic is wrapped to int32 (the
-widths libjpeg uses) so the vectors hold 32-bit lanes. Kernels compile on first use and are cached on disk.
+Speed comes from letting the compiler vectorise every loop:
+
+- Blocks are processed many at a time: the DCT workspace is coefficient-major (coefficient k of block j at
+  ``k * CHUNK + j``), so each 1-D pass is a loop over blocks. Planes are strip-major (block b's row r is
+  ``plane[r, 8 b : 8 b + 8]``, blocks of all block rows side by side), so every block row is one run of blocks.
+- Arithmetic goes through the int32 intrinsics below (numba would widen int32 arithmetic to int64, and LLVM
+  then keeps 64-bit lanes); the values never overflow 32 bits, as in libjpeg.
+- Loops over pixel rows read and write few, distinct arrays, which the compiler can check for overlap once.
+
+Kernels compile on first use and are cached on disk.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -46,7 +55,31 @@ def _inline(fn):
     return fn if numba is None else numba.njit(inline="always", error_model="numpy")(fn)
 
 
+def _int32_op(build):
+    """A numba intrinsic: int32 (x, y) -> int32, built by ``build(builder, x, y)`` (no widening to int64)."""
+    if numba is None:  # pragma: no cover
+        return None
+    from numba.core import types
+    from numba.extending import intrinsic
+
+    def typer(typingctx, x, y):
+        return types.int32(types.int32, types.int32), lambda context, builder, sig, args: build(builder, *args)
+
+    return intrinsic(typer)
+
+
+# nsw: libjpeg's arithmetic on 8-bit samples never overflows 32 bits, so the compiler may assume it does not
+_add = _int32_op(lambda b, x, y: b.add(x, y, flags=("nsw",)))
+_sub = _int32_op(lambda b, x, y: b.sub(x, y, flags=("nsw",)))
+_mul = _int32_op(lambda b, x, y: b.mul(x, y, flags=("nsw",)))
+_sra = _int32_op(lambda b, x, y: b.ashr(x, y))  # RIGHT_SHIFT: arithmetic
+_shl = _int32_op(lambda b, x, y: b.shl(x, y, flags=("nsw",)))
+_min = _int32_op(lambda b, x, y: b.select(b.icmp_signed("<", x, y), x, y))
+_max = _int32_op(lambda b, x, y: b.select(b.icmp_signed(">", x, y), x, y))
+_xor = _int32_op(lambda b, x, y: b.xor(x, y))
+
 _I = np.int32
+_U8 = np.uint8
 
 # jcparam.c: the IJG base quantisation tables (JPEG spec, Annex K), natural (row-major) order.
 STD_LUMINANCE = np.array(
@@ -87,16 +120,17 @@ def _fix(x: float) -> int:
     return int(x * (1 << SCALEBITS) + 0.5)
 
 
+# rgb_ycc_start: the tables are FIX(c) * value; B=>Cb and R=>Cr carry the offset and a rounding fudge of
+# 0.5 - epsilon, B=>Y carries ONE_HALF. Summing products is summing table entries.
 Y_R, Y_G, Y_B = _fix(0.29900), _fix(0.58700), _fix(0.11400)
 CB_R, CB_G, CB_B = -_fix(0.16874), -_fix(0.33126), _fix(0.50000)
 CR_R, CR_G, CR_B = _fix(0.50000), -_fix(0.41869), -_fix(0.08131)
-# rgb_ycc_start: B=>Cb and R=>Cr carry the offset and a rounding fudge of 0.5 - epsilon
 CBCR_ROUND = CBCR_OFFSET + ONE_HALF - 1
-# build_ycc_rgb_table: Cr=>R and Cb=>B rounded per entry, Cb=>G carries ONE_HALF
+# build_ycc_rgb_table: Cr=>R and Cb=>B rounded per entry, Cb=>G carries ONE_HALF, all of (value - 128)
 R_CR, B_CB = _fix(1.40200), _fix(1.77200)
 G_CB, G_CR = -_fix(0.34414), -_fix(0.71414)
 
-# jfdctint.c / jidctint.c: CONST_BITS 13, PASS1_BITS 2, FIX_* constants.
+# jfdctint.c / jidctint.c: CONST_BITS 13, PASS1_BITS 2 (8-bit samples), FIX_* constants.
 CONST_BITS = 13
 PASS1_BITS = 2
 F0298, F0390, F0541, F0765 = 2446, 3196, 4433, 6270
@@ -108,7 +142,7 @@ IDCT1_SHIFT = CONST_BITS - PASS1_BITS  # 11
 IDCT2_SHIFT = CONST_BITS + PASS1_BITS + 3  # 18
 
 CHUNK = 128  # blocks per pass over the DCT workspace: 64 x 128 int32 = 32 KiB, within L1
-LANES = 32  # block counts are padded to this, so vector loops need no scalar remainder
+LANES = 32  # block counts are padded to a multiple of this, so vector loops need no scalar remainder
 
 
 def quant_table(base: np.ndarray, quality: int) -> np.ndarray:
@@ -131,7 +165,7 @@ def _divisors(table: np.ndarray) -> np.ndarray:
     for i, qv in enumerate(np.asarray(table, dtype=np.int64)):
         divisor = int(qv) << 3
         b = divisor.bit_length() - 1  # flss(divisor) - 1
-        r = 16 + b  # sizeof(DCTELEM) * 8 + b, DCTELEM being 16 bits in SIMD builds
+        r = 16 + b  # sizeof(DCTELEM) * 8 + b: DCTELEM is 16 bits in libjpeg-turbo's SIMD builds
         fq, fr = divmod(1 << r, divisor)
         c = divisor // 2
         if fr == 0:  # power of two
@@ -145,91 +179,66 @@ def _divisors(table: np.ndarray) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _tables(quality: int) -> tuple[np.ndarray, np.ndarray]:
+    """Luminance and chrominance divisor tables for a quality (read-only)."""
+    lum = _divisors(quant_table(STD_LUMINANCE, quality))
+    chrom = _divisors(quant_table(STD_CHROMINANCE, quality))
+    lum.flags.writeable = chrom.flags.writeable = False
+    return lum, chrom
+
+
 # ---------------------------------------------------------------------------------------------------------
-# 1-D transforms. Each returns the outputs of one 8-point pass; every operation is cast to int32 so that the
-# vectorised loops work on 32-bit lanes (libjpeg's JLONG products of 16-bit values fit in 32 bits).
+# 1-D transforms: the outputs of one 8-point pass.
 
 
 @_inline
-def _fdct_pass1(d0, d1, d2, d3, d4, d5, d6, d7):
-    """jfdctint.c jpeg_fdct_islow, pass 1 (rows): outputs scaled up by 2^PASS1_BITS."""
-    tmp0 = _I(d0 + d7)
-    tmp7 = _I(d0 - d7)
-    tmp1 = _I(d1 + d6)
-    tmp6 = _I(d1 - d6)
-    tmp2 = _I(d2 + d5)
-    tmp5 = _I(d2 - d5)
-    tmp3 = _I(d3 + d4)
-    tmp4 = _I(d3 - d4)
-    tmp10 = _I(tmp0 + tmp3)
-    tmp13 = _I(tmp0 - tmp3)
-    tmp11 = _I(tmp1 + tmp2)
-    tmp12 = _I(tmp1 - tmp2)
-    o0 = _I(_I(tmp10 + tmp11) << PASS1_BITS)
-    o4 = _I(_I(tmp10 - tmp11) << PASS1_BITS)
-    z1 = _I(_I(tmp12 + tmp13) * F0541)
-    rnd = 1 << (FDCT1_SHIFT - 1)
-    o2 = _I(_I(_I(z1 + _I(tmp13 * F0765)) + rnd) >> FDCT1_SHIFT)
-    o6 = _I(_I(_I(z1 - _I(tmp12 * F1847)) + rnd) >> FDCT1_SHIFT)
-    z1 = _I(tmp4 + tmp7)
-    z2 = _I(tmp5 + tmp6)
-    z3 = _I(tmp4 + tmp6)
-    z4 = _I(tmp5 + tmp7)
-    z5 = _I(_I(z3 + z4) * F1175)
-    tmp4 = _I(tmp4 * F0298)
-    tmp5 = _I(tmp5 * F2053)
-    tmp6 = _I(tmp6 * F3072)
-    tmp7 = _I(tmp7 * F1501)
-    z1 = _I(z1 * -F0899)
-    z2 = _I(z2 * -F2562)
-    z3 = _I(_I(z3 * -F1961) + z5)
-    z4 = _I(_I(z4 * -F0390) + z5)
-    o7 = _I(_I(_I(_I(tmp4 + z1) + z3) + rnd) >> FDCT1_SHIFT)
-    o5 = _I(_I(_I(_I(tmp5 + z2) + z4) + rnd) >> FDCT1_SHIFT)
-    o3 = _I(_I(_I(_I(tmp6 + z2) + z3) + rnd) >> FDCT1_SHIFT)
-    o1 = _I(_I(_I(_I(tmp7 + z1) + z4) + rnd) >> FDCT1_SHIFT)
-    return o0, o1, o2, o3, o4, o5, o6, o7
-
-
-@_inline
-def _fdct_pass2(d0, d1, d2, d3, d4, d5, d6, d7):
-    """jfdctint.c jpeg_fdct_islow, pass 2 (columns): removes PASS1_BITS, leaves the outputs scaled by 8."""
-    tmp0 = _I(d0 + d7)
-    tmp7 = _I(d0 - d7)
-    tmp1 = _I(d1 + d6)
-    tmp6 = _I(d1 - d6)
-    tmp2 = _I(d2 + d5)
-    tmp5 = _I(d2 - d5)
-    tmp3 = _I(d3 + d4)
-    tmp4 = _I(d3 - d4)
-    tmp10 = _I(tmp0 + tmp3)
-    tmp13 = _I(tmp0 - tmp3)
-    tmp11 = _I(tmp1 + tmp2)
-    tmp12 = _I(tmp1 - tmp2)
-    rnd0 = 1 << (PASS1_BITS - 1)
-    o0 = _I(_I(_I(tmp10 + tmp11) + rnd0) >> PASS1_BITS)
-    o4 = _I(_I(_I(tmp10 - tmp11) + rnd0) >> PASS1_BITS)
-    z1 = _I(_I(tmp12 + tmp13) * F0541)
-    rnd = 1 << (FDCT2_SHIFT - 1)
-    o2 = _I(_I(_I(z1 + _I(tmp13 * F0765)) + rnd) >> FDCT2_SHIFT)
-    o6 = _I(_I(_I(z1 - _I(tmp12 * F1847)) + rnd) >> FDCT2_SHIFT)
-    z1 = _I(tmp4 + tmp7)
-    z2 = _I(tmp5 + tmp6)
-    z3 = _I(tmp4 + tmp6)
-    z4 = _I(tmp5 + tmp7)
-    z5 = _I(_I(z3 + z4) * F1175)
-    tmp4 = _I(tmp4 * F0298)
-    tmp5 = _I(tmp5 * F2053)
-    tmp6 = _I(tmp6 * F3072)
-    tmp7 = _I(tmp7 * F1501)
-    z1 = _I(z1 * -F0899)
-    z2 = _I(z2 * -F2562)
-    z3 = _I(_I(z3 * -F1961) + z5)
-    z4 = _I(_I(z4 * -F0390) + z5)
-    o7 = _I(_I(_I(_I(tmp4 + z1) + z3) + rnd) >> FDCT2_SHIFT)
-    o5 = _I(_I(_I(_I(tmp5 + z2) + z4) + rnd) >> FDCT2_SHIFT)
-    o3 = _I(_I(_I(_I(tmp6 + z2) + z3) + rnd) >> FDCT2_SHIFT)
-    o1 = _I(_I(_I(_I(tmp7 + z1) + z4) + rnd) >> FDCT2_SHIFT)
+def _fdct_pass(d0, d1, d2, d3, d4, d5, d6, d7, pass1):
+    """jfdctint.c jpeg_fdct_islow, one pass. Pass 1 (rows) scales its outputs up by 2^PASS1_BITS; pass 2
+    (columns) removes that, leaving the outputs scaled by 8 (removed by quantisation)."""
+    tmp0 = _add(d0, d7)
+    tmp7 = _sub(d0, d7)
+    tmp1 = _add(d1, d6)
+    tmp6 = _sub(d1, d6)
+    tmp2 = _add(d2, d5)
+    tmp5 = _sub(d2, d5)
+    tmp3 = _add(d3, d4)
+    tmp4 = _sub(d3, d4)
+    # even part
+    tmp10 = _add(tmp0, tmp3)
+    tmp13 = _sub(tmp0, tmp3)
+    tmp11 = _add(tmp1, tmp2)
+    tmp12 = _sub(tmp1, tmp2)
+    if pass1:
+        shift = FDCT1_SHIFT
+        o0 = _shl(_add(tmp10, tmp11), PASS1_BITS)
+        o4 = _shl(_sub(tmp10, tmp11), PASS1_BITS)
+    else:
+        shift = FDCT2_SHIFT
+        o0 = _sra(_add(_add(tmp10, tmp11), 1 << (PASS1_BITS - 1)), PASS1_BITS)
+        o4 = _sra(_add(_sub(tmp10, tmp11), 1 << (PASS1_BITS - 1)), PASS1_BITS)
+    rnd = _I(1 << (shift - 1))
+    z1 = _mul(_add(tmp12, tmp13), F0541)
+    o2 = _sra(_add(_add(z1, _mul(tmp13, F0765)), rnd), shift)
+    o6 = _sra(_add(_sub(z1, _mul(tmp12, F1847)), rnd), shift)
+    # odd part
+    z1 = _add(tmp4, tmp7)
+    z2 = _add(tmp5, tmp6)
+    z3 = _add(tmp4, tmp6)
+    z4 = _add(tmp5, tmp7)
+    z5 = _mul(_add(z3, z4), F1175)
+    tmp4 = _mul(tmp4, F0298)
+    tmp5 = _mul(tmp5, F2053)
+    tmp6 = _mul(tmp6, F3072)
+    tmp7 = _mul(tmp7, F1501)
+    z1 = _mul(z1, -F0899)
+    z2 = _mul(z2, -F2562)
+    z3 = _add(_mul(z3, -F1961), z5)
+    z4 = _add(_mul(z4, -F0390), z5)
+    o7 = _sra(_add(_add(_add(tmp4, z1), z3), rnd), shift)
+    o5 = _sra(_add(_add(_add(tmp5, z2), z4), rnd), shift)
+    o3 = _sra(_add(_add(_add(tmp6, z2), z3), rnd), shift)
+    o1 = _sra(_add(_add(_add(tmp7, z1), z4), rnd), shift)
     return o0, o1, o2, o3, o4, o5, o6, o7
 
 
@@ -241,59 +250,58 @@ def _idct_pass(c0, c1, c2, c3, c4, c5, c6, c7, shift):
     C code's shortcuts for all-zero AC terms give the same values as the general path, so there are none here.
     """
     # even part
-    z1 = _I(_I(c2 + c6) * F0541)
-    tmp2 = _I(z1 - _I(c6 * F1847))
-    tmp3 = _I(z1 + _I(c2 * F0765))
-    tmp0 = _I(_I(c0 + c4) << CONST_BITS)
-    tmp1 = _I(_I(c0 - c4) << CONST_BITS)
-    tmp10 = _I(tmp0 + tmp3)
-    tmp13 = _I(tmp0 - tmp3)
-    tmp11 = _I(tmp1 + tmp2)
-    tmp12 = _I(tmp1 - tmp2)
-    # odd part: tmp0..tmp3 are inputs 7, 5, 3, 1
-    z1 = _I(c7 + c1)
-    z2 = _I(c5 + c3)
-    z3 = _I(c7 + c3)
-    z4 = _I(c5 + c1)
-    z5 = _I(_I(z3 + z4) * F1175)
-    tmp0 = _I(c7 * F0298)
-    tmp1 = _I(c5 * F2053)
-    tmp2 = _I(c3 * F3072)
-    tmp3 = _I(c1 * F1501)
-    z1 = _I(z1 * -F0899)
-    z2 = _I(z2 * -F2562)
-    z3 = _I(_I(z3 * -F1961) + z5)
-    z4 = _I(_I(z4 * -F0390) + z5)
-    tmp0 = _I(tmp0 + _I(z1 + z3))
-    tmp1 = _I(tmp1 + _I(z2 + z4))
-    tmp2 = _I(tmp2 + _I(z2 + z3))
-    tmp3 = _I(tmp3 + _I(z1 + z4))
+    z1 = _mul(_add(c2, c6), F0541)
+    tmp2 = _sub(z1, _mul(c6, F1847))
+    tmp3 = _add(z1, _mul(c2, F0765))
+    tmp0 = _shl(_add(c0, c4), CONST_BITS)
+    tmp1 = _shl(_sub(c0, c4), CONST_BITS)
+    tmp10 = _add(tmp0, tmp3)
+    tmp13 = _sub(tmp0, tmp3)
+    tmp11 = _add(tmp1, tmp2)
+    tmp12 = _sub(tmp1, tmp2)
+    # odd part (the C code's tmp0..tmp3 are inputs 7, 5, 3, 1)
+    z1 = _add(c7, c1)
+    z2 = _add(c5, c3)
+    z3 = _add(c7, c3)
+    z4 = _add(c5, c1)
+    z5 = _mul(_add(z3, z4), F1175)
+    z1 = _mul(z1, -F0899)
+    z2 = _mul(z2, -F2562)
+    z3 = _add(_mul(z3, -F1961), z5)
+    z4 = _add(_mul(z4, -F0390), z5)
+    tmp0 = _add(_mul(c7, F0298), _add(z1, z3))
+    tmp1 = _add(_mul(c5, F2053), _add(z2, z4))
+    tmp2 = _add(_mul(c3, F3072), _add(z2, z3))
+    tmp3 = _add(_mul(c1, F1501), _add(z1, z4))
     rnd = _I(1 << (shift - 1))
-    o0 = _I(_I(_I(tmp10 + tmp3) + rnd) >> shift)
-    o7 = _I(_I(_I(tmp10 - tmp3) + rnd) >> shift)
-    o1 = _I(_I(_I(tmp11 + tmp2) + rnd) >> shift)
-    o6 = _I(_I(_I(tmp11 - tmp2) + rnd) >> shift)
-    o2 = _I(_I(_I(tmp12 + tmp1) + rnd) >> shift)
-    o5 = _I(_I(_I(tmp12 - tmp1) + rnd) >> shift)
-    o3 = _I(_I(_I(tmp13 + tmp0) + rnd) >> shift)
-    o4 = _I(_I(_I(tmp13 - tmp0) + rnd) >> shift)
+    tmp10 = _add(tmp10, rnd)
+    tmp11 = _add(tmp11, rnd)
+    tmp12 = _add(tmp12, rnd)
+    tmp13 = _add(tmp13, rnd)
+    o0 = _sra(_add(tmp10, tmp3), shift)
+    o7 = _sra(_sub(tmp10, tmp3), shift)
+    o1 = _sra(_add(tmp11, tmp2), shift)
+    o6 = _sra(_sub(tmp11, tmp2), shift)
+    o2 = _sra(_add(tmp12, tmp1), shift)
+    o5 = _sra(_sub(tmp12, tmp1), shift)
+    o3 = _sra(_add(tmp13, tmp0), shift)
+    o4 = _sra(_sub(tmp13, tmp0), shift)
     return o0, o1, o2, o3, o4, o5, o6, o7
 
 
 @_inline
 def _qdq(x, recip, corr, shift, qval):
     """jcdctmgr.c quantize (the reciprocal form), then jidctint.c's DEQUANTIZE: the coefficient the decoder sees."""
-    s = _I(x >> 31)  # 0 or -1
-    a = _I(_I(x ^ s) - s)
-    t = _I(_I(_I(a + corr) * recip) >> shift)
-    return _I(_I(_I(t ^ s) - s) * qval)
+    s = _sra(x, 31)  # 0 or -1
+    t = _sra(_mul(_add(_sub(_xor(x, s), s), corr), recip), shift)  # (|x| + corr) * recip >> shift
+    return _mul(_sub(_xor(t, s), s), qval)
 
 
 @_inline
 def _sample(v):
-    """jidctint.c range limit after pass 2: the sample v + CENTERJSAMPLE clamped to 0..255."""
-    v = _I(v + 128)
-    return np.uint8(min(max(v, 0), 255))
+    """jidctint.c after pass 2: the sample v + CENTERJSAMPLE, limited to 0..255 (libjpeg-turbo's SIMD IDCT
+    saturates; the C code's range_limit table agrees on every value a JPEG encoder produces)."""
+    return _U8(_min(_max(_add(v, 128), 0), 255))
 
 
 @_compiled
@@ -302,35 +310,36 @@ def _code_blocks(plane, nblocks, tables, ws):
 
     plane: uint8 (8, >= nblocks * 8), strip-major: block b's row r is plane[r, 8 b : 8 b + 8]. tables: int32
     (4, 64) from :func:`_divisors`. ws: int32 (64 * CHUNK,) workspace, coefficient k of the chunk's block j at
-    k * CHUNK + j. (One flat array with a constant stride lets the compiler see that the 64 rows never overlap.)
+    k * CHUNK + j (one flat array with a constant stride lets the compiler see the 64 rows never overlap).
     """
     for b0 in range(0, nblocks, CHUNK):
         n = min(CHUNK, nblocks - b0)
-        # jcdctmgr.c convsamp + jfdctint.c pass 1 (rows)
+        # jcdctmgr.c convsamp (sample - CENTERJSAMPLE), jfdctint.c pass 1 (rows)
         for r in range(8):
             src = plane[r, b0 * 8 : (b0 + n) * 8]
             k = r * 8 * CHUNK
             for j in range(n):
                 o = j * 8
-                e = _fdct_pass1(
-                    _I(_I(src[o]) - 128),
-                    _I(_I(src[o + 1]) - 128),
-                    _I(_I(src[o + 2]) - 128),
-                    _I(_I(src[o + 3]) - 128),
-                    _I(_I(src[o + 4]) - 128),
-                    _I(_I(src[o + 5]) - 128),
-                    _I(_I(src[o + 6]) - 128),
-                    _I(_I(src[o + 7]) - 128),
+                e = _fdct_pass(
+                    _sub(_I(src[o]), 128),
+                    _sub(_I(src[o + 1]), 128),
+                    _sub(_I(src[o + 2]), 128),
+                    _sub(_I(src[o + 3]), 128),
+                    _sub(_I(src[o + 4]), 128),
+                    _sub(_I(src[o + 5]), 128),
+                    _sub(_I(src[o + 6]), 128),
+                    _sub(_I(src[o + 7]), 128),
+                    True,
                 )
                 ws[k + j] = e[0]
-                ws[k + 1 * CHUNK + j] = e[1]
+                ws[k + CHUNK + j] = e[1]
                 ws[k + 2 * CHUNK + j] = e[2]
                 ws[k + 3 * CHUNK + j] = e[3]
                 ws[k + 4 * CHUNK + j] = e[4]
                 ws[k + 5 * CHUNK + j] = e[5]
                 ws[k + 6 * CHUNK + j] = e[6]
                 ws[k + 7 * CHUNK + j] = e[7]
-        # pass 2 (columns), quantise / dequantise, then jidctint.c pass 1 (columns), one column at a time
+        # pass 2 (columns), jcdctmgr.c quantize, dequantise, jidctint.c pass 1 (columns): one column at a time
         for c in range(8):
             rc = tables[0, c::8]
             co = tables[1, c::8]
@@ -342,7 +351,7 @@ def _code_blocks(plane, nblocks, tables, ws):
             qv0, qv1, qv2, qv3, qv4, qv5, qv6, qv7 = qv[0], qv[1], qv[2], qv[3], qv[4], qv[5], qv[6], qv[7]
             k = c * CHUNK
             for j in range(n):
-                f = _fdct_pass2(
+                f = _fdct_pass(
                     ws[k + j],
                     ws[k + 8 * CHUNK + j],
                     ws[k + 16 * CHUNK + j],
@@ -351,6 +360,7 @@ def _code_blocks(plane, nblocks, tables, ws):
                     ws[k + 40 * CHUNK + j],
                     ws[k + 48 * CHUNK + j],
                     ws[k + 56 * CHUNK + j],
+                    False,
                 )
                 w = _idct_pass(
                     _qdq(f[0], rc0, co0, sh0, qv0),
@@ -398,80 +408,82 @@ def _code_blocks(plane, nblocks, tables, ws):
                 dst[o + 7] = _sample(p[7])
 
 
-@_compiled
-def _luma_row(r, g, b, dst, w):
-    """jccolext.c rgb_ycc_convert, Y only, then jcsample.c expand_right_edge to len(dst)."""
+# ---------------------------------------------------------------------------------------------------------
+# Rows of pixels.
+
+
+@_inline
+def _ycc(r, g, b, cy, cg, cb, rnd):
+    return _U8(_sra(_add(_add(_add(_mul(_I(r), cy), _mul(_I(g), cg)), _mul(_I(b), cb)), rnd), SCALEBITS))
+
+
+@_inline
+def _ycc_row(r, g, b, y_out, cb_out, cr_out, w):
+    """jccolext.c rgb_ycc_convert of one pixel row (w pixels)."""
     for x in range(w):
-        dst[x] = _I(_I(_I(_I(r[x]) * Y_R) + _I(_I(g[x]) * Y_G) + _I(_I(b[x]) * Y_B) + ONE_HALF) >> SCALEBITS)
-    last = dst[w - 1]
-    for x in range(w, dst.shape[0]):
-        dst[x] = last
+        rv, gv, bv = r[x], g[x], b[x]
+        y_out[x] = _ycc(rv, gv, bv, Y_R, Y_G, Y_B, ONE_HALF)
+        cb_out[x] = _ycc(rv, gv, bv, CB_R, CB_G, CB_B, CBCR_ROUND)
+        cr_out[x] = _ycc(rv, gv, bv, CR_R, CR_G, CR_B, CBCR_ROUND)
 
 
 @_inline
-def _cb(r, g, b):
-    return _I(_I(_I(_I(r) * CB_R) + _I(_I(g) * CB_G) + _I(_I(b) * CB_B) + CBCR_ROUND) >> SCALEBITS)
+def _luma_row(r, g, b, y_out, w):
+    """jccolext.c rgb_ycc_convert of one pixel row, Y only."""
+    for x in range(w):
+        y_out[x] = _ycc(r[x], g[x], b[x], Y_R, Y_G, Y_B, ONE_HALF)
 
 
 @_inline
-def _cr(r, g, b):
-    return _I(_I(_I(_I(r) * CR_R) + _I(_I(g) * CR_G) + _I(_I(b) * CR_B) + CBCR_ROUND) >> SCALEBITS)
+def _expand_right_edge(row, w):
+    """jcsample.c expand_right_edge: the columns from w on repeat column w - 1."""
+    if row.shape[0] > w:
+        row[w:] = row[w - 1]
 
 
-@_compiled
-def _chroma_row(r0, g0, b0, r1, g1, b1, cb_dst, cr_dst, w):
-    """jccolext.c rgb_ycc_convert (Cb, Cr) of two pixel rows, then jcsample.c h2v2_downsample.
-
-    Pixels right of the image repeat its last column (expand_right_edge); the bias alternates 1, 2.
-    """
-    for j in range(w >> 1):
-        x = 2 * j
-        bias = 1 + (j & 1)
-        cb = _cb(r0[x], g0[x], b0[x]) + _cb(r0[x + 1], g0[x + 1], b0[x + 1])
-        cb += _cb(r1[x], g1[x], b1[x]) + _cb(r1[x + 1], g1[x + 1], b1[x + 1])
-        cr = _cr(r0[x], g0[x], b0[x]) + _cr(r0[x + 1], g0[x + 1], b0[x + 1])
-        cr += _cr(r1[x], g1[x], b1[x]) + _cr(r1[x + 1], g1[x + 1], b1[x + 1])
-        cb_dst[j] = _I(_I(cb + bias) >> 2)
-        cr_dst[j] = _I(_I(cr + bias) >> 2)
-    for j in range(w >> 1, cb_dst.shape[0]):
-        x0 = min(2 * j, w - 1)
-        x1 = min(2 * j + 1, w - 1)
-        bias = 1 + (j & 1)
-        cb = _cb(r0[x0], g0[x0], b0[x0]) + _cb(r0[x1], g0[x1], b0[x1])
-        cb += _cb(r1[x0], g1[x0], b1[x0]) + _cb(r1[x1], g1[x1], b1[x1])
-        cr = _cr(r0[x0], g0[x0], b0[x0]) + _cr(r0[x1], g0[x1], b0[x1])
-        cr += _cr(r1[x0], g1[x0], b1[x0]) + _cr(r1[x1], g1[x1], b1[x1])
-        cb_dst[j] = _I(_I(cb + bias) >> 2)
-        cr_dst[j] = _I(_I(cr + bias) >> 2)
+@_inline
+def _downsample_row(in0, in1, out):
+    """jcsample.c h2v2_downsample: the mean of each 2x2 pixel group, the bias alternating 1, 2."""
+    for j in range(out.shape[0]):
+        s = _add(_add(_I(in0[2 * j]), _I(in0[2 * j + 1])), _add(_I(in1[2 * j]), _I(in1[2 * j + 1])))
+        out[j] = _U8(_sra(_add(s, _add(_I(j & 1), 1)), 2))
 
 
-@_compiled
-def _upsample_row(near, far, wc, colsum, dst):
-    """jdsample.c h2v2_fancy_upsample, one output row: 3/4 nearer input row + 1/4 farther, then the same
-    across columns, with biases 8 and 7. Columns outside the image repeat the edge column's sum."""
+@_inline
+def _colsum_row(near, far, colsum, wc):
+    """jdsample.c h2v2_fancy_upsample, vertical step: 3 nearer + farther, in colsum[1 : wc + 1], with the edge
+    columns repeated into colsum[0] and colsum[wc + 1] (the C code's special first and last columns)."""
     for j in range(wc):
-        colsum[j + 1] = _I(_I(_I(near[j]) * 3) + _I(far[j]))
+        colsum[j + 1] = _add(_mul(_I(near[j]), 3), _I(far[j]))
     colsum[0] = colsum[1]
     colsum[wc + 1] = colsum[wc]
+
+
+@_inline
+def _upsample_row(colsum, out, wc):
+    """jdsample.c h2v2_fancy_upsample, horizontal step: 3/4 nearer + 1/4 farther column sum, biases 8 and 7."""
     for j in range(wc):
-        t = _I(colsum[j + 1] * 3)
-        dst[2 * j] = _I(_I(_I(t + colsum[j]) + 8) >> 4)
-        dst[2 * j + 1] = _I(_I(_I(t + colsum[j + 2]) + 7) >> 4)
+        t = _mul(colsum[j + 1], 3)
+        out[2 * j] = _U8(_sra(_add(_add(t, colsum[j]), 8), 4))
+        out[2 * j + 1] = _U8(_sra(_add(_add(t, colsum[j + 2]), 7), 4))
 
 
-@_compiled
-def _rgb_row(yrow, cb, cr, r, g, b, w):
-    """jdcolext.c ycc_rgb_convert with build_ycc_rgb_table's rounding, clamped to 0..255."""
+@_inline
+def _limit(v):
+    """jdmaster.c sample_range_limit: clamp to 0..255."""
+    return _U8(_min(_max(v, 0), 255))
+
+
+@_inline
+def _rgb_row(y_in, cb_in, cr_in, r, g, b, w):
+    """jdcolext.c ycc_rgb_convert with build_ycc_rgb_table's fixed-point terms."""
     for x in range(w):
-        y = _I(yrow[x])
-        cbv = _I(_I(cb[x]) - 128)
-        crv = _I(_I(cr[x]) - 128)
-        rv = _I(y + _I(_I(_I(crv * R_CR) + ONE_HALF) >> SCALEBITS))
-        gv = _I(y + _I(_I(_I(_I(cbv * G_CB) + ONE_HALF) + _I(crv * G_CR)) >> SCALEBITS))
-        bv = _I(y + _I(_I(_I(cbv * B_CB) + ONE_HALF) >> SCALEBITS))
-        r[x] = min(max(rv, 0), 255)
-        g[x] = min(max(gv, 0), 255)
-        b[x] = min(max(bv, 0), 255)
+        yv = _I(y_in[x])
+        cb = _sub(_I(cb_in[x]), 128)
+        cr = _sub(_I(cr_in[x]), 128)
+        r[x] = _limit(_add(yv, _sra(_add(_mul(cr, R_CR), ONE_HALF), SCALEBITS)))
+        g[x] = _limit(_add(yv, _sra(_add(_add(_mul(cb, G_CB), ONE_HALF), _mul(cr, G_CR)), SCALEBITS)))
+        b[x] = _limit(_add(yv, _sra(_add(_mul(cb, B_CB), ONE_HALF), SCALEBITS)))
 
 
 @_inline
@@ -479,13 +491,20 @@ def _round_up(n, m):
     return (n + m - 1) // m * m
 
 
+@_inline
+def _strip_row(plane, y, width):
+    """Row y of a strip-major plane whose block rows are ``width`` samples wide."""
+    o = (y >> 3) * width
+    return plane[y & 7, o : o + width]
+
+
 @_compiled
 def _roundtrip_rgb(pixels, out, lum, chrom):
-    """RGB batch (N, 3, H, W) -> out: 4:2:0, MCU 16x16."""
+    """RGB batch (N, 3, H, W) -> out: YCbCr 4:2:0, MCU 16x16 (jcparam.c / jpeg_set_colorspace defaults)."""
     n, _, h, w = pixels.shape
     mx = (w + 15) >> 4
     my = (h + 15) >> 4
-    wp = mx * 16  # luma plane width and height, padded to whole MCUs
+    wp = mx * 16  # luma plane, padded to whole MCUs
     hp = my * 16
     wc = (w + 1) >> 1  # chroma component size (jdinput.c downsampled_width / height)
     hc = (h + 1) >> 1
@@ -497,54 +516,51 @@ def _roundtrip_rgb(pixels, out, lum, chrom):
     cbsm = np.zeros((8, _round_up(nbc, LANES) * 8), np.uint8)
     crsm = np.zeros((8, _round_up(nbc, LANES) * 8), np.uint8)
     ws = np.empty(64 * CHUNK, np.int32)
-    colsum = np.empty(wc + 2, np.int32)
-    up_cb = np.empty(2 * wc, np.uint8)
-    up_cr = np.empty(2 * wc, np.uint8)
-    fancy = wc > 2  # jdsample.c: h2v2_fancy_upsample only for components wider than 2
+    full = np.empty((4, wp), np.uint8)  # full-size Cb and Cr of a row pair, padded to whole MCUs
+    colsum = np.empty((2, wc + 2), np.int32)
+    up = np.empty((2, 2 * wc), np.uint8)
+    fancy = wc > 2  # jdsample.c: h2v2_fancy_upsample only for components wider than 2 samples
     for i in range(n):
         rp, gp, bp = pixels[i, 0], pixels[i, 1], pixels[i, 2]
-        # encoder: jcprepct.c pads rows by repeating the last one; jcsample.c pads columns
-        for y in range(hp):
-            ys = min(y, h - 1)
-            o = (y >> 3) * wp
-            _luma_row(rp[ys], gp[ys], bp[ys], ysm[y & 7, o : o + wp], w)
-        for yc in range(hc):
-            y0 = 2 * yc
-            y1 = min(y0 + 1, h - 1)
-            o = (yc >> 3) * wcp
-            row = yc & 7
-            _chroma_row(
-                rp[y0], gp[y0], bp[y0], rp[y1], gp[y1], bp[y1], cbsm[row, o : o + wcp], crsm[row, o : o + wcp], w
-            )
-        # jcprepct.c: the downsampled rows below the image repeat the last one, to whole blocks
-        src_o = ((hc - 1) >> 3) * wcp
-        src_r = (hc - 1) & 7
-        for yc in range(hc, hcp):
-            o = (yc >> 3) * wcp
-            cbsm[yc & 7, o : o + wcp] = cbsm[src_r, src_o : src_o + wcp]
-            crsm[yc & 7, o : o + wcp] = crsm[src_r, src_o : src_o + wcp]
+        # encoder: jcprepct.c repeats the last pixel row down to whole row groups and MCUs
+        for yc in range(hcp):
+            for y in range(2 * yc, 2 * yc + 2):
+                ys = min(y, h - 1)
+                y_row = _strip_row(ysm, y, wp)
+                if yc < hc:
+                    k = 2 * (y & 1)
+                    _ycc_row(rp[ys], gp[ys], bp[ys], y_row, full[k], full[k + 1], w)
+                    _expand_right_edge(full[k], w)
+                    _expand_right_edge(full[k + 1], w)
+                else:
+                    _luma_row(rp[ys], gp[ys], bp[ys], y_row, w)
+                _expand_right_edge(y_row, w)
+            if yc < hc:
+                _downsample_row(full[0], full[2], _strip_row(cbsm, yc, wcp))
+                _downsample_row(full[1], full[3], _strip_row(crsm, yc, wcp))
+            else:  # the downsampled rows below the image repeat the last one, to whole blocks
+                _strip_row(cbsm, yc, wcp)[:] = _strip_row(cbsm, hc - 1, wcp)
+                _strip_row(crsm, yc, wcp)[:] = _strip_row(crsm, hc - 1, wcp)
         _code_blocks(ysm, nby, lum, ws)
         _code_blocks(cbsm, nbc, chrom, ws)
         _code_blocks(crsm, nbc, chrom, ws)
         # decoder: jdmainct.c gives the upsampler the first / last chroma row again above / below the image
         ro, go, bo = out[i, 0], out[i, 1], out[i, 2]
         for y in range(h):
-            o = (y >> 3) * wp
-            yrow = ysm[y & 7, o : o + wp]
             yc = y >> 1
-            oc = (yc >> 3) * wcp
-            cb_near = cbsm[yc & 7, oc : oc + wcp]
-            cr_near = crsm[yc & 7, oc : oc + wcp]
             if fancy:
                 yf = max(yc - 1, 0) if (y & 1) == 0 else min(yc + 1, hc - 1)
-                of = (yf >> 3) * wcp
-                _upsample_row(cb_near, cbsm[yf & 7, of : of + wcp], wc, colsum, up_cb)
-                _upsample_row(cr_near, crsm[yf & 7, of : of + wcp], wc, colsum, up_cr)
-            else:  # jdsample.c h2v2_upsample: box
+                _colsum_row(_strip_row(cbsm, yc, wcp), _strip_row(cbsm, yf, wcp), colsum[0], wc)
+                _colsum_row(_strip_row(crsm, yc, wcp), _strip_row(crsm, yf, wcp), colsum[1], wc)
+                _upsample_row(colsum[0], up[0], wc)
+                _upsample_row(colsum[1], up[1], wc)
+            else:  # jdsample.c h2v2_upsample: each chroma sample covers 2x2 pixels
+                cb_row = _strip_row(cbsm, yc, wcp)
+                cr_row = _strip_row(crsm, yc, wcp)
                 for x in range(w):
-                    up_cb[x] = cb_near[x >> 1]
-                    up_cr[x] = cr_near[x >> 1]
-            _rgb_row(yrow, up_cb, up_cr, ro[y], go[y], bo[y], w)
+                    up[0, x] = cb_row[x >> 1]
+                    up[1, x] = cr_row[x >> 1]
+            _rgb_row(_strip_row(ysm, y, wp), up[0], up[1], ro[y], go[y], bo[y], w)
     return out
 
 
@@ -560,44 +576,40 @@ def _roundtrip_gray(pixels, out, lum):
     for i in range(n):
         src = pixels[i, 0]
         for y in range(hp):
-            o = (y >> 3) * wp
-            row = sm[y & 7, o : o + wp]
-            s = src[min(y, h - 1)]
-            for x in range(w):
-                row[x] = s[x]
-            for x in range(w, wp):
-                row[x] = s[w - 1]
+            row = _strip_row(sm, y, wp)
+            row[:w] = src[min(y, h - 1)]
+            _expand_right_edge(row, w)
         _code_blocks(sm, nb, lum, ws)
         dst = out[i, 0]
         for y in range(h):
-            o = (y >> 3) * wp
-            dst[y, :] = sm[y & 7, o : o + w]
+            dst[y] = _strip_row(sm, y, wp)[:w]
     return out
 
 
 def jpeg_roundtrip(pixels: np.ndarray, quality: int, out: np.ndarray | None = None) -> np.ndarray:
     """JPEG-compress and decompress a batch, bit for bit as Pillow's ``save(quality=q)`` then ``open``.
 
-    pixels: uint8 (N, C, H, W) with C = 3 (RGB: YCbCr 4:2:0) or 1 (grayscale, Pillow mode "L"); any H, W >= 1.
-    quality: 1..100 as Pillow takes it (IJG tables scaled by quality, baseline). out: optional uint8 array of
-    the same shape to write into. Returns uint8 (N, C, H, W). Runs on the calling thread; numba releases the
-    GIL, so batches can run on several threads at once.
+    pixels: uint8 (N, C, H, W) with C = 3 (RGB, coded as YCbCr 4:2:0) or 1 (grayscale, Pillow mode "L"); any
+    H, W >= 1. quality: 1..100 as Pillow takes it (IJG tables scaled by quality, baseline). out: optional
+    uint8 array of the same shape to write into. Returns uint8 (N, C, H, W). Runs on the calling thread;
+    numba releases the GIL, so separate batches can run on several threads at once.
     """
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1] not in (1, 3):
         raise UserError(f"jpeg_roundtrip takes uint8 (N, C, H, W) with C = 1 or 3, got {pixels.dtype} {pixels.shape}")
     if min(pixels.shape[2:]) < 1:
         raise UserError(f"jpeg_roundtrip needs images of at least 1x1 pixels, got {pixels.shape}")
-    if not 1 <= int(quality) <= 100:
-        raise UserError(f"JPEG quality must be 1..100, got {quality}")
+    if isinstance(quality, bool) or int(quality) != quality or not 1 <= quality <= 100:
+        raise UserError(f"JPEG quality must be an integer 1..100, got {quality!r}")
     if out is None:
         out = np.empty(pixels.shape, dtype=np.uint8)
-    elif out.shape != pixels.shape or out.dtype != np.uint8:
-        raise UserError(f"out must be uint8 {pixels.shape}, got {out.dtype} {out.shape}")
+    elif not isinstance(out, np.ndarray) or out.shape != pixels.shape or out.dtype != np.uint8:
+        raise UserError(f"out must be a uint8 array of shape {pixels.shape}")
     if pixels.shape[0] == 0:
         return out
-    pixels = np.ascontiguousarray(pixels)
-    lum = _divisors(quant_table(STD_LUMINANCE, quality))
+    if np.shares_memory(pixels, out):  # the kernels read each image whole before writing it, but not rows
+        pixels = pixels.copy()
+    lum, chrom = _tables(int(quality))
     if pixels.shape[1] == 1:
         return _roundtrip_gray(pixels, out, lum)
-    return _roundtrip_rgb(pixels, out, lum, _divisors(quant_table(STD_CHROMINANCE, quality)))
+    return _roundtrip_rgb(pixels, out, lum, chrom)
