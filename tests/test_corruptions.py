@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from synclone.errors import UserError
+from synclone.robustness import corruption_kernels as kernels
 from synclone.robustness import corruption_ops as ops
 from synclone.robustness.corruptions import (
     ALL_CORRUPTIONS,
@@ -204,13 +205,15 @@ def test_glass_map_numba_and_numpy_agree_on_a_batch():
 
 
 def test_defocus_matches_opencv_with_the_reference_disk():
-    """Both ways of applying the disk (a fused gather of its few taps on small images, FFT otherwise) equal
-    cv2.filter2D with the reference's own disk kernel, border BORDER_REFLECT_101, to float rounding."""
+    """Every way of applying the disk (a fused gather of its few taps on small images, the disk's runs then the
+    Gaussian when the kernel factorises, FFT otherwise) equals cv2.filter2D with the reference's own disk
+    kernel, border BORDER_REFLECT_101, to float rounding."""
     cv2 = pytest.importorskip("cv2")
+    assert ops.disk_runs(6, 0.5) is not None and ops.disk_runs(8, 0.5) is None  # the blur reaches the grid's edge
     img = photos(64)[2]
     for size in (28, 64, 150):
         x = to_tensor(np.asarray(Image.fromarray(img).resize((size, size + 3))))
-        for radius, alias in ((0.375, 0.1), (1.25, 0.5), (3, 0.5), (8, 0.5), (10, 0.5)):
+        for radius, alias in ((0.375, 0.1), (1.25, 0.5), (3, 0.5), (4, 0.1), (6, 0.5), (8, 0.5), (10, 0.5)):
             kernel = ic.corruptions.disk(radius, alias)
             ref = np.stack([cv2.filter2D(c, -1, kernel) for c in x[0].numpy()])
             ours = ops.defocus(x, radius, alias)[0].numpy()
@@ -333,6 +336,43 @@ def test_splitmix64_is_vignas_generator():
     words = ops.splitmix64(np.array(seeds, dtype=np.uint64), 0, 7)
     assert [[int(v) for v in row] for row in words] == [reference(s, 7) for s in seeds]
     np.testing.assert_array_equal(ops.splitmix64(np.array(seeds, dtype=np.uint64), 4, 3), words[:, 4:])
+
+
+def test_box_muller_matches_the_float64_formula():
+    """The compiled Box-Muller (polynomial log, sine and cosine, for vectorisation) against NumPy's float64
+    functions on the same words: cosine values first, then sine values, an odd count's last from one more word."""
+    keys = np.array([3, ops.image_seed(0, "snow", 2, 5)], dtype=np.uint64)
+    size = 20001
+    z = kernels.normals(keys, 0, np.float32(0.0), np.float32(1.0), np.empty((2, size), dtype=np.float32))
+    words = ops.splitmix64(keys, 0, size // 2 + 1)
+    r = np.sqrt(-2 * np.log((2.0**23 - (words & np.uint64(0xFFFFFFFF)) // 2**9) / 2.0**23))
+    angle = 2 * np.pi * (words >> np.uint64(41)) / 2.0**23
+    expected = np.concatenate([(r * np.cos(angle))[:, : size // 2], (r * np.sin(angle))[:, : size // 2],
+                               (r * np.cos(angle))[:, size // 2 :]], axis=1)
+    assert np.abs(z - expected).max() < 2e-6
+
+
+class _PlainDraws:
+    """An ImageRNG offering only its plain draws, so that corruptions take their generic (unfused) paths."""
+
+    def __init__(self, rng: ImageRNG):
+        self.rng = rng
+
+    def __getattr__(self, name):
+        if name in ("add_normal", "impulse", "shot"):
+            raise AttributeError(name)
+        return getattr(self.rng, name)
+
+
+def test_fused_noise_kernels_equal_the_plain_draws():
+    """Drawing, adding and clipping in one compiled pass gives exactly the images of the separate steps."""
+    x = to_tensor(photos(64)[0])  # 8-bit values: shot noise takes its on-grid kernel
+    x = torch.cat([x, x.flip(-1)])
+    for name in ("gaussian_noise", "speckle_noise", "impulse_noise", "shot_noise"):
+        for severity in (1, 5):
+            fused = corrupt_with(x, name, severity, ImageRNG([11, 12]))
+            plain = corrupt_with(x, name, severity, _PlainDraws(ImageRNG([11, 12])))
+            assert torch.equal(fused, plain), (name, severity)
 
 
 def test_image_rng_streams():
