@@ -170,12 +170,9 @@ def test_glass_blur_matches_reference_with_its_numba_draws(numba_offsets):
             assert np.abs(ref - ours).max() < LEVEL, (size, severity)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
-def test_glass_shuffle_is_the_sequential_copy_loop(compiled):
-    """On small arrays, the shuffle (numba's loop, or NumPy's pointer doubling without numba) equals the
-    reference loop run literally (copy semantics), over several passes, for square and non-square images."""
-    if compiled:
-        pytest.importorskip("numba")
+def test_glass_shuffle_is_the_sequential_copy_loop():
+    """On small arrays, the shuffle equals the reference loop run literally (copy semantics), over several
+    passes, for square and non-square images."""
     rng = np.random.default_rng(0)
     for h, w, delta, passes in ((13, 11, 3, 2), (9, 16, 1, 3), (12, 12, 2, 1), (10, 14, 4, 2)):
         x = rng.random((h, w, 3))
@@ -186,22 +183,8 @@ def test_glass_shuffle_is_the_sequential_copy_loop(compiled):
                 for b, ww in enumerate(range(w - delta, delta, -1)):
                     dx, dy = off[i, a, b]
                     y[hh, ww], y[hh + dy, ww + dx] = y[hh + dy, ww + dx], y[hh, ww]  # the reference line
-        if compiled:
-            ours = ops.glass_shuffle(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(off)[None], delta)
-        else:
-            index = ops._glass_map_numpy(off[None], h, w, delta, np.tile(np.arange(h * w), (1, 1)))
-            ours = torch.from_numpy(x).permute(2, 0, 1).reshape(1, 3, -1)[..., index[0]].reshape(1, 3, h, w)
+        ours = ops.glass_shuffle(torch.from_numpy(x).permute(2, 0, 1)[None], torch.from_numpy(off)[None], delta)
         np.testing.assert_array_equal(ours[0].permute(1, 2, 0).numpy(), y)
-
-
-def test_glass_map_numba_and_numpy_agree_on_a_batch():
-    """The two implementations of the glass-blur pixel map give the same map, image by image."""
-    pytest.importorskip("numba")
-    rng = ops.ImageRNG([1, 2, 3])
-    for h, w, delta, passes in ((40, 32, 2, 3), (28, 28, 1, 2), (33, 47, 3, 2)):
-        off = rng.randint(-delta, delta, (passes, h - 2 * delta, w - 2 * delta, 2)).numpy()
-        numpy_map = ops._glass_map_numpy(off, h, w, delta, np.tile(np.arange(h * w), (3, 1)))
-        np.testing.assert_array_equal(ops.glass_source_map(off, h, w, delta), numpy_map)
 
 
 def test_defocus_matches_opencv_with_the_reference_disk():

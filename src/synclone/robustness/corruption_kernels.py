@@ -644,3 +644,22 @@ def snow_blend(x, layer, blend, out):
                 for q in range(width):
                     dst[q] = _unit_clip(max(src[q], bright[q]) * brighten + src[q] * keep + flakes[q])
     return out
+
+
+@_compiled
+def glass_map(off, width, delta, out):
+    """The reference glass-blur loop run on pixel indices: ``out`` (N, H * W) starts as the identity map.
+
+    ``off`` (N, passes, nh, nw, 2) int8: per visited pixel, in visiting order (rows from the bottom, columns
+    from the right), the (dx, dy) offset of the pixel it copies from (see ``corruption_ops.glass_source_map``).
+    """
+    n, passes, nh, nw = off.shape[:4]
+    for i in range(n):
+        src = out[i]
+        for it in range(passes):
+            for a in range(nh):
+                row = (nh + delta - a) * width  # h = H - delta - a
+                for b in range(nw):
+                    p = row + nw + delta - b  # w = W - delta - b
+                    src[p] = src[p + off[i, it, a, b, 1] * width + off[i, it, a, b, 0]]
+    return out

@@ -8,8 +8,7 @@ the reference at the reference image size.
 
 Random numbers come from :class:`ImageRNG`: one counter-based stream per image, seeded from (seed,
 corruption, severity, image index), so an image's corruption never depends on the batch it was processed in.
-The glass-blur pixel loop uses numba when it is installed (it comes with ``imagecorruptions-imaug``) and an
-exact NumPy equivalent otherwise.
+Loops that would take many passes over memory in torch run compiled with numba (:mod:`corruption_kernels`).
 """
 
 from __future__ import annotations
@@ -681,8 +680,8 @@ def glass_source_map(offsets: np.ndarray, height: int, width: int, delta: int) -
     down to delta + 1, then w likewise) and runs ``x[h, w], x[h', w'] = x[h', w'], x[h, w]``. On an RGB
     array both sides are views, so this is not a swap: it copies x[h', w'] into x[h, w] and leaves x[h', w']
     as it was. Running that loop on the pixels' indices instead of their values gives a map such that the
-    final image is ``x[map]``, one gather for all passes. The loop is sequential: with numba (the reference
-    itself uses it) it runs as written; without, :func:`_glass_map_numpy` resolves it by pointer doubling.
+    final image is ``x[map]``, one gather for all passes. The loop is sequential; it runs compiled, as the
+    reference's own does (:func:`corruption_kernels.glass_map`).
 
     ``offsets``: (N, passes, nh, nw, 2) integers in [-delta, delta), rows and columns in visiting order,
     last axis (dx, dy) in the order the reference draws them.
@@ -692,68 +691,7 @@ def glass_source_map(offsets: np.ndarray, height: int, width: int, delta: int) -
     out[:] = np.arange(height * width)
     if height - 2 * delta <= 0 or width - 2 * delta <= 0:
         return out
-    kernel = _glass_map_numba()
-    if kernel is not None:
-        kernel(np.ascontiguousarray(offsets, dtype=np.int8), width, delta, out)
-        return out
-    return _glass_map_numpy(offsets, height, width, delta, out)
-
-
-@lru_cache(maxsize=1)
-def _glass_map_numba():
-    """The compiled sequential loop, or None without numba."""
-    try:
-        import numba
-    except ImportError:
-        return None
-
-    @numba.njit(cache=True, nogil=True)
-    def run(off, width, delta, out):  # pragma: no cover - compiled
-        n, passes, nh, nw = off.shape[:4]
-        for i in range(n):
-            src = out[i]
-            for it in range(passes):
-                for a in range(nh):
-                    row = (nh + delta - a) * width  # h = H - delta - a
-                    for b in range(nw):
-                        p = row + nw + delta - b  # w = W - delta - b
-                        src[p] = src[p + off[i, it, a, b, 1] * width + off[i, it, a, b, 0]]
-        return out
-
-    return run
-
-
-def _glass_map_numpy(offsets: np.ndarray, height: int, width: int, delta: int, out: np.ndarray) -> np.ndarray:
-    """:func:`glass_source_map` without numba: each pass's chains resolved by pointer doubling.
-
-    Within a pass each pixel is written once, with the value its source holds at that moment: the source's
-    final value when the source was visited earlier (a later raster position, inside the interior), its
-    starting value otherwise. Following those links is a pointer chase, done for all pixels at once.
-    """
-    n = offsets.shape[0]
-    hw = height * width
-    hs, ws = np.arange(height - delta, delta, -1), np.arange(width - delta, delta, -1)
-    p = (hs[:, None] * width + ws[None, :]).ravel()
-    interior = np.zeros(hw, dtype=bool)
-    interior[p] = True
-    base = np.arange(n)[:, None] * hw
-    off = offsets.astype(np.int64)
-    for it in range(off.shape[1]):
-        o = off[:, it].reshape(n, -1, 2)
-        q = p[None] + o[..., 1] * width + o[..., 0]
-        src = np.tile(np.arange(hw), (n, 1))
-        src[:, p] = q
-        src = src.ravel()
-        active = (p[None] + base)[interior[q] & (q > p[None])]
-        done = np.ones(n * hw, dtype=bool)
-        done[active] = False
-        while active.size:
-            target = src[active] + (active // hw) * hw
-            src[active], finished = src[target], done[target]
-            done[active[finished]] = True
-            active = active[~finished]
-        out = np.take_along_axis(out, src.reshape(n, hw), axis=1)  # compose with the earlier passes
-    return out
+    return kernels.glass_map(np.ascontiguousarray(offsets, dtype=np.int8), width, delta, out)
 
 
 @lru_cache(maxsize=256)
