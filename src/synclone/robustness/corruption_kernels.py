@@ -663,3 +663,22 @@ def glass_map(off, width, delta, out):
                     p = row + nw + delta - b  # w = W - delta - b
                     src[p] = src[p + off[i, it, a, b, 1] * width + off[i, it, a, b, 0]]
     return out
+
+
+@_compiled
+def to_levels(x, out):
+    """8-bit levels of values in [0, 1]: ``floor(255 v + 0.5)`` (round half up, as Pillow converts), flat arrays."""
+    for i in range(x.shape[0]):
+        out[i] = np.uint8(np.int32(x[i] * _f(255) + _f(0.5)))
+    return out
+
+
+LEVEL_VALUES = np.arange(256, dtype=np.float32) / np.float32(255)  # level / 255 in float32, looked up: no division
+
+
+@_compiled
+def from_levels(levels, out):
+    """Values in [0, 1] from 8-bit levels: ``level / 255``, flat arrays."""
+    for i in range(levels.shape[0]):
+        out[i] = LEVEL_VALUES[levels[i]]
+    return out

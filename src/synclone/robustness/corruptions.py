@@ -35,6 +35,7 @@ from synclone.errors import UserError
 from synclone.robustness import corruption_kernels as kernels
 from synclone.robustness import corruption_ops as ops
 from synclone.robustness.corruption_ops import ImageRNG, image_seed
+from synclone.robustness.jpeg_kernels import jpeg_roundtrip
 
 __all__ = [
     "ALL_CORRUPTIONS",
@@ -446,21 +447,18 @@ def _pixelate(x, severity, rng, s, out=None):
     return ops.run_compiled(x, out, lambda src, dst: kernels.pixelate(src, *blocks, dst), (n * ch, h, w))
 
 
-def _jpeg_compression(x, severity, rng, s):
-    # torchvision's libjpeg-turbo writes the same bytes as Pillow's save(quality=q) (tested) and takes the CHW
-    # tensors as they are; one image at a time is inherent to JPEG, but the loop runs in C++. Quantising to
-    # 8 bits before encoding is inherent too (rounded, as Pillow rounds a float image's conversion).
-    from torchvision.io import decode_jpeg, encode_jpeg
-
+def _jpeg_compression(x, severity, rng, s, out=None):
+    # Pillow's save(quality=q) then open, bit for bit, without the files: the lossy steps of libjpeg-turbo in
+    # compiled loops over many blocks (jpeg_kernels). Quantising to 8 bits first is inherent to JPEG (rounded,
+    # as Pillow rounds a float image's conversion).
     quality = JPEG_QUALITY[severity - 1]
-    values = x.cpu().numpy()
-    pixels = np.empty(values.shape, dtype=np.uint8)
-    np.add(values * np.float32(255), np.float32(0.5), out=pixels, casting="unsafe")  # round half up, in NumPy
-    files = encode_jpeg(list(torch.from_numpy(pixels)), quality=quality)
-    out = torch.empty(x.shape, dtype=x.dtype)
-    for dst, img in zip(out, decode_jpeg(files), strict=True):
-        dst.copy_(img)
-    return out.div_(255).to(x.device)
+
+    def run(src, dst):
+        levels = kernels.to_levels(src.ravel(), np.empty(src.size, dtype=np.uint8)).reshape(src.shape)
+        jpeg_roundtrip(levels, quality, out=levels)
+        kernels.from_levels(levels.ravel(), dst.reshape(-1))
+
+    return ops.run_compiled(x, out, run, tuple(x.shape))
 
 
 # name -> (function, colour-dependent, values per chunk). Colour-dependent corruptions see grayscale images as
@@ -489,4 +487,4 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
 # Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
 _WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur, _brightness,
-              _saturate, _contrast, _frost, _fog, _snow, _glass_blur}
+              _saturate, _contrast, _frost, _fog, _snow, _glass_blur, _jpeg_compression}
