@@ -543,13 +543,23 @@ def fog_blend(x, top, plasma, low, spread, strength, out):
 
 
 @_compiled
-def _column_prefix(src, prefix):
-    """``prefix[r] = sum of src[:r]`` down the columns, a whole row at a time (vectorised), in float64."""
-    for q in range(src.shape[1]):
+def _column_prefix(src, rows, cols, prefix):
+    """``prefix[r]``: the sum of the first r rows of the padded plane, down the columns, in float64.
+
+    The padded plane is never built: its row r is ``src[rows[r]]`` at columns ``cols`` (the border rule), read
+    directly in the middle, where ``cols`` is the identity shifted by the padding.
+    """
+    pad, width = (len(cols) - src.shape[1]) // 2, src.shape[1]
+    for q in range(len(cols)):
         prefix[0, q] = 0.0
-    for r in range(src.shape[0]):
-        for q in range(src.shape[1]):
-            prefix[r + 1, q] = prefix[r, q] + src[r, q]
+    for r in range(len(rows)):
+        line, last, acc = src[rows[r]], prefix[r], prefix[r + 1]
+        for q in range(pad):
+            acc[q] = last[q] + line[cols[q]]
+        for q in range(width):
+            acc[pad + q] = last[pad + q] + line[q]
+        for q in range(pad + width, len(cols)):
+            acc[q] = last[q] + line[cols[q]]
 
 
 @_compiled
@@ -572,8 +582,9 @@ def _column_runs(prefix, half_widths, value, inner):
 
 
 @_compiled
-def _gaussian_valid(inner, g, line, out):
-    """The separable Gaussian ``g`` over ``inner``, valid part only (down the columns, then along the rows)."""
+def _gaussian_valid(inner, g, line, clip, out):
+    """The separable Gaussian ``g`` over ``inner``, valid part only (down the columns, then along the rows);
+    ``clip`` clips to [0, 1]."""
     taps = len(g)
     for y in range(out.shape[0]):
         for q in range(inner.shape[1]):
@@ -588,27 +599,30 @@ def _gaussian_valid(inner, g, line, out):
             k = g[b]
             for q in range(out.shape[1]):
                 out[y, q] += line[q + b] * k
+        if clip:
+            for q in range(out.shape[1]):
+                out[y, q] = min(max(out[y, q], 0), 1)
 
 
 @_compiled
-def disk_blur(xp, half_widths, value, g, out):
-    """A disk of runs, then a small separable Gaussian: ``out`` (P, H, W) from padded planes ``xp``.
+def disk_blur(x, rows, cols, half_widths, value, g, clip, out):
+    """A disk of runs, then a small separable Gaussian: ``out`` (P, H, W) from planes ``x`` (P, H, W).
 
-    ``xp``: (P, H + 2p, W + 2p) with p = R + len(g) // 2, the image with its border already applied. The disk
-    is symmetric, so its columns are runs: column dx (-R..R) covers rows -w..w (w = ``half_widths[dx + R]``,
-    -1 for none), each with weight ``value``. A run's sum is a difference of two prefix sums down the
-    columns. The Gaussian ``g`` then runs down the columns and along the rows of the disk sums. Accumulates
-    in float64.
+    ``rows`` / ``cols``: the source row / column of each padded row / column (the border rule), padding p = R
+    + len(g) // 2 on each side. The disk is symmetric, so its columns are runs: column dx (-R..R) covers rows
+    -w..w (w = ``half_widths[dx + R]``, -1 for none), each with weight ``value``. A run's sum is a
+    difference of two prefix sums down the columns. The Gaussian ``g`` then runs down the columns and along
+    the rows of the disk sums. Accumulates in float64; ``clip`` clips the output to [0, 1].
     """
     planes, height, width = out.shape
     gr = len(g) // 2
-    prefix = np.empty((xp.shape[1] + 1, xp.shape[2]))
+    prefix = np.empty((len(rows) + 1, len(cols)))
     inner = np.empty((height + 2 * gr, width + 2 * gr))
     line = np.empty(width + 2 * gr)
     for p in range(planes):
-        _column_prefix(xp[p], prefix)
+        _column_prefix(x[p], rows, cols, prefix)
         _column_runs(prefix, half_widths, value, inner)
-        _gaussian_valid(inner, g, line, out[p])
+        _gaussian_valid(inner, g, line, clip, out[p])
     return out
 
 

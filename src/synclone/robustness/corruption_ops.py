@@ -507,7 +507,7 @@ def disk_runs(radius: float, alias_blur: float) -> tuple[np.ndarray, float, np.n
     return half[lo : len(half) - lo].astype(np.int64), value, g
 
 
-def defocus(x: torch.Tensor, radius: float, alias_blur: float) -> torch.Tensor:
+def defocus(x: torch.Tensor, radius: float, alias_blur: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """``cv2.filter2D(x, -1, disk(radius, alias_blur))`` (border BORDER_REFLECT_101).
 
     Small kernels on small images (the sub-pixel disks of 28x28 images) apply their nonzero taps with one
@@ -516,7 +516,7 @@ def defocus(x: torch.Tensor, radius: float, alias_blur: float) -> torch.Tensor:
     filter2D mirrors it. The others go by FFT: the image is mirrored by the kernel's radius R (what filter2D
     reads beyond the edge), zero-filled to an FFT-friendly size and multiplied by the kernel's spectrum; the
     output keeps the centre, which circular wrap-around cannot reach. float32 FFTs round at about 1e-7, far
-    below an 8-bit level.
+    below an 8-bit level. With ``out``, the compiled path writes its result there, clipped to [0, 1].
     """
     ker = disk_kernel(radius, alias_blur)
     if np.count_nonzero(ker) <= 64 and x.shape[-2] * x.shape[-1] <= 128 * 128:  # tap tables stay small
@@ -527,15 +527,15 @@ def defocus(x: torch.Tensor, radius: float, alias_blur: float) -> torch.Tensor:
         half, value, g = runs
         p = len(half) // 2 + len(g) // 2
         if p < min(h, w):  # a wider border would reflect more than once
-            planes = pad(x.reshape(-1, 1, h, w), p, p, "reflect")[:, 0].cpu().contiguous().numpy()
-            out = kernels.disk_blur(planes, half, value, g, np.empty((len(planes), h, w), dtype=np.float32))
-            return torch.from_numpy(out).view(x.shape).to(x.device)
+            rows, cols = border_index(h, p, p, "reflect"), border_index(w, p, p, "reflect")
+            return run_compiled(x, out, lambda src, dst: kernels.disk_blur(src, rows, cols, half, value, g,
+                                                                           out is not None, dst), (-1, h, w))
     r = ker.shape[0] // 2
     lh, lw = _fft_size(h + 2 * r), _fft_size(w + 2 * r)
     spec = _kernel_spectrum(float(radius), float(alias_blur), lh, lw).to(x.device)
     xp = pad(x, r, r, "reflect")
-    out = torch.fft.irfft2(torch.fft.rfft2(xp, s=(lh, lw)) * spec, s=(lh, lw))
-    return out[..., r : r + h, r : r + w]
+    blurred = torch.fft.irfft2(torch.fft.rfft2(xp, s=(lh, lw)).mul_(spec), s=(lh, lw))
+    return blurred[..., r : r + h, r : r + w]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -295,9 +295,9 @@ def _glass_blur(x, severity, rng, s, out=None):
     return ops.gaussian_filter(shuffled, sigma, out=out)
 
 
-def _defocus_blur(x, severity, rng, s):
+def _defocus_blur(x, severity, rng, s, out=None):
     radius, alias_blur = DEFOCUS_BLUR[severity - 1]
-    return ops.defocus(x, radius * s, alias_blur)
+    return ops.defocus(x, radius * s, alias_blur, out=out)
 
 
 def _motion_blur(x, severity, rng, s, out=None):
@@ -487,4 +487,4 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
 # Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
 _WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur, _brightness,
-              _saturate, _contrast, _frost, _fog, _snow, _glass_blur, _jpeg_compression}
+              _saturate, _contrast, _frost, _fog, _snow, _glass_blur, _jpeg_compression, _defocus_blur}
