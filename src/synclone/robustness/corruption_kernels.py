@@ -480,44 +480,50 @@ def plasma_fractal(u, mapsize, wibbledecay, out):
     (``u (2 wibble^2) - wibble^2``) added to a quarter of its four neighbours' sum, neighbours wrapping around
     the map as the reference's ``np.roll`` does. float32 throughout (the reference adds in float64 and stores
     float32: a last-bit difference). The reference then maps the values to [0, 1]: :func:`fog_blend` does.
+    The grid of known points is kept dense (k x k) and each step interleaves it with its three new point sets,
+    so every loop runs over contiguous rows.
     """
+    quarter = _f(0.25)
     for n in range(u.shape[0]):
-        m, un = out[n], u[n]
-        m[0, 0] = 0
-        used, step, wibble = 0, mapsize, 100.0
-        while step >= 2:
-            half, k = step // 2, mapsize // step
+        un = u[n]
+        grid = np.zeros((1, 1), dtype=np.float32)
+        used, k, wibble = 0, 1, 100.0
+        while k < mapsize:
             spread, shift = _f(2 * wibble * wibble), _f(wibble * wibble)
-            last = mapsize - step  # neighbours wrap around at the edges (no modulo: integer division is slow)
-            for i in range(k):  # square centres
-                y = i * step
-                y1 = y + step if y < last else 0
-                for j in range(k):
-                    x = j * step
-                    x1 = x + step if x < last else 0
-                    total = (m[y, x] + m[y1, x]) + (m[y, x1] + m[y1, x1])
-                    m[y + half, x + half] = (un[used + i * k + j] * spread - shift) + total * _f(0.25)
+            centre = np.empty((k, k), dtype=np.float32)  # square centres: grid[i, j] + half a step both ways
+            across = np.empty((k, k), dtype=np.float32)  # diamonds half a step along the rows
+            down = np.empty((k, k), dtype=np.float32)  # diamonds half a step down the columns
+            for i in range(k):
+                g0, g1, d, w = grid[i], grid[(i + 1) % k], centre[i], un[used + i * k : used + (i + 1) * k]
+                for j in range(k - 1):
+                    d[j] = (w[j] * spread - shift) + ((g0[j] + g1[j]) + (g0[j + 1] + g1[j + 1])) * quarter
+                d[k - 1] = (w[k - 1] * spread - shift) + ((g0[k - 1] + g1[k - 1]) + (g0[0] + g1[0])) * quarter
             used += k * k
-            for i in range(k):  # diamonds on the rows of known points: (y, x + half)
-                y = i * step
-                up = (y if y > 0 else mapsize) - half
-                for j in range(k):
-                    x = j * step
-                    x1 = x + step if x < last else 0
-                    total = (m[y + half, x + half] + m[up, x + half]) + (m[y, x] + m[y, x1])
-                    m[y, x + half] = (un[used + i * k + j] * spread - shift) + total * _f(0.25)
+            for i in range(k):
+                g0, d, up, o = grid[i], centre[i], centre[(i - 1) % k], across[i]
+                w = un[used + i * k : used + (i + 1) * k]
+                for j in range(k - 1):
+                    o[j] = (w[j] * spread - shift) + ((d[j] + up[j]) + (g0[j] + g0[j + 1])) * quarter
+                o[k - 1] = (w[k - 1] * spread - shift) + ((d[k - 1] + up[k - 1]) + (g0[k - 1] + g0[0])) * quarter
             used += k * k
-            for i in range(k):  # diamonds on the columns of known points: (y + half, x)
-                y = i * step
-                y1 = y + step if y < last else 0
-                for j in range(k):
-                    x = j * step
-                    left = (x if x > 0 else mapsize) - half
-                    total = (m[y + half, x + half] + m[y + half, left]) + (m[y, x] + m[y1, x])
-                    m[y + half, x] = (un[used + i * k + j] * spread - shift) + total * _f(0.25)
+            for i in range(k):
+                g0, g1, d, o = grid[i], grid[(i + 1) % k], centre[i], down[i]
+                w = un[used + i * k : used + (i + 1) * k]
+                o[0] = (w[0] * spread - shift) + ((d[0] + d[k - 1]) + (g0[0] + g1[0])) * quarter
+                for j in range(1, k):
+                    o[j] = (w[j] * spread - shift) + ((d[j] + d[j - 1]) + (g0[j] + g1[j])) * quarter
             used += k * k
-            step //= 2
+            finer = np.empty((2 * k, 2 * k), dtype=np.float32)
+            for i in range(k):
+                top, bottom = finer[2 * i], finer[2 * i + 1]
+                g0, a, b, d = grid[i], across[i], down[i], centre[i]
+                for j in range(k):
+                    top[2 * j], top[2 * j + 1] = g0[j], a[j]
+                    bottom[2 * j], bottom[2 * j + 1] = b[j], d[j]
+            grid = finer
+            k *= 2
             wibble /= wibbledecay
+        out[n] = grid
     return out
 
 
