@@ -702,3 +702,31 @@ def from_levels(levels, out):
     for i in range(levels.shape[0]):
         out[i] = LEVEL_VALUES[levels[i]]
     return out
+
+
+@_compiled
+def small_ints(keys, start, low, span, byte_shift, out):
+    """Integers in [low, low + span) as int8 into ``out`` (N, size), straight from the streams.
+
+    With ``byte_shift`` >= 0 (a span that is a power of two, up to 256) each value is one byte's top bits,
+    ``byte >> byte_shift``, eight values per word (bytes in little-endian order); otherwise each takes a
+    32-bit uniform u, two per word (low half first), as ``(u * span) >> 32``. The draws of
+    ``ImageRNG.randint``.
+    """
+    size = out.shape[1]
+    for i in range(out.shape[0]):
+        k, row = keys[i], out[i]
+        if byte_shift >= 0:
+            shift = np.uint64(byte_shift)
+            for j in range((size + 7) >> 3):
+                w = _word(k, start + 1 + j)
+                for b in range(min(8, size - 8 * j)):
+                    byte = (w >> np.uint64(8 * b)) & np.uint64(255)
+                    row[8 * j + b] = np.int8(np.int64(byte >> shift) + low)
+        else:
+            for j in range((size + 1) >> 1):
+                w = _word(k, start + 1 + j)
+                row[2 * j] = np.int8(np.int64(((w & LOW32) * np.uint64(span)) >> S32) + low)
+                if 2 * j + 1 < size:
+                    row[2 * j + 1] = np.int8(np.int64(((w >> S32) * np.uint64(span)) >> S32) + low)
+    return out

@@ -186,8 +186,14 @@ class ImageRNG:
         if np.any(spans <= 0):
             raise ValueError(f"empty range [{low}, {high})")
         span = int(spans[0])
-        if np.all(spans == span) and span <= 256 and span & (span - 1) == 0:
-            size = math.prod(shape)
+        size = math.prod(shape)
+        power_of_two = span <= 256 and span & (span - 1) == 0
+        if np.all(spans == span) and -128 <= low and low + span <= 128:  # int8 values: one compiled pass
+            out = kernels.small_ints(self.keys, self._used, int(low), span, 8 - span.bit_length() + 1 if power_of_two
+                                     else -1, np.empty((len(self), size), dtype=np.int8))
+            self._used += (size + 7) // 8 if power_of_two else (size + 1) // 2
+            return torch.from_numpy(out.reshape(len(self), *shape)).to(self.device)
+        if np.all(spans == span) and power_of_two:
             draw = self.words((size + 7) // 8).view(np.uint8)[:, :size] >> np.uint8(8 - span.bit_length() + 1)
             draw = draw.reshape(len(self), *shape)
         else:
