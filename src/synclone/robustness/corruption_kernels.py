@@ -730,3 +730,34 @@ def small_ints(keys, start, low, span, byte_shift, out):
                 if 2 * j + 1 < size:
                     row[2 * j + 1] = np.int8(np.int64(((w >> S32) * np.uint64(span)) >> S32) + low)
     return out
+
+
+@_compiled
+def zoom_threshold(x, out_h, out_w, threshold, out):
+    """Bilinear zoom of planes ``x`` (P, h, w) to (out_h, out_w) with aligned corners (SciPy's
+    ``zoom(order=1)``: output pixel o samples input o (in - 1) / (out - 1)), then values at or below
+    ``threshold`` set to 0 and the rest capped at 1, into ``out`` (P, out_h, out_w), in float64."""
+    planes, h, w = x.shape
+    sy = (h - 1) / (out_h - 1) if out_h > 1 else 0.0
+    sx = (w - 1) / (out_w - 1) if out_w > 1 else 0.0
+    j0 = np.empty(out_w, dtype=np.int64)
+    j1 = np.empty(out_w, dtype=np.int64)
+    fx = np.empty(out_w)
+    for q in range(out_w):
+        c = q * sx
+        j0[q] = min(int(np.floor(c)), w - 1)
+        j1[q] = min(j0[q] + 1, w - 1)
+        fx[q] = c - j0[q]
+    for p in range(planes):
+        for o in range(out_h):
+            c = o * sy
+            i0 = min(int(np.floor(c)), h - 1)
+            i1 = min(i0 + 1, h - 1)
+            fy = c - i0
+            top, bottom, dst = x[p, i0], x[p, i1], out[p, o]
+            for q in range(out_w):
+                a = top[j0[q]] + (top[j1[q]] - top[j0[q]]) * fx[q]
+                b = bottom[j0[q]] + (bottom[j1[q]] - bottom[j0[q]]) * fx[q]
+                v = a + (b - a) * fy
+                dst[q] = min(v, 1.0) if v > threshold else 0.0
+    return out

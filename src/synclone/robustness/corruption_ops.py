@@ -588,25 +588,27 @@ def shift_sum(x: torch.Tensor, dy: np.ndarray, dx: np.ndarray, w: np.ndarray,
     return run_compiled(x, out, run, tuple(x.shape), x.dtype)
 
 
-def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """The reference ``clipped_zoom``: crop the centre to ceil(size / factor), zoom it by ``factor``.
+def clipped_zoom_threshold(x: torch.Tensor, factor: float, threshold: float) -> torch.Tensor:
+    """The reference ``clipped_zoom`` of planes (N, 1, H, W), then values at or below ``threshold`` set to 0 and
+    the rest capped at 1 (snow's layer), in float64.
 
-    SciPy's ``ndimage.zoom(order=1)`` maps output pixel o to input coordinate o (in - 1) / (out - 1), which
-    is bilinear interpolation with ``align_corners=True``; the output has ``round(crop * factor)`` pixels
-    per side (at least the input size) and is not trimmed here.
+    ``clipped_zoom`` crops the centre to ceil(size / factor) and zooms it by ``factor``. SciPy's
+    ``ndimage.zoom(order=1)`` maps output pixel o to input coordinate o (in - 1) / (out - 1), which is
+    bilinear interpolation with aligned corners; the output has ``round(crop * factor)`` pixels per side (at
+    least the input size) and is not trimmed here. One compiled pass (:func:`corruption_kernels.zoom_threshold`).
     """
     h, w = x.shape[-2:]
     ch, cw = int(np.ceil(h / float(factor))), int(np.ceil(w / float(factor)))
     top, left = (h - ch) // 2, (w - cw) // 2
-    crop = x[..., top : top + ch, left : left + cw]
+    crop = x[:, 0, top : top + ch, left : left + cw].detach().to("cpu", torch.float64).contiguous().numpy()
     oh, ow = int(round(ch * factor)), int(round(cw * factor))
-    if (oh, ow) == (ch, cw):
-        return crop
-    return F.interpolate(crop, size=(oh, ow), mode="bilinear", align_corners=True)
+    out = kernels.zoom_threshold(crop, oh, ow, float(threshold), np.empty((len(crop), oh, ow)))
+    return torch.from_numpy(out)[:, None].to(x.device)
 
 
 def zoom_blur_taps(height: int, width: int, factors: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference zoom blur, ``(x + sum_f clipped_zoom(x, f)[:H, :W]) / (len(factors) + 1)``, as sparse taps.
+    """The reference zoom blur, ``(x + sum_f clipped_zoom(x, f)[:H, :W]) / (len(factors) + 1)``, as sparse taps
+    (``clipped_zoom``: see :func:`clipped_zoom_threshold`).
 
     Each zoom is bilinear: SciPy's ``zoom(order=1)`` maps output pixel o of the crop (ceil(n / f) pixels,
     centred) to input coordinate o * ((in - 1) / (out - 1)), out = round(in * f), in double precision. So every

@@ -321,10 +321,9 @@ def _zoom_blur(x, severity, rng, s):
 def _snow(x, severity, rng, s, out=None):
     loc, scale, zoom, threshold, radius, sigma, blend = SNOW[severity - 1]
     n, _, h, w = x.shape
-    layer = rng.normal(loc, scale, (h, w)).to(torch.float64)[:, None]
-    layer = ops.clipped_zoom(layer, zoom if s == 1 else max(1.0, zoom * s))
-    # zero below the threshold (F.threshold also zeroes values equal to it: a measure-zero difference), cap at 1
-    layer = torch.nn.functional.threshold(layer, threshold, 0.0).clamp_(max=1)
+    layer = rng.normal(loc, scale, (h, w))[:, None]
+    # zoomed, zero below the threshold (and at it: a measure-zero difference), capped at 1
+    layer = ops.clipped_zoom_threshold(layer, zoom if s == 1 else max(1.0, zoom * s), threshold)
     angles = rng.uniform(-135.0, -45.0, (), dtype=torch.float64)
     dy, dx, wt = ops.motion_taps(_pixels(radius, s), sigma * s, angles.cpu().tolist(), *layer.shape[-2:])
     layer = ops.shift_sum(layer, dy, dx, wt)[:, 0].cpu().numpy()
