@@ -442,7 +442,9 @@ def disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
 
 
 def _fft_size(n: int) -> int:
-    """The smallest length >= n with no prime factor above 5 (fast for the FFT)."""
+    """The smallest multiple of 8 >= n with no prime factor above 5 (fast for the FFT: 240 and 256 take about
+    0.8x the time of 250 here, and odd powers such as 243 twice as long)."""
+    n = -(-n // 8) * 8
     while True:
         m = n
         for p in (2, 3, 5):
@@ -450,7 +452,7 @@ def _fft_size(n: int) -> int:
                 m //= p
         if m == 1:
             return n
-        n += 1
+        n += 8
 
 
 @lru_cache(maxsize=16)
