@@ -508,6 +508,17 @@ def test_images_outside_unit_range(value):
         corrupt(x, "contrast", 1)
 
 
+def test_range_check_edges():
+    """-0.0 and exactly 1 are inside; a value just above 1 in a later chunk is caught and shown in full."""
+    x = torch.zeros(2, 3, 8, 8)
+    x[0, 0, 0, 0], x[1, 2, 7, 7] = -0.0, 1.0
+    assert torch.equal(corrupt(x, "contrast", 1), corrupt(x.abs(), "contrast", 1))
+    big = torch.full((40, 3, 224, 224), 0.5)
+    big[-1, 2, 5, 5] = 1.0000001
+    with pytest.raises(UserError, match=r"to 1\.0000001"):
+        corrupt(big, "contrast", 1)
+
+
 def test_bad_shapes_types_and_indices():
     with pytest.raises(UserError, match="shape"):
         corrupt(torch.zeros(3, 8, 8), "fog", 1)
