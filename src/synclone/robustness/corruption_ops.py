@@ -257,7 +257,7 @@ def poisson(lam: torch.Tensor, rng: ImageRNG, grid: float) -> torch.Tensor:
     return torch.from_numpy(out).reshape(lam.shape).to(lam.device, lam.dtype)
 
 
-POISSON_BUCKET_BITS = 11
+POISSON_BUCKET_BITS = 10
 
 
 @lru_cache(maxsize=16)
@@ -265,8 +265,8 @@ def _poisson_tables(grid: float) -> tuple[np.ndarray, np.ndarray, int]:
     """CDF tables of Poisson(level * grid) for the 256 levels, and a bucket table for 32-bit uniforms.
 
     ``cdf``: (256, width) float64, columns to 12 standard deviations past the largest rate plus 16 (the mass
-    beyond is below 1e-30), the last set to 1 so every search ends. ``table``: (256, 2^11) uint16. For the
-    uniforms u = bits / 2^32 of bucket b (the top 11 bits), the draw min{k : u < cdf[k]} is at least
+    beyond is below 1e-30), the last set to 1 so every search ends. ``table``: (256, 2^10) uint16. For the
+    uniforms u = bits / 2^32 of bucket b (the top 10 bits), the draw min{k : u < cdf[k]} is at least
     ``table & 255`` and exceeds it by at most ``table >> 8``, which is 0 for most buckets: the table alone
     then decides the draw.
     """
