@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - numba ships with the robust extra
 
 
 def _compiled(fn):
-    """``numba.njit`` with an on-disk cache, or a stand-in naming the missing package."""
+    """``numba.njit`` with an on-disk cache, or a stand-in naming the missing package (also jpeg_kernels')."""
     if numba is None:  # pragma: no cover
 
         def missing(*args, **kwargs):
@@ -30,6 +30,11 @@ def _compiled(fn):
 
         return missing
     return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+
+
+def _inline(fn):
+    """Inlined into the compiled caller (one optimised loop nest, no per-call array bookkeeping)."""
+    return fn if numba is None else numba.njit(inline="always", error_model="numpy")(fn)
 
 
 # SplitMix64 constants (S. Vigna, splitmix64.c): word j of the stream seeded s is mix(s + j * GAMMA).
@@ -79,10 +84,6 @@ COS_SERIES = tuple(_f((-1) ** k / math.factorial(2 * k)) for k in range(7))
 ONE, TWO, HALF, MINUS_TWO = _f(1), _f(2), _f(0.5), _f(-2)
 POW2 = tuple(_f(2.0**k) for k in (16, 8, 4, 2, 1))
 INV_POW2 = tuple(_f(2.0**-k) for k in (16, 8, 4, 2, 1))
-
-
-def _inline(fn):
-    return fn if numba is None else numba.njit(inline="always", error_model="numpy")(fn)
 
 
 @_inline
@@ -228,6 +229,18 @@ def normals(keys, start, loc, scale, out):
     return out
 
 
+@_inline
+def _sum_rows(rows, start, count, acc):
+    """``acc = rows[start] + ... + rows[start + count - 1]``, whole rows at a time (vectorised)."""
+    first = rows[start]
+    for q in range(acc.shape[0]):
+        acc[q] = first[q]
+    for r in range(start + 1, start + count):
+        src = rows[r]
+        for q in range(acc.shape[0]):
+            acc[q] += src[q]
+
+
 @_compiled
 def pixelate(x, row_start, row_len, col_start, col_len, row_src, col_src, out):
     """Box-average planes ``x`` (P, H, W) into blocks, then repeat the blocks back to (H, W) in ``out``.
@@ -245,25 +258,14 @@ def pixelate(x, row_start, row_len, col_start, col_len, row_src, col_src, out):
     for p in range(x.shape[0]):
         plane = x[p]
         for a in range(h2):
-            acc, src = rows[a], plane[row_start[a]]
-            for q in range(width):
-                acc[q] = src[q]
-            for r in range(row_start[a] + 1, row_start[a] + row_len[a]):
-                src = plane[r]
-                for q in range(width):
-                    acc[q] += src[q]
+            _sum_rows(plane, row_start[a], row_len[a], rows[a])
         for a in range(h2):
             src = rows[a]
             for q in range(width):
                 rows_t[q, a] = src[q]
         for b in range(w2):
-            acc, src = small_t[b], rows_t[col_start[b]]
-            for a in range(h2):
-                acc[a] = src[a]
-            for c in range(col_start[b] + 1, col_start[b] + col_len[b]):
-                src = rows_t[c]
-                for a in range(h2):
-                    acc[a] += src[a]
+            acc = small_t[b]
+            _sum_rows(rows_t, col_start[b], col_len[b], acc)
             for a in range(h2):
                 acc[a] /= _f(row_len[a] * col_len[b])
         done = -1  # the block row ``expanded`` holds

@@ -41,6 +41,7 @@ import operator
 import numpy as np
 
 from synclone.errors import UserError
+from synclone.robustness.corruption_kernels import _compiled, _inline
 
 try:
     import llvmlite.ir as llvm_ir
@@ -51,22 +52,6 @@ except ImportError:  # pragma: no cover - numba ships with the robust extra
     numba = None
 
 __all__ = ["jpeg_roundtrip", "quant_table"]
-
-
-def _compiled(fn):
-    """``numba.njit`` with an on-disk cache, or a stand-in naming the missing package."""
-    if numba is None:  # pragma: no cover
-
-        def missing(*args, **kwargs):
-            raise UserError("the JPEG kernels need numba: pip install numba (or 'synclone[robust]')")
-
-        return missing
-    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
-
-
-def _inline(fn):
-    """Inlined into the compiled caller (whole-function optimisation, and no per-call array bookkeeping)."""
-    return fn if numba is None else numba.njit(inline="always", error_model="numpy")(fn)
 
 
 def _int32_op(build):
