@@ -726,19 +726,6 @@ def box_blocks(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(starts), np.array(lengths)
 
 
-def block_sums(x: torch.Tensor, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
-    """Sums of contiguous runs of rows (dim -2), one run per output row: (..., len(starts), W)."""
-    starts_t = torch.as_tensor(starts, device=x.device)
-    out = x.index_select(-2, starts_t)
-    for j in range(1, int(lengths.max())):
-        rows = x.index_select(-2, torch.as_tensor(np.minimum(starts + j, x.shape[-2] - 1), device=x.device))
-        if (lengths > j).all():
-            out += rows
-        else:
-            out += rows * torch.as_tensor(lengths > j, dtype=x.dtype, device=x.device).view(-1, 1)
-    return out
-
-
 @lru_cache(maxsize=256)
 def nearest_index(n_in: int, n_out: int) -> np.ndarray:
     """Pillow's NEAREST resize source index (``ImagingScaleAffine``).
