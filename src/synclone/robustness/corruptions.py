@@ -174,7 +174,9 @@ def size_scale(height: int, width: int, reference_size: float | None = REFERENCE
 # Validation and dispatch
 # ----------------------------------------------------------------------------------------------------------------------
 
-_Fn = Callable[[torch.Tensor, int, object, float], torch.Tensor]
+# fn(x, severity, rng, scale, out=None): the corrupted batch. Given ``out`` (the caller's result), a corruption may
+# write its result there, clipped to [0, 1], and return ``out`` itself, saving a pass over the images.
+_Fn = Callable[..., torch.Tensor]
 
 
 def _spec(name: str, severity: int) -> tuple[_Fn, bool, int]:
@@ -235,12 +237,10 @@ def _run(out, x, spec, severity, rng, reference_size) -> torch.Tensor:
         if colour and x.shape[1] == 1:
             # Colour-dependent corruptions run on the equal-channel RGB image, then back to luma.
             y = ops.to_gray(fn(x.expand(-1, 3, -1, -1), severity, rng, s).clamp(0, 1))
-        elif fn in _WRITE_OUT:
+        else:
             y = fn(x, severity, rng, s, out=out)
             if y is out:  # written and clipped in place
                 return out
-        else:
-            y = fn(x, severity, rng, s)
         if y.dtype != out.dtype or not y.is_contiguous():  # clamping into another layout is slow on the CPU
             return out.copy_(torch.clamp(y, 0, 1))
         return torch.clamp(y, 0, 1, out=out)
@@ -292,8 +292,8 @@ def _speckle_noise(x, severity, rng, s, out=None):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _gaussian_blur(x, severity, rng, s):
-    return ops.gaussian_filter(x, GAUSSIAN_BLUR[severity - 1] * s, "replicate")
+def _gaussian_blur(x, severity, rng, s, out=None):
+    return ops.gaussian_filter(x, GAUSSIAN_BLUR[severity - 1] * s, "replicate", out=out)
 
 
 def _glass_blur(x, severity, rng, s, out=None):
@@ -319,7 +319,7 @@ def _motion_blur(x, severity, rng, s, out=None):
     return ops.shift_sum(x, dy, dx, w, out=out)
 
 
-def _zoom_blur(x, severity, rng, s):
+def _zoom_blur(x, severity, rng, s, out=None):
     # All zooms and the final average are one sparse operator with 4 taps per zoom: one fused gather-sum.
     index, weight = ops.zoom_blur_taps(*x.shape[-2:], tuple(float(f) for f in ZOOM_BLUR[severity - 1]))
     return ops.gather_sum(x, index, weight)
@@ -375,7 +375,7 @@ def _fog(x, severity, rng, s, out=None):
     return ops.run_compiled(x, out, run, tuple(x.shape))
 
 
-def _spatter(x, severity, rng, s):
+def _spatter(x, severity, rng, s, out=None):
     loc, scale, sigma, threshold, c4, mode = SPATTER[severity - 1]
     n, _, h, w = x.shape
     liquid = rng.normal(loc, scale, (h, w)).to(torch.float64)[:, None]
@@ -437,7 +437,7 @@ def _contrast(x, severity, rng, s, out=None):
     return ops.run_compiled(x, out, run, (x.shape[0], x.shape[1], -1))
 
 
-def _elastic_transform(x, severity, rng, s):
+def _elastic_transform(x, severity, rng, s, out=None):
     # The reference's field is already relative to the image size (sigma 1% and amplitude 0.5% of the sides),
     # so it needs no scaling. It draws and smooths in float64 and stores float32; float32 throughout changes the
     # displacements by about 1e-6 px.
@@ -496,6 +496,3 @@ _REGISTRY: dict[str, tuple[_Fn, bool, int]] = {
     "saturate": (_saturate, True, CHUNK_VALUES),
 }
 assert tuple(_REGISTRY) == ALL_CORRUPTIONS
-# Corruptions that may write their clipped result straight into the output (``out=``), saving a pass over it.
-_WRITE_OUT = {_gaussian_noise, _shot_noise, _impulse_noise, _speckle_noise, _pixelate, _motion_blur, _brightness,
-              _saturate, _contrast, _frost, _fog, _snow, _glass_blur, _jpeg_compression, _defocus_blur}
