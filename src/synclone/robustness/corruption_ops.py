@@ -806,64 +806,12 @@ def hsv_saturation_affine(x: torch.Tensor, mul: float, add: float, out: torch.Te
 
 
 def plasma_count(mapsize: int) -> int:
-    """How many uniforms :func:`plasma_fractal` consumes per image."""
+    """How many uniforms :func:`corruption_kernels.plasma_fractal` consumes per image."""
     total, step = 0, mapsize
     while step >= 2:
         total += 3 * (mapsize // step) ** 2
         step //= 2
     return total
-
-
-def _wrap(a: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """(N, k, k) extended periodically by ``before`` rows and columns in front and ``after`` behind."""
-    rows = [t for t in (a[:, a.shape[1] - before :], a, a[:, :after]) if t.shape[1]]
-    a = torch.cat(rows, dim=1)
-    cols = [t for t in (a[:, :, a.shape[2] - before :], a, a[:, :, :after]) if t.shape[2]]
-    return torch.cat(cols, dim=2)
-
-
-def plasma_fractal(u: torch.Tensor, mapsize: int, wibbledecay: float) -> torch.Tensor:
-    """The reference diamond-square ``plasma_fractal``, batched: (N, mapsize, mapsize) in [0, 1].
-
-    ``u``: (N, plasma_count(mapsize)) uniforms on [0, 1), consumed in the reference's order (squares, then
-    the two diamond sets, per step), each giving ``wibble * uniform(-wibble, wibble)`` as it does. The
-    reference adds that in float64 and stores float32; we compute in float32 (a last-bit difference).
-    Instead of writing each step into a strided view of the full map, the grid of known points is kept dense
-    and each step interleaves it with its three new point sets (2x2, like a pixel shuffle): the same sums in
-    the same order, on contiguous arrays.
-    """
-    n = u.shape[0]
-    u = u.to(torch.float32)
-    grid = torch.zeros(n, 1, 1, dtype=torch.float32, device=u.device)  # points `step` apart; starts at m[0, 0]
-    k, wibble, used = 1, 100.0, 0
-
-    def wibbled(arr: torch.Tensor) -> torch.Tensor:
-        nonlocal used
-        noise = u[:, used : used + k * k].reshape(arr.shape).mul(2 * wibble * wibble).sub_(wibble * wibble)
-        used += k * k
-        return noise.add_(arr, alpha=0.25)
-
-    while k < mapsize:
-        # the reference's np.roll neighbours, as slices of a copy wrapped by one row and column
-        g = _wrap(grid, 0, 1)
-        down, right = g[:, 1:, :-1], g[:, :-1, 1:]  # grid[i + 1, j], grid[i, j + 1]
-        sq = grid + down
-        sq = sq + _wrap(sq, 0, 1)[:, :-1, 1:]
-        dr = wibbled(sq)  # centres of the squares
-        d = _wrap(dr, 1, 0)
-        up, left = d[:, :-1, 1:], d[:, 1:, :-1]  # dr[i - 1, j], dr[i, j - 1]
-        lt = wibbled((dr + up) + (grid + right))  # row-aligned diamond centres
-        tt = wibbled((dr + left) + (grid + down))  # column-aligned diamond centres
-        finer = torch.empty(n, k, 2, k, 2, dtype=grid.dtype, device=grid.device)  # (row, row bit, col, col bit)
-        finer[:, :, 0, :, 0] = grid  # strided writes: several times faster than stack + permute on the CPU
-        finer[:, :, 0, :, 1] = lt
-        finer[:, :, 1, :, 0] = tt
-        finer[:, :, 1, :, 1] = dr
-        grid = finer.view(n, 2 * k, 2 * k)
-        k *= 2
-        wibble /= wibbledecay
-    grid = grid - grid.amin(dim=(1, 2), keepdim=True)
-    return grid / grid.amax(dim=(1, 2), keepdim=True)
 
 
 FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg", "frost6.jpg")
