@@ -56,7 +56,7 @@ def time_reference(name: str, imgs: list, n: int) -> float:
 
 def time_ours(name: str, batch: torch.Tensor, seed: int) -> float:
     """Seconds per image for synclone, one call per severity on the whole batch."""
-    from synclone.robustness.corruptions import corrupt
+    from synclone.probes.corruptions.engine import corrupt
 
     start = time.perf_counter()
     for severity in range(1, 6):
@@ -121,7 +121,7 @@ def write_section(text: str) -> None:
 
 
 def main(argv=None) -> None:
-    from synclone.robustness.corruptions import ALL_CORRUPTIONS, CORRUPTIONS
+    from synclone.probes.corruptions.engine import ALL_CORRUPTIONS, CORRUPTIONS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 28])

@@ -31,9 +31,9 @@ from PIL import Image  # noqa: E402
 
 from synclone.curate import CurateConfig, curate  # noqa: E402
 from synclone.curate.cache import FileKeys, ScorerCache  # noqa: E402
-from synclone.curate.folder import read_dataset_folder  # noqa: E402
 from synclone.curate.scorers import create_scorer  # noqa: E402
 from synclone.curate.scoring import score_records  # noqa: E402
+from synclone.data.folder import read_dataset_folder  # noqa: E402
 
 
 def write_dataset(root: Path, n: int) -> Path:

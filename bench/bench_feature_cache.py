@@ -34,8 +34,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from synclone.data import load_fashion_mnist  # noqa: E402
+from synclone.models.backbones import BackboneConfig, load_backbone  # noqa: E402
 from synclone.train.clip_zeroshot import zeroshot_weights  # noqa: E402
-from synclone.train.features import BackboneConfig, cached_features, load_backbone  # noqa: E402
+from synclone.train.features import cached_features  # noqa: E402
 from synclone.train.heads import (  # noqa: E402
     HeadGridConfig,
     LinearHeadGrid,

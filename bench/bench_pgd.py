@@ -1,4 +1,4 @@
-"""PGD throughput: synclone.robustness.adversarial.pgd against torchattacks.PGD, same model, images, steps.
+"""PGD throughput: synclone.probes.adversarial.pgd against torchattacks.PGD, same model, images, steps.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_pgd.py                      # defaults below
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_pgd.py --model resnet18 --size 224 --n 8 --threads 1
@@ -22,7 +22,7 @@ import torch
 import torchattacks
 from torch import nn
 
-from synclone.robustness.adversarial import pgd
+from synclone.probes.adversarial import pgd
 
 
 class Normalised(nn.Module):

@@ -19,7 +19,7 @@ Three ways, each timed cold (empty logits cache) in alternating rounds:
   benchmark runs its evaluations (one script per measurement).
 
 A second mode, ``--streaming N``, checks that ImageNet-family folders (read by
-:class:`synclone.evaluate.streaming.FileImageSet`, decoded batch by batch on a thread pool while the
+:class:`synclone.data.streaming.FileImageSet`, decoded batch by batch on a thread pool while the
 model runs) cost little more than the forward passes: N JPEG photos (scikit-image's, at their own sizes)
 in an ImageNet val layout, a random-weight ``tf_efficientnet_lite0`` at 224x224, timing decoding alone,
 the forward pass alone on decoded tensors, and ``EvalContext.logits`` streaming both.
@@ -47,13 +47,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from synclone.data.eval_sets import load_eval_dataset  # noqa: E402
 from synclone.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from synclone.evaluate import EvaluateConfig, evaluate  # noqa: E402
-from synclone.evaluate.base import EvalContext  # noqa: E402
-from synclone.evaluate.datasets import load_eval_dataset  # noqa: E402
 from synclone.evaluate.runner import load_entry  # noqa: E402
 from synclone.labels import FASHION_MNIST  # noqa: E402
 from synclone.models import create_classifier, save_model  # noqa: E402
+from synclone.probes.base import EvalContext  # noqa: E402
 
 OOD_SETS = ["digits", "animal_shapes", "uniform_noise", "gaussian_noise"]
 
@@ -149,9 +149,9 @@ def streaming(n: int, rounds: int, batch_size: int) -> None:
     import numpy as np
     from skimage import data as photos
 
-    from synclone.evaluate.base import ModelEntry
-    from synclone.evaluate.imagenet_sets import imagenet1k_wnids, load_imagenet_set
-    from synclone.robustness.probe_io import imagenet1k_space
+    from synclone.data.imagenet import imagenet1k_wnids, load_imagenet_set
+    from synclone.labels import imagenet1k_space
+    from synclone.probes.base import ModelEntry
 
     names = ["chelsea", "coffee", "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry"]
     pics = [np.asarray(getattr(photos, k)()) for k in names]

@@ -12,8 +12,8 @@ from functools import lru_cache
 import pytest
 import torch
 
+from synclone.labels import imagenet1k_space
 from synclone.models.classifier import Classifier
-from synclone.robustness.probe_io import imagenet1k_space
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

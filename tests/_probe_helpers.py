@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from _tiny_clip import one_thread  # noqa: F401  (re-exported for the probe tests)
 from synclone.config import validate
 from synclone.data.imageset import TensorImageSet
-from synclone.evaluate.base import EvalContext, get_probe
 from synclone.labels import FASHION_MNIST
 from synclone.models import create_classifier
+from synclone.probes.base import EvalContext, get_probe
 
 
 def fit_tiny(train: TensorImageSet, steps: int, seed: int):

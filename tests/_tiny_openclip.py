@@ -36,7 +36,7 @@ def _train_zero_shot(model: torch.nn.Module, steps: int, seed: int) -> None:
     import open_clip
 
     from synclone.data import load_fashion_mnist
-    from synclone.train.features import Preprocess
+    from synclone.models.backbones import Preprocess
 
     data = load_fashion_mnist("train")
     g = torch.Generator().manual_seed(seed)

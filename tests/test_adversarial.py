@@ -13,8 +13,8 @@ import torchattacks
 from torch import nn
 
 from synclone.errors import UserError
-from synclone.robustness import adversarial as adv
-from synclone.robustness.adversarial import autoattack, fgsm, pgd, robust_accuracy, robust_flags
+from synclone.probes import adversarial as adv
+from synclone.probes.adversarial import autoattack, fgsm, pgd, robust_accuracy, robust_flags
 
 
 class Normalised(nn.Module):

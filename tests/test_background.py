@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from synclone.errors import UserError
-from synclone.robustness.background import (
+from synclone.labels import imagenet1k_space
+from synclone.probes.background import (
     IN9_VARIANTS,
     background_bias,
     bg_gap,
@@ -20,7 +21,6 @@ from synclone.robustness.background import (
     in9_map,
     load_in9_map,
 )
-from synclone.robustness.probe_io import imagenet1k_space
 
 # Xiao et al. (ICLR 2021), Table 4: number of ImageNet sub-classes per IN-9 class.
 PAPER_COUNTS = {"dog": 116, "bird": 52, "wheeled vehicle": 42, "reptile": 36, "carnivore": 35, "insect": 27,

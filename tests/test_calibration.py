@@ -11,7 +11,7 @@ from sklearn.metrics import brier_score_loss, log_loss
 from torchmetrics.classification import MulticlassCalibrationError
 
 from synclone.errors import UserError
-from synclone.robustness import calibration as cal
+from synclone.probes import calibration as cal
 
 N, K = 1500, 10
 

@@ -12,7 +12,7 @@ import torch
 
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
-from synclone.robustness.context import (
+from synclone.probes.context import (
     context_accuracy,
     context_prompts,
     context_settings,
@@ -129,7 +129,7 @@ def test_generated_metadata_nests_context_under_attributes(tmp_path):
     """`synclone generate --contexts` writes the context per image under 'attributes'; the reader lifts it."""
     import json
 
-    from synclone.robustness.context import read_context_table
+    from synclone.probes.context import read_context_table
 
     rows = [{"file_name": f"{i}.png", "class_name": "Bag",
              "attributes": {"n_uncommon": i % 3, "time": "night", "weather": "snow"}} for i in range(6)]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from synclone.errors import UserError
-from synclone.robustness.corruption_metrics import (
+from synclone.probes.corruptions.metrics import (
     ALEXNET_ERRORS,
     IMAGENET_C_CORRUPTIONS,
     corruption_error,

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from synclone.errors import UserError
-from synclone.robustness import corruption_kernels as kernels
-from synclone.robustness import corruption_ops as ops
-from synclone.robustness.corruptions import (
+from synclone.probes import corruption_kernels as kernels
+from synclone.probes import corruption_ops as ops
+from synclone.probes.corruptions.engine import (
     ALL_CORRUPTIONS,
     CORRUPTIONS,
     GLASS_BLUR,

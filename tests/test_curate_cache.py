@@ -11,9 +11,9 @@ from PIL import Image
 
 from synclone.curate.cache import FileKeys, ScorerCache, TensorStore, sha1_bytes
 from synclone.curate.config import ScorerConfig
-from synclone.curate.folder import read_dataset_folder
 from synclone.curate.scorers import create_scorer
 from synclone.curate.scoring import score_records
+from synclone.data.folder import read_dataset_folder
 from synclone.labels import LabelSpace
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -19,8 +19,8 @@ from synclone.curate.filters import (
     threshold_reasons,
     top_k_reasons,
 )
-from synclone.curate.images import STAT_NAMES
 from synclone.curate.stats import mean_pairwise_cosine_distance
+from synclone.data.images import STAT_NAMES
 from synclone.errors import UserError
 
 

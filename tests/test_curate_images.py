@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synclone.curate.folder import load_image_folder_tensors, read_dataset_folder
-from synclone.curate.images import STAT_NAMES, decode_image, read_and_decode
+from synclone.data.folder import load_image_folder_tensors, read_dataset_folder
+from synclone.data.images import STAT_NAMES, decode_image, read_and_decode
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 

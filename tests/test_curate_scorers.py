@@ -13,9 +13,9 @@ from PIL import Image
 
 from synclone.curate.cache import FileKeys, ScorerCache
 from synclone.curate.config import ScorerConfig
-from synclone.curate.folder import read_dataset_folder
 from synclone.curate.scorers import create_scorer, hf_clip_tokenizer_offline
 from synclone.curate.scoring import score_records
+from synclone.data.folder import read_dataset_folder
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+from synclone.data.eval_sets import _NumpyOnlyUnpickler, load_animal_shapes_ood, load_digits_ood, noise_ood
 from synclone.errors import UserError
 from synclone.evaluate import EvaluateConfig, evaluate
-from synclone.evaluate.datasets import _NumpyOnlyUnpickler, load_animal_shapes_ood, load_digits_ood, noise_ood
 from synclone.labels import FASHION_MNIST
 from synclone.models import create_classifier, save_model
-from synclone.robustness.shift import effective_robustness, fit_baseline
+from synclone.probes.shift import effective_robustness, fit_baseline
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from _tiny_openclip import build_tiny_openclip
 from synclone.data import load_fashion_mnist
 from synclone.errors import UserError
+from synclone.models.backbones import BackboneConfig, Preprocess, load_backbone
 from synclone.train.clip_zeroshot import resolve_templates, zeroshot_logits, zeroshot_weights
-from synclone.train.features import BackboneConfig, Preprocess, cached_features, load_backbone
+from synclone.train.features import cached_features
 from synclone.train.heads import HeadGridConfig, LinearHeadGrid, distillation_loss, train_head_grid
 
 

@@ -17,10 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from synclone.errors import UserError
-from synclone.evaluate.base import EvalContext, ModelEntry, get_probe
-from synclone.evaluate.datasets import load_eval_dataset
-from synclone.evaluate.imagenet_sets import (
+from synclone.data.eval_sets import load_eval_dataset
+from synclone.data.imagenet import (
     detect_layout,
     imagenet1k_wnids,
     imagenet_a_indices,
@@ -31,8 +29,10 @@ from synclone.evaluate.imagenet_sets import (
     objectnet_view,
     project_objectnet,
 )
-from synclone.evaluate.streaming import FileImageSet
-from synclone.robustness.shift import accuracy, masked_argmax
+from synclone.data.streaming import FileImageSet
+from synclone.errors import UserError
+from synclone.probes.base import EvalContext, ModelEntry, get_probe
+from synclone.probes.shift import accuracy, masked_argmax
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian Mau
 TABBY, ESPRESSO = 281, 967

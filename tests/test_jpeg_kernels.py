@@ -18,7 +18,7 @@ from synclone.errors import UserError
 pytest.importorskip("numba")
 skd = pytest.importorskip("skimage.data")
 
-from synclone.robustness.jpeg_kernels import (  # noqa: E402 - after the skips
+from synclone.probes.corruptions.jpeg import (  # noqa: E402 - after the skips
     STD_CHROMINANCE,
     STD_LUMINANCE,
     jpeg_roundtrip,

@@ -9,7 +9,7 @@ from pytorch_ood.metrics import functional as pood
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from synclone.errors import UserError
-from synclone.robustness import ood
+from synclone.probes import ood
 
 TOL = 1e-9
 

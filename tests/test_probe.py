@@ -11,7 +11,8 @@ from _tiny_openclip import build_tiny_openclip
 from synclone.data import load_fashion_mnist
 from synclone.errors import UserError
 from synclone.models import create_classifier, save_model
-from synclone.train.features import BackboneConfig
+from synclone.models.backbones import BackboneConfig
+from synclone.models.feature_classifier import load_feature_classifier
 from synclone.train.heads import HeadGridConfig
 from synclone.train.probe import (
     ClassifierTuningConfig,
@@ -20,7 +21,6 @@ from synclone.train.probe import (
     TuningHeadsConfig,
     classifier_tuning,
     linear_probe,
-    load_feature_classifier,
 )
 
 

@@ -10,17 +10,17 @@ from PIL import Image
 
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
-from synclone.robustness.background import IN9_VARIANTS, evaluate_backgrounds
-from synclone.robustness.bias_plots import plot_background, plot_context, plot_shape_bias
-from synclone.robustness.context import context_accuracy
-from synclone.robustness.probe_backgrounds import (
+from synclone.probes.background import IN9_VARIANTS, evaluate_backgrounds
+from synclone.probes.context import context_accuracy
+from synclone.probes.shape_bias import evaluate_shape_bias, parse_cue_conflict_name
+from synclone.report.bias_plots import plot_background, plot_context, plot_shape_bias
+from synclone.stimuli.backgrounds import (
     build_background_probe,
     build_background_probe_from_folders,
     tiled_background,
 )
-from synclone.robustness.probe_cue_conflict import build_cue_conflict_probe, texture_patch
-from synclone.robustness.probe_images import bbox, masks_from_threshold, natural_textures
-from synclone.robustness.shape_bias import evaluate_shape_bias, parse_cue_conflict_name
+from synclone.stimuli.cue_conflict import build_cue_conflict_probe, texture_patch
+from synclone.stimuli.images import bbox, masks_from_threshold, natural_textures
 
 CLASSES = ["square", "disk", "bar"]
 SIZE = 16

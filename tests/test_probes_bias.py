@@ -19,15 +19,15 @@ from PIL import Image
 from _probe_helpers import fit_tiny, one_thread, run_probe, same, table
 from synclone.config import validate
 from synclone.data.fashion_mnist import load_fashion_mnist
+from synclone.data.images import load_image
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
-from synclone.evaluate.base import EvalContext, ModelEntry, get_probe
-from synclone.labels import FASHION_MNIST
+from synclone.labels import FASHION_MNIST, imagenet1k_space
 from synclone.models import create_classifier
-from synclone.robustness.background import IN9_VARIANTS, evaluate_backgrounds
-from synclone.robustness.context import context_prompts
-from synclone.robustness.probe_io import imagenet1k_space, load_image
-from synclone.robustness.shape_bias import evaluate_shape_bias
+from synclone.probes.background import IN9_VARIANTS, evaluate_backgrounds
+from synclone.probes.base import EvalContext, ModelEntry, get_probe
+from synclone.probes.shape_bias import evaluate_shape_bias
+from synclone.prompts.contexts import context_prompts
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,11 @@ from synclone.config import validate
 from synclone.data.fashion_mnist import load_fashion_mnist
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
-from synclone.evaluate.base import EvalContext, ModelEntry, get_probe
-from synclone.labels import FASHION_MNIST
+from synclone.labels import FASHION_MNIST, imagenet1k_space
 from synclone.models import create_classifier
-from synclone.robustness.corruption_metrics import ALEXNET_ERRORS
-from synclone.robustness.corruptions import corrupt
-from synclone.robustness.probe_io import imagenet1k_space
+from synclone.probes.base import EvalContext, ModelEntry, get_probe
+from synclone.probes.corruptions.engine import corrupt
+from synclone.probes.corruptions.metrics import ALEXNET_ERRORS
 
 NAMES = ["gaussian_noise", "defocus_blur", "contrast", "jpeg_compression", "speckle_noise"]  # the last is held out
 SEVERITIES = [1, 3, 5]

@@ -27,7 +27,7 @@ from synclone.errors import UserError
 from synclone.labels import FASHION_MNIST
 from synclone.models import create_classifier, load_model
 from synclone.models.pretrained import PretrainedConfig, import_timm
-from synclone.pipeline import load_recipe
+from synclone.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CONFIG_ERRORS = ("unknown config key", "Field required", "unknown reference", "is not valid YAML", "Input should be")
@@ -75,7 +75,7 @@ def test_seed_recipe_dry_run_lists_everything_missing_offline(name, tmp_path, ca
 def test_bansal_recipe_with_its_datasets_in_place_lacks_only_weights(tmp_path, capsys):
     """Once the ImageNet folders exist, the dry run accepts them (labels aligned between the real train
     folder, found by its WordNet-id layout, and the generated ImageNet-1k clone) and lists only weights."""
-    from synclone.evaluate.imagenet_sets import imagenet1k_wnids
+    from synclone.data.imagenet import imagenet1k_wnids
 
     data = tmp_path / "data"
     for split in ("train", "val"):

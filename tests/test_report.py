@@ -24,8 +24,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from synclone.errors import UserError
 from synclone.labels import FASHION_MNIST
+from synclone.probes.corruptions.metrics import mce
 from synclone.report import build_report
-from synclone.robustness.corruption_metrics import mce
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",

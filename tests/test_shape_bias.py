@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from synclone.errors import UserError
-from synclone.robustness.probe_io import imagenet1k_space
-from synclone.robustness.shape_bias import (
+from synclone.labels import imagenet1k_space
+from synclone.probes.shape_bias import (
     evaluate_shape_bias,
     imagenet16_categories,
     imagenet16_decision,

@@ -8,7 +8,7 @@ from scipy.special import logit as sp_logit
 from scipy.stats import linregress
 
 from synclone.errors import UserError
-from synclone.robustness import shift
+from synclone.probes import shift
 
 
 def baseline_accuracies(n=12, seed=0):

@@ -27,8 +27,8 @@ import synclone.train.fewshot as fewshot_mod
 import synclone.train.loop as loop
 from synclone.config import load_config
 from synclone.data import load_fashion_mnist
+from synclone.data.streaming import FileImageSet, Preprocess
 from synclone.errors import UserError
-from synclone.evaluate.streaming import FileImageSet, Preprocess
 from synclone.labels import FASHION_MNIST, LabelSpace
 from synclone.models import load_model
 from synclone.train import TrainConfig, train

@@ -177,7 +177,7 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="validate the recipe and print the plan only")] = False,
 ) -> None:
     """Run a whole experiment from one recipe; finished stages are skipped, interrupted ones resumed."""
-    from synclone.pipeline import load_recipe, run_recipe
+    from synclone.recipe import load_recipe, run_recipe
 
     _done(run_recipe(load_recipe(recipe, overrides or []), dry_run=dry_run))
 
@@ -189,7 +189,7 @@ def demo(
     dry_run: Annotated[bool, typer.Option(help="print the plan only")] = False,
 ) -> None:
     """The built-in Fashion-MNIST synthetic-clone experiment, end to end, offline."""
-    from synclone.pipeline import demo_recipe, run_recipe
+    from synclone.recipe import demo_recipe, run_recipe
 
     _done(run_recipe(demo_recipe(output, quick=quick), dry_run=dry_run))
 

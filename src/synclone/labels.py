@@ -13,6 +13,8 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 
 from synclone.errors import UserError
 
@@ -182,8 +184,6 @@ def get_label_space(name_or_path: str) -> LabelSpace:
     if name_or_path in BUILTIN_SPACES:
         return BUILTIN_SPACES[name_or_path]
     if name_or_path in BUNDLED_SPACES:
-        from synclone.robustness.probe_io import read_data_file
-
         return LabelSpace.from_dict(read_data_file(f"labelspaces/{name_or_path}.json"))
     from pathlib import Path
 
@@ -200,3 +200,33 @@ def get_label_space(name_or_path: str) -> LabelSpace:
         f"unknown label space '{name_or_path}': use one of {sorted([*BUILTIN_SPACES, *BUNDLED_SPACES])} or a "
         ".json/.txt file of class names"
     )
+
+
+@cache
+def read_data_file(relpath: str) -> dict:
+    """A JSON table bundled under ``synclone/data/`` (e.g. ``"labelspaces/imagenet16.json"``).
+
+    Every bundled table (label spaces, class mappings, FOCUS contexts) is read through here.
+    """
+    node = resources.files("synclone") / "data"
+    for part in relpath.split("/"):
+        node = node / part
+    try:
+        return json.loads(node.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"bundled data file 'synclone/data/{relpath}' is missing; reinstall synclone") from None
+
+
+@cache
+def imagenet1k_space() -> LabelSpace:
+    """The ImageNet-1k label space (ILSVRC-2012 index order), read from ``data/labelspaces/imagenet1k.json``."""
+    return get_label_space("imagenet1k")
+
+
+def class_lookup(space: LabelSpace) -> dict[str, int]:
+    """Every class name, slug and lower-cased name of ``space`` -> its index (to read folder names)."""
+    out: dict[str, int] = {}
+    for i, (name, slug) in enumerate(zip(space.classes, space.slugs, strict=True)):
+        for key in (name, slug, name.lower()):
+            out.setdefault(key, i)
+    return out

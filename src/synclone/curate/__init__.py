@@ -6,10 +6,10 @@ the filter functions in :mod:`synclone.curate.filters`; regenerate-until-full in
 """
 
 from synclone.curate.config import CurateConfig, FiltersConfig, RefillConfig, ScorerConfig
-from synclone.curate.folder import ImageRecord, load_curated, load_image_folder_tensors, read_dataset_folder
 from synclone.curate.refill import RefillIncomplete
 from synclone.curate.run import curate
 from synclone.curate.scorers import SCORERS, create_scorer, register_scorer
+from synclone.data.folder import ImageRecord, load_curated, load_image_folder_tensors, read_dataset_folder
 
 __all__ = ["SCORERS", "CurateConfig", "FiltersConfig", "ImageRecord", "RefillConfig", "RefillIncomplete",
            "ScorerConfig", "create_scorer", "curate", "load_curated", "load_image_folder_tensors",

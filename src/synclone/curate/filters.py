@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from synclone.curate.config import FiltersConfig
-from synclone.curate.images import STAT_NAMES
+from synclone.data.images import STAT_NAMES
 from synclone.errors import UserError
 
 _NAN, _MAX, _STD = STAT_NAMES.index("px_nan"), STAT_NAMES.index("px_max"), STAT_NAMES.index("px_std")

@@ -26,11 +26,10 @@ from pathlib import Path
 import pandas as pd
 
 from synclone.curate.config import CurateConfig, FiltersConfig
-from synclone.curate.folder import DATASET_JSON, METADATA, ImageRecord, read_dataset_json
+from synclone.data.folder import ALL_ROWS, DATASET_JSON, METADATA, ImageRecord, read_dataset_json
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 
-ALL_ROWS = "curation.jsonl"
 FORMAT = "synclone-dataset/1"
 SCORE_COLUMNS = ("p_label", "top1", "margin", "class_sim", "prompt_sim")
 # The refill rounds' folder and its record (synclone.curate.refill); never removed by a re-run.

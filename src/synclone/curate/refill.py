@@ -39,9 +39,9 @@ import pandas as pd
 
 from synclone.config import apply_overrides, load_yaml, validate
 from synclone.curate.config import CurateConfig, FiltersConfig, RefillConfig
-from synclone.curate.folder import METADATA, ImageRecord, read_dataset_folder, read_dataset_json
 from synclone.curate.output import REFILL_DIR
 from synclone.curate.output import REFILL_STATE as STATE_FILE
+from synclone.data.folder import METADATA, ImageRecord, read_dataset_folder, read_dataset_json
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 

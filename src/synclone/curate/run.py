@@ -9,12 +9,12 @@ from synclone.config import write_run_info
 from synclone.curate.cache import FileKeys, ScorerCache
 from synclone.curate.config import CurateConfig
 from synclone.curate.filters import apply_filters
-from synclone.curate.folder import read_dataset_folder
 from synclone.curate.output import prepare_output, write_curated
 from synclone.curate.refill import Refill
 from synclone.curate.scorers import create_scorer
 from synclone.curate.scoring import score_records
 from synclone.curate.stats import write_stats
+from synclone.data.folder import read_dataset_folder
 from synclone.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from synclone.curate.cache import FileKeys
 from synclone.curate.config import ScorerConfig
-from synclone.curate.images import to_channels
+from synclone.data.images import to_channels
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 

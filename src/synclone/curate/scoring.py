@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 
 from synclone.curate.cache import ScorerCache, sha1_text
-from synclone.curate.folder import ImageRecord
-from synclone.curate.images import STAT_NAMES, read_and_decode
 from synclone.curate.scorers import Scorer, resolve_templates, templates_key
+from synclone.data.folder import ImageRecord
+from synclone.data.images import STAT_NAMES, read_and_decode
 from synclone.errors import UserError
 from synclone.labels import LabelSpace, get_label_space
 

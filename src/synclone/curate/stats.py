@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from synclone.curate.config import StatsConfig
-from synclone.curate.images import read_and_decode
+from synclone.data.images import read_and_decode
 from synclone.labels import LabelSpace
 
 SCORES = ("p_label", "margin", "class_sim", "prompt_sim")

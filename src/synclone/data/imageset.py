@@ -109,23 +109,3 @@ class TensorImageSet(ImageSet):
         h.update(self.images.contiguous().numpy().tobytes())
         h.update(self.labels.numpy().tobytes())
         return h.hexdigest()[:16]
-
-
-def concat_sets(sets: list[ImageSet], name: str) -> ImageSet:
-    """One set holding ``sets`` in order (same label space): tensors stay tensors, file sets stay streamed."""
-    from synclone.evaluate.streaming import FileImageSet
-
-    if len(sets) == 1:
-        return sets[0]
-    if all(isinstance(s, TensorImageSet) for s in sets):
-        return TensorImageSet(torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]),
-                              sets[0].label_space, name)
-    if all(isinstance(s, FileImageSet) for s in sets):
-        first = sets[0]
-        if any(s.input_size != first.input_size or s.preprocess != first.preprocess for s in sets):
-            raise UserError(f"cannot join {', '.join(s.name for s in sets)}: they are read at different sizes")
-        return FileImageSet([p for s in sets for p in s.paths], torch.cat([s.labels for s in sets]),
-                            first.label_space, name, input_size=first.input_size, preprocess=first.preprocess,
-                            source="+".join(s.source for s in sets))
-    raise UserError(f"cannot join in-memory and streamed datasets ({', '.join(s.name for s in sets)}): set "
-                    "data.image_size so every source is streamed at that size")

@@ -30,7 +30,7 @@ class EvaluateConfig(StrictModel):
 
     def probe_settings(self) -> list[tuple[str, Any]]:
         """(name, validated settings) per probe, in config order; unknown probes or keys name themselves."""
-        from synclone.evaluate.base import get_probe
+        from synclone.probes.base import get_probe
 
         out = []
         for name, raw in self.probes.items():

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
 from synclone.errors import UserError
-from synclone.evaluate.base import COLUMNS, EvalContext, ModelEntry, Row, file_hash
 from synclone.evaluate.config import EvaluateConfig
+from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, Row, file_hash
 
 RESULTS = "results.parquet"
 ARTIFACTS = "artifacts.json"
@@ -52,7 +52,7 @@ def model_names(paths: list[str]) -> dict[str, str]:
 def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     """Run the probes of ``cfg`` on its models; writes ``results.parquet``/``.csv`` and ``artifacts.json``.
 
-    Returns the results as a DataFrame with the columns of :data:`synclone.evaluate.base.COLUMNS`.
+    Returns the results as a DataFrame with the columns of :data:`synclone.probes.base.COLUMNS`.
     """
     if not cfg.models:
         raise UserError("no models to evaluate: pass model folders (synclone evaluate runs/real/model ...) "
@@ -60,7 +60,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     probes = cfg.probe_settings()  # validate every probe's settings before any work
-    from synclone.evaluate.datasets import load_eval_dataset
+    from synclone.data.eval_sets import load_eval_dataset
 
     clean = load_eval_dataset(cfg.data, "test", cfg.data_root, image_size=cfg.image_size)
     models = {name: load_entry(name, path) for name, path in cfg.models.items()}
@@ -77,7 +77,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     bar = tqdm(probes, desc="evaluate", disable=not progress, unit="probe")
     for name, settings in bar:
         bar.set_postfix_str(f"{name} ({len(models)} models)")
-        from synclone.evaluate.base import get_probe
+        from synclone.probes.base import get_probe
 
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:

@@ -18,9 +18,10 @@ from PIL import Image
 from pydantic import Field
 
 from synclone.config import StrictModel, validate
+from synclone.data.images import IMAGE_EXTENSIONS
 from synclone.errors import UserError
-from synclone.generate.hub import resolve_model
 from synclone.labels import LabelSpace
+from synclone.models.hub import resolve_model
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from synclone.generate.config import GeneratorConfig
     from synclone.generate.plan import Job
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SAFETY_REASON = "flagged by the pipeline's safety checker"
 
 
@@ -279,7 +279,7 @@ class DiffusersImg2Img(DiffusersText2Image):
             if "/" not in name and "\\" not in name and name not in (".", ".."):
                 folders.append(self.root / name)
             folder = next((f for f in folders if f.is_dir()), None)
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder else []
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
             if not files:
                 missing.append(name)
                 continue

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from synclone.errors import UserError
-from synclone.generate.seeds import derive_seed, derived_rng
 from synclone.labels import LabelSpace
 from synclone.prompts.base import PromptStrategy, fill
+from synclone.util.seeds import derive_seed, derived_rng
 
 PLAN_FILE = "plan.jsonl"
 

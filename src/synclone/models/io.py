@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
+from synclone.models.backbones import Backbone, BackboneConfig, ImageEncoder, Preprocess, register_backbone_loader
 from synclone.models.classifier import Classifier, create_classifier
+from synclone.models.feature_classifier import is_feature_classifier, load_feature_classifier
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -75,8 +77,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.
     Supervised models come back as a :class:`Classifier`; CLIP classifier-tuning and linear-probe
     folders as a ``FeatureClassifier`` (frozen encoder + head). Both carry ``label_space`` and ``input_size``.
     """
-    from synclone.train.probe import is_feature_classifier, load_feature_classifier
-
     if is_feature_classifier(folder):
         return load_feature_classifier(folder, device)
     cfg = read_model_config(folder)
@@ -92,3 +92,20 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.
         raise UserError(f"weights in '{folder}' don't match its config (arch '{cfg['arch']}'): {problem}")
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def _synclone_backbone(cfg: BackboneConfig) -> Backbone:
+    if cfg.pretrained:
+        raise UserError("backbone.pretrained is not used with kind 'synclone': the weights come from the folder")
+    model = load_model(cfg.name)
+    c, h, w = model.input_size
+    # The classifier normalises inside, so preprocessing here is only the resize to its input size.
+    pre = Preprocess(size=(h, w), mean=(0.0,) * c, std=(1.0,) * c, interpolation="bilinear", resize_mode="squash")
+    with torch.no_grad():
+        dim = int(model.features(torch.zeros(1, c, h, w)).shape[-1])
+    encoder = ImageEncoder(model, lambda trunk, x: trunk.features(x), pre, dim, bool(cfg.normalize),
+                           f"synclone:{cfg.name}")
+    return Backbone(cfg, encoder, extra={"label_space": model.label_space.to_dict()})
+
+
+register_backbone_loader("synclone", _synclone_backbone)

@@ -42,7 +42,7 @@ class Captions(PromptStrategy):
     def __init__(self, options, label_space, seed):
         super().__init__(options, label_space, seed)
         check_template(options.input_template, "prompts.options.input_template")
-        from synclone.generate.hub import resolve_model
+        from synclone.models.hub import resolve_model
 
         # Resolve now so an unknown model is an error before anything runs.
         self.model = resolve_model(options.model, options.revision, marker="config.json", what="caption model")
@@ -52,7 +52,7 @@ class Captions(PromptStrategy):
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from synclone.generate.seeds import derive_seed
+        from synclone.util.seeds import derive_seed
 
         opts = self.options
         want = opts.num_sentences or min(images_per_class, 64)

@@ -305,7 +305,7 @@ def robust_curves(artifacts: list[dict], style: Style):
 
 def shape_bias(artifacts: list[dict], style: Style, overall: dict[str, float] | None = None):
     """model-vs-human's shape-bias plot (per category, texture vs shape decisions), via synclone's bias plots."""
-    from synclone.robustness.bias_plots import plot_shape_bias  # imports torch; only when there is a shape probe
+    from synclone.report.bias_plots import plot_shape_bias  # imports torch; only when there is a shape probe
 
     rows = []
     for a in style.sort(artifacts):

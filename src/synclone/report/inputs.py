@@ -66,7 +66,7 @@ def _grid_png(records, space, mask, examples: int, thumb: int, captions: bool, r
 
 def read_curation(path: str | Path, examples: int = 8, thumb: int = 48) -> CurationInfo:
     """Counts per class and sample grids of kept and dropped images of a curated dataset folder."""
-    from synclone.curate.folder import load_curated, read_dataset_json
+    from synclone.data.folder import load_curated, read_dataset_json
 
     folder = Path(path)
     if not folder.is_dir():
@@ -97,7 +97,7 @@ def read_curation(path: str | Path, examples: int = 8, thumb: int = 48) -> Curat
 
 def read_dataset(path: str | Path, examples: int = 8, thumb: int = 48) -> DatasetInfo:
     """Image and class counts and a per-class sample grid of a (generated) dataset folder."""
-    from synclone.curate.folder import read_dataset_folder, read_dataset_json
+    from synclone.data.folder import read_dataset_folder, read_dataset_json
 
     folder = Path(path)
     records, space = read_dataset_folder(folder)  # raises UserError for a missing or empty folder

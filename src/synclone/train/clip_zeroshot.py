@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from synclone.errors import UserError
-from synclone.train.features import Backbone
+from synclone.models.backbones import Backbone
 
 Template = str | Callable[[str], str]
 

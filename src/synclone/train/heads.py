@@ -269,16 +269,3 @@ def _train_head_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
     return GridResult(grid=grid, val_top1=val_acc, val_loss=val_loss, best=best, selected_on=val_name,
                       weight=w[best].detach().clone(), bias=b[best].detach().clone(), scale=heads.scale,
                       init_val_top1=init_acc, history=history, train_loss=train_losses)
-
-
-class LinearHead(nn.Module):
-    """The chosen head: ``scale * x @ W.T + b``."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, scale: float = 1.0) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
-        self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self.register_buffer("scale", torch.tensor(float(scale)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight.T, alpha=float(self.scale))

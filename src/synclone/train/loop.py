@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
-from synclone.data.imageset import ImageSet, concat_sets
+from synclone.data.imageset import ImageSet
 from synclone.data.sources import resolve_dataset
+from synclone.data.streaming import concat_sets
 from synclone.errors import UserError
 from synclone.models import create_classifier, load_model, save_model
 from synclone.train.batches import CyclingSampler, augment, derive_seed

@@ -1,0 +1,428 @@
+"""A recipe and its stages: the typed recipe file, references between stages, and each stage's resolved config.
+
+:func:`plan` turns a :class:`Recipe` into the ordered :class:`Stage` list that :mod:`synclone.recipe.run`
+executes and :mod:`synclone.recipe.check` checks; errors are raised at once or collected in :class:`Problems`.
+
+``synclone run``: one recipe chains generate -> curate -> train -> evaluate -> report.
+
+A recipe names the stages' configs; references tie them together (``@generated.<name>``,
+``@curated``, ``@teacher``, ``@train.<name>``). Each stage writes ``stage.json`` with a hash of its
+resolved config when it finishes: a later run skips a finished stage whose config is unchanged,
+resumes an unfinished one (generation and training resume exactly), and refuses to overwrite a
+finished stage whose config changed (nothing already made is lost; the message says which folder to
+remove). Evaluation and the report are derived data and are simply redone when their inputs change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from synclone.config import StrictModel, apply_overrides, load_yaml, validate
+from synclone.errors import MissingResource, UserError
+
+STAGE_JSON = "stage.json"
+
+
+class Problems:
+    """Collects :class:`UserError` messages (``collect=True``) or lets the first one through.
+
+    ``missing`` holds what this machine lacks (:class:`MissingResource`: weights, datasets, checkpoints),
+    ``errors`` the mistakes in the recipe itself (configs, references, label spaces).
+    """
+
+    def __init__(self, collect: bool = True) -> None:
+        self.collect = collect
+        self.errors: list[str] = []
+        self.missing: list[str] = []
+
+    @property
+    def items(self) -> list[str]:
+        return self.errors + self.missing
+
+    @contextmanager
+    def catch(self, where: str = "") -> Iterator[None]:
+        try:
+            yield
+        except UserError as err:
+            if not self.collect:
+                raise
+            msg = str(err)
+            line = f"{where}: {msg}" if where and not msg.startswith(where) else msg
+            (self.missing if isinstance(err, MissingResource) else self.errors).append(line)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Recipe(StrictModel):
+    """A whole experiment. Stage sections hold the configs of the matching commands, without their folders.
+
+    ``vars`` are substituted for ``${name}`` in every other string of the recipe (after overrides, so
+    ``vars.dataset=eurosat`` on the command line re-targets the whole recipe). A ``train`` entry's
+    ``kind`` picks the trainer: ``supervised`` (default), ``classifier-tuning``, ``linear-probe``,
+    ``fewshot`` (with ``shots``, ``seeds`` and ``eval_data``), or ``pretrained`` (import a trained timm
+    classifier, :mod:`synclone.models.pretrained`, e.g. the real-data baselines of a benchmark).
+    """
+
+    vars: dict[str, str | int | float | bool | None] = Field(default_factory=dict, description="${name} substitutions")
+    output: str = "runs/experiment"
+    title: str = "synclone experiment"
+    generate: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> generate config")
+    teacher: dict[str, Any] | None = Field(None, description="train config of a curation teacher (real subset)")
+    curate: dict[str, Any] | None = Field(None, description="curate config; input e.g. '@generated.train'")
+    train: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model name -> train config")
+    evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate config (models are added)")
+    report: dict[str, Any] = Field(default_factory=dict, description="report options (title)")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A recipe from YAML with dotted overrides (``train.real.optim.steps=100``) and ``${var}`` substitution."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    return validate(Recipe, substitute_vars(raw, str(path)), source=str(path))
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def substitute_vars(raw: dict, source: str = "recipe") -> dict:
+    """``raw`` with ``${name}`` replaced by ``raw['vars'][name]`` in every string outside ``vars``.
+
+    A string that is exactly one ``${name}`` takes the variable's own type (a number stays a number).
+    """
+    values = raw.get("vars") or {}
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: 'vars' must be a mapping of names to values")
+    values = dict(values)
+    # Variables may use other variables (output: runs/${dataset}); resolve them first, refusing cycles.
+    for _ in range(len(values) + 1):
+        pending = {k: v for k, v in values.items() if isinstance(v, str) and _VAR.search(v)}
+        if not pending:
+            break
+        for k, v in pending.items():
+            names = _VAR.findall(v)
+            unknown = [n for n in names if n not in values]
+            if unknown:
+                raise UserError(f"{source}: vars.{k} uses '${{{unknown[0]}}}' but vars has no '{unknown[0]}'")
+            if all(not (isinstance(values[n], str) and _VAR.search(values[n])) for n in names):
+                values[k] = _VAR.sub(lambda m: str(values[m.group(1)]), v)
+    else:
+        raise UserError(f"{source}: vars refer to each other in a cycle ({', '.join(sorted(pending))})")
+
+    def sub(obj: Any, where: str) -> Any:
+        if isinstance(obj, dict):
+            return {k: sub(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [sub(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if not isinstance(obj, str):
+            return obj
+        for name in _VAR.findall(obj):
+            if name not in values:
+                raise UserError(f"{source}: {where} uses '${{{name}}}' but vars has no '{name}' "
+                                f"(defined: {', '.join(sorted(values)) or 'none'})")
+        whole = _VAR.fullmatch(obj)
+        if whole:
+            return values[whole.group(1)]
+        return _VAR.sub(lambda m: str(values[m.group(1)]), obj)
+
+    return {k: (v if k == "vars" else sub(v, k)) for k, v in raw.items()}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+TRAIN_KINDS = ("supervised", "classifier-tuning", "linear-probe", "fewshot", "pretrained")
+_FEWSHOT_KEYS = ("shots", "seeds", "eval_data")
+
+
+def model_folders(run: Path, raw: dict) -> list[tuple[str, Path]]:
+    """(suffix, model folder) of what a train entry makes: one model, or one per seed for ``fewshot``."""
+    if raw.get("kind") == "fewshot":
+        return [(f"_seed{s}", run / f"seed{s}" / "model") for s in raw.get("seeds", DEFAULT_SEEDS)]
+    return [("", run / "model")]
+
+
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+class FewshotStage(StrictModel):
+    """A ``fewshot`` train entry: the supervised config, trained once per seed on ``shots`` real images per class."""
+
+    train: Any
+    shots: int = Field(10, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1)
+    eval_data: str = "fashion_mnist:test"
+
+
+class _Refs:
+    """Resolves ``@...`` references to the folders of the stages that make them."""
+
+    def __init__(self, out: Path, recipe: Recipe) -> None:
+        self.map = {f"@generated.{n}": out / "generated" / n for n in recipe.generate}
+        if recipe.curate is not None:
+            self.map["@curated"] = out / "curated"
+        if recipe.teacher is not None:
+            self.map["@teacher"] = out / "teacher" / "model"
+        self.map.update({f"@train.{n}": model_folders(out / "train" / n, raw)[0][1] for n, raw in recipe.train.items()})
+
+    def resolve(self, obj: Any, where: str) -> Any:
+        if isinstance(obj, dict):
+            return {k: self.resolve(v, f"{where}.{k}") for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.resolve(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        if isinstance(obj, str) and obj.startswith("@"):
+            if obj not in self.map:
+                raise UserError(f"{where}: unknown reference '{obj}'; this recipe defines "
+                                f"{', '.join(sorted(self.map)) or 'none'}")
+            return str(self.map[obj])
+        return obj
+
+
+class Stage:
+    """One step of the chain: its folder, resolved config, and how to run it."""
+
+    def __init__(self, name: str, folder: Path, cfg: Any, run: Any, derived: bool = False,
+                 estimate_s: float = 0.0, upstream: list[str] | None = None) -> None:
+        self.name, self.folder, self.cfg, self._run, self.derived = name, folder, cfg, run, derived
+        self.estimate_s = estimate_s
+        self.hash = _hash([cfg.model_dump(mode="json"), upstream or []])
+
+    def state(self) -> str:
+        """'done' (finished with this config), 'changed' (finished with another), 'partial' or 'new'."""
+        p = self.folder / STAGE_JSON
+        if p.is_file():
+            try:
+                rec = json.loads(p.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                return "partial"
+            return "done" if rec.get("hash") == self.hash else "changed"
+        return "partial" if self.folder.exists() else "new"
+
+    def recorded_seconds(self) -> float | None:
+        """The seconds this stage took when it last ran, from its stage.json (None when unknown)."""
+        try:
+            return json.loads((self.folder / STAGE_JSON).read_text(encoding="utf-8")).get("seconds")
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def run(self) -> float | None:
+        """Run the stage unless it is done; the seconds it took, or None when it was skipped."""
+        state = self.state()
+        if state == "done":
+            return None
+        if state == "changed":
+            if not self.derived:
+                raise UserError(f"stage '{self.name}' in '{self.folder}' was made with another config; remove that "
+                                "folder to redo it, or set a new recipe output")
+            shutil.rmtree(self.folder)
+        t0 = time.perf_counter()
+        self._run(self.cfg, resume=state == "partial")
+        took = time.perf_counter() - t0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / STAGE_JSON).write_text(json.dumps({"stage": self.name, "hash": self.hash,
+                                                          "seconds": round(took, 1)}) + "\n", encoding="utf-8")
+        return took
+
+
+def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
+    """The stages of ``recipe`` in order, with validated configs.
+
+    Config errors raise at the first one, or, with ``problems`` (a :class:`synclone.recipe.check.Problems`),
+    are all collected and the stages that could be built are returned.
+    """
+    from synclone.curate import CurateConfig
+    from synclone.evaluate import EvaluateConfig
+    from synclone.generate import GenerateConfig
+    from synclone.train import TrainConfig
+
+    problems = problems if problems is not None else Problems(collect=False)
+    out = Path(recipe.output)
+    stages: list[Stage] = []
+    with problems.catch():
+        refs = _Refs(out, recipe)
+    if problems:
+        return stages
+    for name, raw in recipe.generate.items():
+        with problems.catch():
+            cfg = validate(GenerateConfig, {**refs.resolve(raw, f"generate.{name}"),
+                                            "output": str(out / "generated" / name)}, f"recipe generate.{name}")
+            stages.append(Stage(f"generate.{name}", Path(cfg.output), cfg, _run_generate,
+                                estimate_s=_gen_estimate(cfg)))
+    if recipe.teacher is not None:
+        with problems.catch():
+            cfg = validate(TrainConfig, {**refs.resolve(recipe.teacher, "teacher"), "output": str(out / "teacher")},
+                           "recipe teacher")
+            stages.append(Stage("teacher", out / "teacher", cfg, _run_train, estimate_s=_train_estimate(cfg)))
+    if recipe.curate is not None:
+        with problems.catch():
+            raw = refs.resolve(recipe.curate, "curate")
+            cfg = validate(CurateConfig, {**raw, "output": str(out / "curated"), "overwrite": True}, "recipe curate")
+            stages.append(Stage("curate", out / "curated", cfg, _run_curate, estimate_s=20.0))
+    for name, raw in recipe.train.items():
+        with problems.catch():
+            stages.append(_train_stage(name, refs.resolve(raw, f"train.{name}"), out / "train" / name))
+    if recipe.train:
+        with problems.catch():
+            raw = refs.resolve(recipe.evaluate, "evaluate")
+            models = {n + suffix: str(folder) for n, r in recipe.train.items()
+                      for suffix, folder in model_folders(out / "train" / n, r)}
+            cfg = validate(EvaluateConfig, {**raw, "models": {**models, **raw.get("models", {})},
+                                            "output": str(out / "eval")}, "recipe evaluate")
+            cfg.probe_settings()
+            # The evaluation hash also covers the models' training stages, so a retrained model is re-evaluated.
+            stages.append(Stage("evaluate", out / "eval", cfg, _run_evaluate, derived=True, estimate_s=120.0,
+                                upstream=[s.hash for s in stages]))
+            report_cfg = ReportStage(output=str(out), title=recipe.report.get("title", recipe.title),
+                                     eval_dir=str(out / "eval"),
+                                     curation=str(out / "curated") if recipe.curate is not None else None,
+                                     datasets=[str(out / "generated" / n) for n in recipe.generate],
+                                     # training curves: the runs of the loop (probes and imports have none)
+                                     train_runs={n + sfx: str(f.parent) for n, r in recipe.train.items()
+                                                 if r.get("kind", "supervised") in ("supervised", "fewshot")
+                                                 for sfx, f in model_folders(out / "train" / n, r)},
+                                     upstream=_hash([s.hash for s in stages]))
+            stages.append(Stage("report", out / "report", report_cfg, _run_report, derived=True, estimate_s=15.0))
+    return stages
+
+
+def _train_stage(name: str, raw: dict, folder: Path) -> Stage:
+    """The stage of one ``train`` entry, by its ``kind``."""
+    from synclone.models.pretrained import PretrainedConfig
+    from synclone.train import TrainConfig
+    from synclone.train.probe import ClassifierTuningConfig, LinearProbeConfig
+
+    raw = dict(raw)
+    kind = raw.pop("kind", "supervised")
+    where = f"recipe train.{name}"
+    if kind not in TRAIN_KINDS:
+        raise UserError(f"{where}: unknown kind '{kind}'; use {', '.join(TRAIN_KINDS)}")
+    if kind in ("classifier-tuning", "linear-probe"):
+        cls = ClassifierTuningConfig if kind == "classifier-tuning" else LinearProbeConfig
+        cfg = validate(cls, {**raw, "output": str(folder / "model")}, where)
+        # Encoding dominates: a ViT-B CLIP encodes ~10 images/s on 2 CPU cores (~10k images here, roughly).
+        return Stage(f"train.{name}", folder, cfg, _run_probe, estimate_s=1000.0)
+    if kind == "pretrained":
+        cfg = validate(PretrainedConfig, {**raw, "output": str(folder)}, where)
+        return Stage(f"train.{name}", folder, cfg, _run_import, estimate_s=30.0)
+    if kind == "fewshot":
+        extra = {k: raw.pop(k) for k in _FEWSHOT_KEYS if k in raw}
+        train_cfg = validate(TrainConfig, {**raw, "output": str(folder)}, where)
+        cfg = validate(FewshotStage, {"train": train_cfg, **extra}, where)
+        return Stage(f"train.{name}", folder, cfg, _run_fewshot,
+                     estimate_s=len(cfg.seeds) * _train_estimate(train_cfg))
+    cfg = validate(TrainConfig, {**raw, "output": str(folder)}, where)
+    return Stage(f"train.{name}", folder, cfg, _run_train, estimate_s=_train_estimate(cfg))
+
+
+class ReportStage(StrictModel):
+    output: str
+    title: str
+    eval_dir: str
+    curation: str | None = None
+    datasets: list[str] = Field(default_factory=list)
+    train_runs: dict[str, str] = Field(default_factory=dict)
+    upstream: str = ""
+
+
+def _gen_estimate(cfg: Any) -> float:
+    """Seconds on a 2-core CPU, roughly: the built-in generator makes ~25 images/s at 10 steps
+    (bench/RESULTS.md); a Stable-Diffusion-sized UNet takes ~4 s per guided step at 512x512."""
+    n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else _n_classes(cfg.labels))
+    steps = cfg.generator.steps or (10 if cfg.generator.backend == "classcond" else 50)
+    if cfg.generator.backend == "classcond":
+        return n / (25.0 * 10 / steps)
+    pixels = (cfg.generator.height or 512) * (cfg.generator.width or 512)
+    return n * steps * 4.0 * pixels / 512**2
+
+
+def _n_classes(labels: Any) -> int:
+    from synclone.labels import get_label_space
+
+    try:
+        return len(get_label_space(labels)) if isinstance(labels, str) else 10
+    except UserError:
+        return 10
+
+
+def _train_estimate(cfg: Any) -> float:
+    """Seconds on a 2-core CPU, roughly: synclone_cnn_small trains ~2.5k 28x28 images/s there; other
+    (ImageNet-sized) architectures ~8 images/s at 224x224 (a ResNet-50 step costs ~12 GFLOPs per image)."""
+    steps = cfg.optim.steps or cfg.optim.epochs * 60000 // cfg.optim.batch_size
+    side = cfg.data.image_size or (28 if cfg.model.arch.startswith("synclone_cnn") else 224)
+    rate = 2500.0 * 28**2 / side**2 if cfg.model.arch.startswith("synclone_cnn") else 8.0 * 224**2 / side**2
+    return steps * cfg.optim.batch_size / rate
+
+
+def disk_estimate(stage: Stage) -> float:
+    """Bytes a stage will write, roughly: PNGs (compressed ~half of raw pixels), checkpoints, caches."""
+    kind = stage.name.split(".")[0]
+    if kind == "generate":
+        cfg = stage.cfg
+        h, w = (cfg.generator.height or 28, cfg.generator.width or 28) if cfg.generator.backend == "classcond" else (
+            cfg.generator.height or 512, cfg.generator.width or 512)
+        n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else _n_classes(cfg.labels))
+        return n * (h * w * 3 * 0.5 + 600)  # + a metadata line per image
+    if kind in ("train", "teacher"):
+        return 20 * 2**20  # model, last model and the resumable checkpoint of a small CNN
+    return 10 * 2**20
+
+
+def _run_generate(cfg: Any, resume: bool) -> None:
+    from synclone.generate import generate
+
+    generate(cfg)
+
+
+def _run_train(cfg: Any, resume: bool) -> None:
+    from synclone.train import train
+
+    train(cfg, resume=resume or (Path(cfg.output) / "checkpoints").is_dir(), progress=True)
+
+
+def _run_probe(cfg: Any, resume: bool) -> None:
+    from synclone.train.probe import ClassifierTuningConfig, classifier_tuning, linear_probe
+
+    # Features are cached on disk, so a re-run after an interruption encodes only what is missing.
+    (classifier_tuning if isinstance(cfg, ClassifierTuningConfig) else linear_probe)(cfg)
+
+
+def _run_import(cfg: Any, resume: bool) -> None:
+    from synclone.models.pretrained import import_timm
+
+    import_timm(cfg)
+
+
+def _run_fewshot(cfg: FewshotStage, resume: bool) -> None:
+    from synclone.train.fewshot import fewshot
+
+    fewshot(cfg.train, shots=cfg.shots, seeds=cfg.seeds, eval_data=cfg.eval_data, resume=True, progress=True)
+
+
+def _run_curate(cfg: Any, resume: bool) -> None:
+    from synclone.curate import curate
+
+    curate(cfg)
+
+
+def _run_evaluate(cfg: Any, resume: bool) -> None:
+    from synclone.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+def _run_report(cfg: ReportStage, resume: bool) -> None:
+    from synclone.report import build_report
+
+    build_report([Path(cfg.eval_dir)], Path(cfg.output), title=cfg.title,
+                 curation=Path(cfg.curation) if cfg.curation else None,
+                 datasets=[Path(d) for d in cfg.datasets], train_runs={k: Path(v) for k, v in cfg.train_runs.items()})
