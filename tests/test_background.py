@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from _probe_helpers import probe_on_folder
 from synclone.errors import UserError
 from synclone.labels import imagenet1k_space
 from synclone.probes.background import (
     IN9_VARIANTS,
     background_bias,
     bg_gap,
-    evaluate_backgrounds,
     in9_classes,
     in9_decision,
     in9_indices,
@@ -107,18 +107,21 @@ class _GreyToImageNet(torch.nn.Module):
 
 def test_evaluate_in9_folder_with_a_1000_class_model(tmp_path):
     _in9_folder(tmp_path, IN9_VARIANTS)
-    result, table = evaluate_backgrounds(_GreyToImageNet(), tmp_path)
-    assert set(result.accuracy) == set(IN9_VARIANTS)
-    assert all(a == 1.0 for a in result.accuracy.values()) and result.bg_gap == 0.0
-    assert len(table) == 9 * len(IN9_VARIANTS)
+    values, counts = probe_on_folder("background", _GreyToImageNet(), tmp_path / "run", imagenet1k_space(),
+                                     folder=str(tmp_path))
+    assert {v for v, m in values if m == "top1"} == set(IN9_VARIANTS)
+    assert all(values[v, "top1"] == 1.0 for v in IN9_VARIANTS) and values["all", "bg_gap"] == 0.0
+    assert all(counts[v, "top1"] == 9 for v in IN9_VARIANTS)
 
 
 def test_missing_variant_names_the_folder(tmp_path):
     _in9_folder(tmp_path, [v for v in IN9_VARIANTS if v != "mixed_rand"])
+    space = imagenet1k_space()
     with pytest.raises(UserError, match=str(tmp_path / "mixed_rand" / "val")):
-        evaluate_backgrounds(_GreyToImageNet(), tmp_path)
-    result, _ = evaluate_backgrounds(_GreyToImageNet(), tmp_path, variants=["original", "mixed_same"])
-    assert np.isnan(result.bg_gap)
+        probe_on_folder("background", _GreyToImageNet(), tmp_path / "run", space, folder=str(tmp_path))
+    values, _ = probe_on_folder("background", _GreyToImageNet(), tmp_path / "run", space, folder=str(tmp_path),
+                                variants=["original", "mixed_same"])
+    assert ("all", "bg_gap") not in values and values["mixed_same", "top1"] == 1.0
 
 
 def test_real_imagenet_model_through_the_9_classes():

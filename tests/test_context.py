@@ -10,15 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from _probe_helpers import probe_on_folder
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.probes.context import (
     context_accuracy,
-    context_prompts,
-    context_settings,
-    evaluate_context,
     read_context_table,
 )
+from synclone.prompts.contexts import context_prompts, context_settings
 
 
 def test_pk_and_ratios_by_number_of_uncommon_attributes():
@@ -117,12 +116,12 @@ def test_evaluate_a_generated_style_probe_end_to_end(tmp_path):
             rows.append({"file_name": name, "label": list(grey).index(cls), "class_name": cls, "prompt": prompt,
                          **attrs})
     (tmp_path / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    result, table = evaluate_context(_Grey(), tmp_path)
-    assert result.accuracy[0] == 1.0 and result.accuracy[1] == 1.0
-    assert result.accuracy[2] == 0.0 and result.accuracy[3] == 0.0
-    assert result.n == {0: 3, 1: 9, 2: 9, 3: 3}
-    assert result.ratio_to_p0[2] == 0.0
-    assert len(table) == 24 and table["correct"].sum() == 12
+    values, counts = probe_on_folder("context", _Grey(), tmp_path / "run", folder=str(tmp_path))
+    assert values["P0", "top1"] == 1.0 and values["P1", "top1"] == 1.0
+    assert values["P2", "top1"] == 0.0 and values["P3", "top1"] == 0.0
+    assert {v: counts[v, "top1"] for v in ("P0", "P1", "P2", "P3")} == {"P0": 3, "P1": 9, "P2": 9, "P3": 3}
+    assert values["P2", "ratio_to_P0"] == 0.0
+    assert counts["all", "top1"] == 24 and values["all", "top1"] == 0.5
 
 
 def test_generated_metadata_nests_context_under_attributes(tmp_path):

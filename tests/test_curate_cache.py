@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from _tiny_clip import one_thread, shared_teacher, write_dataset_folder  # noqa: E402
 from synclone.curate.cache import FileKeys, ScorerCache, TensorStore, sha1_bytes
 from synclone.curate.config import ScorerConfig
 from synclone.curate.scorers import create_scorer
 from synclone.curate.scoring import score_records
 from synclone.data.folder import read_dataset_folder
 from synclone.labels import LabelSpace
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny_clip import one_thread, shared_teacher, write_dataset_folder  # noqa: E402
 
 
 def test_tensor_store_roundtrip_errors_compaction(tmp_path):

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from _tiny_clip import write_dataset_folder, write_png16  # noqa: E402
 from synclone.data.folder import load_image_folder_tensors, read_dataset_folder
 from synclone.data.images import STAT_NAMES, decode_image, read_and_decode
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny_clip import write_dataset_folder, write_png16  # noqa: E402
 
 
 def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from synclone.config import load_config
-from synclone.curate import CurateConfig, curate, load_curated, load_image_folder_tensors, read_dataset_folder
-from synclone.curate import scorers as scorers_mod
-from synclone.errors import UserError
-
-sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_clip import (  # noqa: E402
     fashion_mnist_mixture,
     one_thread,
@@ -27,6 +20,10 @@ from _tiny_clip import (  # noqa: E402
     shared_teacher,
     write_png16,
 )
+from synclone.config import load_config
+from synclone.curate import CurateConfig, curate, load_curated, load_image_folder_tensors, read_dataset_folder
+from synclone.curate import scorers as scorers_mod
+from synclone.errors import UserError
 
 
 @pytest.fixture(autouse=True)

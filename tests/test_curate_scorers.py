@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from synclone.curate.cache import FileKeys, ScorerCache
-from synclone.curate.config import ScorerConfig
-from synclone.curate.scorers import create_scorer, hf_clip_tokenizer_offline
-from synclone.curate.scoring import score_records
-from synclone.data.folder import read_dataset_folder
-from synclone.errors import UserError
-from synclone.labels import LabelSpace
-
-sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_clip import (  # noqa: E402
     TINY_OPENCLIP_CFG,
     one_thread,
@@ -28,6 +18,13 @@ from _tiny_clip import (  # noqa: E402
     shared_teacher,
     write_dataset_folder,
 )
+from synclone.curate.cache import FileKeys, ScorerCache
+from synclone.curate.config import ScorerConfig
+from synclone.curate.scorers import create_scorer, hf_clip_tokenizer_offline
+from synclone.curate.scoring import score_records
+from synclone.data.folder import read_dataset_folder
+from synclone.errors import UserError
+from synclone.labels import LabelSpace
 
 SPACE = LabelSpace.from_names(["T-shirt/top", "ankle boot", "golden retriever"], name="mixed")
 TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}."]

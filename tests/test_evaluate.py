@@ -124,4 +124,12 @@ def test_third_party_pickles_may_only_hold_arrays():
     evil = pickle.dumps(print)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         _NumpyOnlyUnpickler(io.BytesIO(evil)).load()
-    assert gzip  # the real file is gzip-compressed; load_animal_shapes_ood above read it through this unpickler
+    # The shipped file is a gzip stream of a pickle (protocol opcode first): the format the loader expects, read
+    # through this unpickler and never through pickle.load.
+    from importlib import resources
+
+    with resources.as_file(resources.files("animal_shape_mnist") / "data" / "Animal Shape" /
+                           "animal_data_version_3.gz") as path:
+        assert path.read_bytes()[:2] == b"\x1f\x8b"
+        with gzip.open(path, "rb") as f:
+            assert f.read(1) == pickle.PROTO

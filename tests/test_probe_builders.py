@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
+from _probe_helpers import probe_on_folder
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
-from synclone.probes.background import IN9_VARIANTS, evaluate_backgrounds
-from synclone.probes.context import context_accuracy
-from synclone.probes.shape_bias import evaluate_shape_bias, parse_cue_conflict_name
-from synclone.report.bias_plots import plot_background, plot_context, plot_shape_bias
+from synclone.probes.shape_bias import parse_cue_conflict_name
 from synclone.stimuli.backgrounds import (
+    IN9_VARIANTS,
     build_background_probe,
     build_background_probe_from_folders,
     tiled_background,
@@ -154,27 +152,24 @@ def test_tiled_background_repeats_the_largest_strip():
     assert np.allclose(out[:, :, 0][1:5, 2:7], np.tile(img[:, 7:, 0], (1, 4))[1:5, 2:7])
 
 
-def test_background_model_shows_a_gap_foreground_model_none(bg_probe):
+def test_background_model_shows_a_gap_foreground_model_none(bg_probe, tmp_path):
     root = bg_probe[0]
-    fg_result, _ = evaluate_backgrounds(_Probe("white_area"), root)
-    bg_result, _ = evaluate_backgrounds(_Probe("border", levels=(0.2, 0.5, 0.8)), root)
+    fg, _ = probe_on_folder("background", _Probe("white_area"), tmp_path / "fg", folder=str(root))
+    bg, _ = probe_on_folder("background", _Probe("border", levels=(0.2, 0.5, 0.8)), tmp_path / "bg", folder=str(root))
     for v in ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next"):
-        assert fg_result.accuracy[v] == 1.0, v
-    assert fg_result.bg_gap == 0.0
-    assert bg_result.accuracy["original"] == bg_result.accuracy["mixed_same"] == 1.0
-    assert bg_result.accuracy["mixed_next"] == 0.0
-    assert bg_result.bg_gap == pytest.approx(1 - bg_result.accuracy["mixed_rand"]) and bg_result.bg_gap > 0
-    rows = pd.concat([fg_result.to_rows(model="foreground"), bg_result.to_rows(model="background")])
-    fig = plot_background(rows)
-    assert len(fig.axes[1].patches) == 2  # one BG-gap bar per model
-    assert len(fig.axes[0].patches) == 2 * len(IN9_VARIANTS)
+        assert fg[v, "top1"] == 1.0, v
+    assert fg["all", "bg_gap"] == 0.0
+    assert bg["original", "top1"] == bg["mixed_same", "top1"] == 1.0
+    assert bg["mixed_next", "top1"] == 0.0
+    assert bg["all", "bg_gap"] == pytest.approx(1 - bg["mixed_rand", "top1"]) and bg["all", "bg_gap"] > 0
 
 
 def test_missing_variant_in_a_built_probe_names_the_folder(tmp_path):
     images, masks, labels = _shapes()
     build_background_probe(images, masks, labels, tmp_path, CLASSES, variants=["original", "mixed_same"])
     with pytest.raises(UserError, match=str(tmp_path / "mixed_rand" / "val")):
-        evaluate_backgrounds(_Probe("area"), tmp_path, variants=["original", "mixed_same", "mixed_rand"])
+        probe_on_folder("background", _Probe("area"), tmp_path / "run", folder=str(tmp_path),
+                        variants=["original", "mixed_same", "mixed_rand"])
 
 
 def test_mask_size_mismatch_names_the_image_or_file(tmp_path):
@@ -225,18 +220,13 @@ def test_cue_conflict_builder_names_and_fills(cue_probe):
         assert np.allclose(img[m], levels[r.texture_label], atol=0.6 / 255)  # inside: the other class's texture
 
 
-def test_shape_and_texture_models_get_opposite_shape_bias(cue_probe):
+def test_shape_and_texture_models_get_opposite_shape_bias(cue_probe, tmp_path):
     root, *_, levels = cue_probe
-    shape_res, _ = evaluate_shape_bias(_Probe("area"), root)
-    texture_res, _ = evaluate_shape_bias(_Probe("level", levels=levels), root)
-    assert shape_res.shape_bias == 1.0 and shape_res.shape_fraction == 1.0
-    assert texture_res.shape_bias == 0.0 and texture_res.texture_fraction == 1.0
-    rows = pd.concat([shape_res.to_rows(model="shape model"), texture_res.to_rows(model="texture model")])
-    fig = plot_shape_bias(rows)
-    ax = fig.axes[0]
-    assert {t.get_text() for t in ax.get_yticklabels()} == set(CLASSES)
-    points = np.concatenate([c.get_offsets() for c in ax.collections])
-    assert sorted(set(points[:, 0].round(6))) == [0.0, 1.0]  # fraction of texture decisions: 0 and 1
+    shape_res, _ = probe_on_folder("shape_bias", _Probe("area"), tmp_path / "s", folder=str(root))
+    texture_res, _ = probe_on_folder("shape_bias", _Probe("level", levels=levels), tmp_path / "t", folder=str(root))
+    assert shape_res["all", "shape_bias"] == 1.0 and shape_res["all", "shape_fraction"] == 1.0
+    assert texture_res["all", "shape_bias"] == 0.0 and texture_res["all", "texture_fraction"] == 1.0
+    assert {v for v, m in shape_res if m == "shape_bias"} == {"all", *CLASSES}
 
 
 def test_texture_patch_comes_from_inside_the_object():
@@ -296,16 +286,7 @@ def test_fashion_mnist_probes_from_garment_masks_and_skimage_textures(tmp_path):
         def forward(self, x):
             return self.net(x)
 
-    sb, table = evaluate_shape_bias(Untrained(), tmp_path / "cc")
-    assert sb.n_images == 90 and set(table["shape"]) == set(ds.label_space.slugs)
-    bg, _ = evaluate_backgrounds(Untrained(), tmp_path / "bg")
-    assert set(bg.accuracy) == set(IN9_VARIANTS) and -1 <= bg.bg_gap <= 1
-
-
-def test_context_plot_from_rows():
-    rows = pd.concat([context_accuracy([1, 1, 0, 1, 0, 0], [0, 0, 1, 1, 2, 2]).to_rows(model="a"),
-                      context_accuracy([1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 2, 2]).to_rows(model="b")])
-    fig = plot_context(rows)
-    assert len(fig.axes[0].patches) == 6  # 3 values of k x 2 models
-    with pytest.raises(UserError, match="accuracy"):
-        plot_context(rows[rows["metric"] != "accuracy"])
+    sb, counts = probe_on_folder("shape_bias", Untrained(), tmp_path / "run", folder=str(tmp_path / "cc"))
+    assert counts["all", "shape_bias"] == 90 and {v for v, _ in sb} == {"all", *ds.label_space.slugs}
+    bg, _ = probe_on_folder("background", Untrained(), tmp_path / "run", folder=str(tmp_path / "bg"))
+    assert {v for v, m in bg if m == "top1"} == set(IN9_VARIANTS) and -1 <= bg["all", "bg_gap"] <= 1

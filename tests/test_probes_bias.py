@@ -1,7 +1,8 @@
 """The shape-bias, background and context probes through the suite runner's contract.
 
-Built probes are checked against the robustness library's own folder evaluators on the folders the probes
-write, and the context probe reads a dataset folder made by ``synclone generate`` with the contexts strategy.
+Built probes are checked against a direct computation on the folders the probes write (files read one by one,
+the model called on them, the library's metric functions on its decisions), and the context probe reads a
+dataset folder made by ``synclone generate`` with the contexts strategy.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from synclone.data.fashion_mnist import load_fashion_mnist
 from synclone.data.images import load_image
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
-from synclone.labels import FASHION_MNIST, imagenet1k_space
+from synclone.labels import FASHION_MNIST, class_lookup, imagenet1k_space
 from synclone.models import create_classifier
-from synclone.probes.background import IN9_VARIANTS, evaluate_backgrounds
+from synclone.probes.background import background_bias, labels_for, read_variant_folder
 from synclone.probes.base import EvalContext, ModelEntry, get_probe
-from synclone.probes.shape_bias import evaluate_shape_bias
+from synclone.probes.shape_bias import category_decisions, read_cue_conflict_folder, shape_bias
 from synclone.prompts.contexts import context_prompts
+from synclone.stimuli.backgrounds import IN9_VARIANTS
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +49,33 @@ def clean():
     return load_fashion_mnist("test").per_class_subset(20, seed=0)
 
 
+def _logits(model, paths, size) -> np.ndarray:
+    x = torch.from_numpy(np.stack([load_image(p, size) for p in paths]))
+    with torch.no_grad():
+        return model.eval()(x).double().numpy()
+
+
+def _direct_shape_bias(model, folder, size):
+    """Shape bias computed without the suite: read the folder, run the model, decide, count."""
+    items = read_cue_conflict_folder(folder)
+    cats = sorted({it.shape for it in items} | {it.texture for it in items}
+                  | {p.name for p in Path(folder).iterdir() if p.is_dir()})
+    space = getattr(model, "label_space", None)
+    dec, _ = category_decisions(_logits(model, [it.path for it in items], size), cats, "auto", space=space,
+                                where=folder, lookup=class_lookup(space) if space is not None else None)
+    return shape_bias(dec, np.array([it.shape for it in items]), np.array([it.texture for it in items]), cats)
+
+
+def _direct_background(model, folder, size):
+    space = model.label_space
+    correct = {}
+    for v in IN9_VARIANTS:
+        items = read_variant_folder(folder, v)
+        labels = labels_for(items, space.classes, class_lookup(space), Path(folder) / v)
+        correct[v] = _logits(model, [it.path for it in items], size).argmax(1) == labels
+    return background_bias(correct)
+
+
 def _same(a: float, b: float) -> bool:
     return same(a, b, 1e-12)
 
@@ -63,8 +92,8 @@ def test_built_cue_conflict_probe_matches_the_library_and_is_reused(real, clean,
     assert {r.variant for r in rows} == {"all", *FASHION_MNIST.slugs}
     assert {r.metric for r in rows if r.variant == "dress"} == {"shape_bias", "shape_fraction", "texture_fraction"}
     assert next(r.n for r in rows if r.variant == "all") == 90  # 10 x 9 ordered class pairs, one stimulus each
-    # The suite's path (in-memory, cached logits) equals the library's folder evaluator on the written folder.
-    lib, _ = evaluate_shape_bias(real["real"].module, folder)
+    # The suite's path (in-memory, cached logits) equals a direct computation on the written folder.
+    lib = _direct_shape_bias(real["real"].module, folder, (1, 28, 28))
     assert t["real", "all", "shape_bias"] == pytest.approx(lib.shape_bias)
     assert t["real", "all", "texture_fraction"] == pytest.approx(lib.texture_fraction)
     for rec in lib.per_category.itertuples():
@@ -96,7 +125,7 @@ def test_imagenet_model_decides_among_the_16_categories(tmp_path):
     ctx = EvalContext({"net": ModelEntry("net", Path("net"), model, "fp-net")}, clean, tmp_path, progress=False)
     rows = run_probe("shape_bias", ctx, folder=str(tmp_path / "cc"))
     assert "imagenet16 (mean of softmax" in rows[0].convention
-    lib, _ = evaluate_shape_bias(model, tmp_path / "cc")
+    lib = _direct_shape_bias(model, tmp_path / "cc", (3, 16, 16))
     t = table(rows)
     assert _same(t["net", "all", "shape_bias"], lib.shape_bias) and t["net", "all", "shape_fraction"] == \
         lib.shape_fraction
@@ -119,7 +148,7 @@ def test_built_background_probe_rows_and_library_agreement(real, clean, tmp_path
     assert t["real", "all", "bg_gap"] == pytest.approx(gap)
     assert all(r.n == 40 for r in rows)
     folder = tmp_path / "probes" / "backgrounds"
-    lib, _ = evaluate_backgrounds(real["real"].module, folder)
+    lib = _direct_background(real["real"].module, folder, (1, 28, 28))
     assert all(t["real", v, "top1"] == pytest.approx(a) for v, a in lib.accuracy.items())
     # The garment on black is the Fashion-MNIST image itself; the textured scene without it carries no garment.
     assert t["real", "only_fg", "top1"] >= t["real", "no_fg", "top1"] + 0.3

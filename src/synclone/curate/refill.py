@@ -43,6 +43,10 @@ from synclone.curate.output import REFILL_DIR
 from synclone.curate.output import REFILL_STATE as STATE_FILE
 from synclone.data.folder import METADATA, ImageRecord, read_dataset_folder, read_dataset_json
 from synclone.errors import UserError
+from synclone.generate.api import generate, resolve_labels
+from synclone.generate.backends import create_backend
+from synclone.generate.config import GenerateConfig
+from synclone.generate.writer import write_json_atomic
 from synclone.labels import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -111,7 +115,6 @@ def _source_info(source: Path) -> dict:
 
 def load_generate_config(rc: RefillConfig, source: Path, info: dict, space: LabelSpace):
     """The validated config that made the source (``extend`` unset); its classes must be the source's, in order."""
-    from synclone.generate.config import GenerateConfig
 
     if rc.generate_config is None:
         path = source / "config.yaml"
@@ -137,11 +140,9 @@ def load_generate_config(rc: RefillConfig, source: Path, info: dict, space: Labe
 
 
 def _generate_classes(gen) -> list[str]:
-    from synclone.generate.api import resolve_labels
 
     backend = None
     if gen.labels is None:  # the generator's own classes (classcond): ask the backend, without loading weights
-        from synclone.generate.backends import create_backend
 
         backend = create_backend(gen.generator, "cpu")
     return list(resolve_labels(gen.labels, backend).classes)
@@ -151,7 +152,6 @@ def _generate_classes(gen) -> list[str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from synclone.generate.writer import write_json_atomic
 
     write_json_atomic(path, data)
 
@@ -232,7 +232,6 @@ class Refill:
                            "classes": list(space.classes)}
 
     def round_config(self, rnd: dict, root: Path):
-        from synclone.generate.config import GenerateConfig
 
         data = self.gen.model_dump(mode="json")
         data.update(output=str(root / rnd["folder"]), progress=self.cfg.progress,
@@ -248,7 +247,6 @@ class Refill:
             raise UserError(f"'{folder}' does not hold the images {STATE_FILE} records for round {rnd['round']}; "
                             f"delete '{root}' to refill from scratch")
         if not ("counts" in info and (folder / "train" / METADATA).is_file()):
-            from synclone.generate.api import generate
 
             log.info("refill round %d: generating %s", rnd["round"], {c: n for c, (_, n) in rnd["ranges"].items()})
             generate(self.round_config(rnd, root))

@@ -28,6 +28,8 @@ from synclone.curate.config import ScorerConfig
 from synclone.data.images import to_channels
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
+from synclone.models import load_model
+from synclone.models.io import CONFIG, WEIGHTS, read_model_config
 
 CACHE_FORMAT = "synclone-curate-cache/1"
 SCORERS: dict[str, type[Scorer]] = {}
@@ -368,12 +370,10 @@ class TeacherScorer(Scorer):
     """
 
     def _config(self) -> dict:
-        from synclone.models.io import read_model_config
 
         return read_model_config(self.cfg.model)
 
     def _spec(self, files: FileKeys) -> dict:
-        from synclone.models.io import CONFIG, WEIGHTS
 
         self._config()  # validates the folder
         folder = Path(self.cfg.model)
@@ -383,7 +383,6 @@ class TeacherScorer(Scorer):
         return LabelSpace.from_dict(self._config()["label_space"])
 
     def _load(self) -> None:
-        from synclone.models import load_model
 
         self.model = load_model(self.cfg.model, device=self.device)
         self.input_size = tuple(self.model.input_size)

@@ -15,7 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synclone.data.folder import METADATA, load_image_folder_tensors, read_dataset_folder
+from synclone.data.imagenet import LAYOUTS, detect_layout, load_imagenet_set
 from synclone.data.imageset import ImageSet, TensorImageSet
+from synclone.data.sources import BUILTIN, resolve_dataset, streamed_folder
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 
@@ -108,8 +111,6 @@ def load_eval_dataset(spec: str, split: str = "test", data_root: str | None = No
         if like is None:
             raise UserError(f"'{name}' needs a clean dataset to copy its image shape from")
         return noise_ood(name, like)
-    from synclone.data.imagenet import LAYOUTS, detect_layout, load_imagenet_set
-    from synclone.data.sources import BUILTIN, resolve_dataset
 
     # ImageNet-family sets stream from disk, read at each model's input size unless the clean set fixes one.
     input_size = getattr(like, "input_size", None)
@@ -127,18 +128,15 @@ def load_eval_dataset(spec: str, split: str = "test", data_root: str | None = No
     layout = detect_layout(path)
     if layout is not None:
         return load_imagenet_set(path, layout, input_size=input_size)
-    from synclone.data.folder import load_image_folder_tensors
 
     size = like.image_shape[1:] if like is not None else None
     channels = like.image_shape[0] if like is not None else None
     # A generated dataset has only a 'train' split; evaluated as a shifted set, that is the split meant.
-    from synclone.data.folder import METADATA
 
     if not (path / split / METADATA).is_file() and (path / "train" / METADATA).is_file():
         split = "train"
     space = _folder_space(path, split, like)
     if image_size is not None:
-        from synclone.data.sources import streamed_folder
 
         return streamed_folder(path, split, image_size, label_space=space)
     return load_image_folder_tensors(path, label_space=space, size=size, channels=channels, split=split)
@@ -153,7 +151,6 @@ def _folder_space(path: Path, split: str, like: TensorImageSet | None) -> LabelS
     """
     if like is None:
         return None
-    from synclone.data.folder import read_dataset_folder
 
     _, own = read_dataset_folder(path, split)
     try:

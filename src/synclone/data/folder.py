@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from synclone.config import read_json
+from synclone.data import TensorImageSet
 from synclone.data.images import IMAGE_EXTENSIONS, read_and_decode, to_channels
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
@@ -212,7 +213,6 @@ def load_image_folder_tensors(path: str | Path, label_space: LabelSpace | None =
     Unreadable images are skipped with a warning (their ids are in ``.extra["skipped"]``).
     Meant for small images (28x28 to 64x64): the whole set lives in memory as uint8.
     """
-    from synclone.data import TensorImageSet
 
     records, space = read_dataset_folder(path, split)
     target = label_space or space

@@ -49,6 +49,7 @@ import torch
 from synclone.data.images import IMAGE_EXTENSIONS
 from synclone.data.streaming import CROP_PCT, FileImageSet, Preprocess
 from synclone.errors import UserError
+from synclone.labels import imagenet1k_space, read_data_file
 
 LAYOUTS = ("imagenet-val", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "objectnet")
 WNID = re.compile(r"n\d{8}")
@@ -71,7 +72,6 @@ _HINTS = (
 
 
 def _read(name: str) -> dict:
-    from synclone.labels import read_data_file
 
     return read_data_file(f"labelspaces/{name}")
 
@@ -380,7 +380,6 @@ def load_imagenet_set(path: str | Path, layout: str | None = None, *, input_size
         if layout is None:
             raise UserError(f"'{root}' is not an ImageNet-family folder ({', '.join(LAYOUTS)}): expected WordNet-id "
                             "class folders (n01440764/...), folders 0..999 (ImageNet-V2) or ObjectNet's class folders")
-    from synclone.labels import imagenet1k_space
 
     space = imagenet1k_space()
     pre = Preprocess(crop_pct=crop_pct, border=OBJECTNET_BORDER if layout == "objectnet" else 0)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from synclone.data.fashion_mnist import load_fashion_mnist
+from synclone.data.folder import load_image_folder_tensors, read_dataset_folder
+from synclone.data.imagenet import LAYOUTS, detect_layout, load_imagenet_set
 from synclone.data.imageset import ImageSet
+from synclone.data.streaming import FileImageSet
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 
@@ -22,7 +25,6 @@ def resolve_dataset(spec: str, split: str = "train", data_root: str | None = Non
     class folders, or ``LAYOUT:PATH`` such as ``imagenet-val:/data/imagenet/val``) always stream, with the
     ImageNet-1k label space, at ``image_size`` or 224.
     """
-    from synclone.data.imagenet import LAYOUTS, load_imagenet_set
 
     name, _, rest = spec.partition(":")
     if name in BUILTIN:
@@ -37,7 +39,6 @@ def resolve_dataset(spec: str, split: str = "train", data_root: str | None = Non
             return load_imagenet_set(path, layout, input_size=(3, size, size), name=path.name)
         if image_size is not None:
             return streamed_folder(path, split, image_size)
-        from synclone.data.folder import load_image_folder_tensors
 
         return load_image_folder_tensors(path)
     if layout is not None:
@@ -48,7 +49,6 @@ def resolve_dataset(spec: str, split: str = "train", data_root: str | None = Non
 
 def _imagenet_layout(path: Path, split: str) -> str | None:
     """The ImageNet-family layout of a folder that is not a synclone dataset folder (None otherwise)."""
-    from synclone.data.imagenet import detect_layout
 
     if (path / split / "metadata.jsonl").is_file() or (path / "metadata.jsonl").is_file():
         return None  # a synclone dataset folder (e.g. an ImageNet clone): its own metadata names the labels
@@ -60,8 +60,6 @@ def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelS
     ``image_size`` (3 channels); labels in the folder's own space, or re-indexed into ``label_space`` (every
     class of the folder must be in it). ImageNet-family folders go through ``load_imagenet_set`` instead.
     """
-    from synclone.data.folder import read_dataset_folder
-    from synclone.data.streaming import FileImageSet
 
     size = (3, int(image_size), int(image_size))
     records, space = read_dataset_folder(path, split)

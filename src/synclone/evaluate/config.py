@@ -8,6 +8,7 @@ from pydantic import Field, ValidationError
 
 from synclone.config import StrictModel, format_validation_error
 from synclone.errors import UserError
+from synclone.probes.base import get_probe
 
 DEFAULT_PROBES = {"clean": {}, "calibration": {}}
 
@@ -30,7 +31,6 @@ class EvaluateConfig(StrictModel):
 
     def probe_settings(self) -> list[tuple[str, Any]]:
         """(name, validated settings) per probe, in config order; unknown probes or keys name themselves."""
-        from synclone.probes.base import get_probe
 
         out = []
         for name, raw in self.probes.items():

@@ -12,9 +12,12 @@ import torch
 from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
+from synclone.data.eval_sets import load_eval_dataset
 from synclone.errors import UserError
 from synclone.evaluate.config import EvaluateConfig
-from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, Row, file_hash
+from synclone.models import load_model
+from synclone.models.io import CONFIG, WEIGHTS
+from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, Row, file_hash, get_probe
 
 RESULTS = "results.parquet"
 ARTIFACTS = "artifacts.json"
@@ -22,8 +25,6 @@ ARTIFACTS = "artifacts.json"
 
 def load_entry(name: str, folder: str | Path, device: str = "cpu") -> ModelEntry:
     """Load a model folder for evaluation; the fingerprint hashes its weights and config."""
-    from synclone.models import load_model
-    from synclone.models.io import CONFIG, WEIGHTS
 
     folder = Path(folder)
     module = load_model(folder, device=device)
@@ -60,7 +61,6 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     probes = cfg.probe_settings()  # validate every probe's settings before any work
-    from synclone.data.eval_sets import load_eval_dataset
 
     clean = load_eval_dataset(cfg.data, "test", cfg.data_root, image_size=cfg.image_size)
     models = {name: load_entry(name, path) for name, path in cfg.models.items()}
@@ -77,7 +77,6 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     bar = tqdm(probes, desc="evaluate", disable=not progress, unit="probe")
     for name, settings in bar:
         bar.set_postfix_str(f"{name} ({len(models)} models)")
-        from synclone.probes.base import get_probe
 
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:

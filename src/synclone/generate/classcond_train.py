@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from synclone.config import StrictModel, write_run_info
+from synclone.data.fashion_mnist import load_fashion_mnist
 from synclone.errors import UserError
 from synclone.generate.classcond import (
     build_unet,
@@ -318,7 +319,6 @@ def train_classcond(
 def load_training_data(cfg: GeneratorTrainConfig) -> tuple[torch.Tensor, torch.Tensor, LabelSpace]:
     """The real images/labels named by ``cfg`` (uint8 (N, C, H, W), int64 (N,)) and their label space."""
     if cfg.dataset == "fashion_mnist":
-        from synclone.data.fashion_mnist import load_fashion_mnist
 
         ds = load_fashion_mnist(cfg.split, data_root=cfg.data_root)
         images, labels, space = ds.images, ds.labels, ds.label_space

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from synclone.config import StrictModel
+from synclone.generate.backends import backend_options
 from synclone.prompts import PromptConfig
 
 
@@ -57,7 +58,6 @@ class GeneratorConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_options(self) -> GeneratorConfig:
-        from synclone.generate.backends import backend_options
 
         backend_options(self)
         return self

@@ -69,4 +69,5 @@ __all__ = [
 ]
 
 # Registration: each family module registers its probe when imported.
-from synclone.probes import bias, core, perturb  # noqa: E402,F401
+from synclone.probes import adversarial, background, clean, context, shape_bias  # noqa: E402,F401
+from synclone.probes.corruptions import probe as _corruptions  # noqa: E402,F401

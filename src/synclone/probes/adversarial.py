@@ -686,8 +686,6 @@ def _float_batches(data: TensorImageSet, size: int) -> Iterator[tuple[torch.Tens
 @register_probe("adversarial", AdversarialSettings)
 def adversarial_probe(ctx: EvalContext, s: AdversarialSettings) -> list[Row]:
     """Robust top-1 accuracy per eps under FGSM, PGD (L-inf / L2) or AutoAttack, with the clean top-1 beside it."""
-    from synclone.probes.adversarial import robust_flags
-
     check_models(ctx, "adversarial")
     data = ctx.cap(ctx.clean, s.max_images)
     eps_list, convention = s.resolved_eps, s.convention()

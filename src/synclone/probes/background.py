@@ -37,8 +37,9 @@ from synclone.data.images import list_images
 from synclone.errors import UserError
 from synclone.labels import LabelSpace, read_data_file
 from synclone.probes.base import EvalContext, Row, register_probe, seeded_indices
-from synclone.probes.built import _built, _check_folder, _FolderOrBuild, _images, _lookup, _sources
-from synclone.stimuli.backgrounds import IN9_VARIANTS
+from synclone.probes.built import FolderOrBuild, build_once, check_folder, class_index, masked_sources, read_images
+from synclone.stimuli.backgrounds import IN9_VARIANTS, build_background_probe
+from synclone.stimuli.images import natural_textures
 
 _CLASS_DIR = re.compile(r"^(\d+)_(.+)$")
 
@@ -181,7 +182,7 @@ def labels_for(items: list[VariantImage], classes: Sequence[str], lookup: dict[s
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class BackgroundSettings(_FolderOrBuild):
+class BackgroundSettings(FolderOrBuild):
     """Settings of the ``background`` probe.
 
     ``folder``: an ImageNet-9 root in the ``bg_challenge`` layout (``<variant>/val/<NN_class>/<image>``).
@@ -211,60 +212,52 @@ class BackgroundSettings(_FolderOrBuild):
 
 
 def _build_backgrounds(ctx: EvalContext, s: BackgroundSettings) -> Path:
-    from synclone.stimuli.backgrounds import build_background_probe
-    from synclone.stimuli.images import natural_textures
 
     def make(folder: Path) -> None:
-        imgs, masks, labels = _sources(ctx, s.per_class, s.seed, s.mask_threshold)
+        imgs, masks, labels = masked_sources(ctx, s.per_class, s.seed, s.mask_threshold)
         build_background_probe(imgs, masks, labels, folder, ctx.clean.label_space.classes,
                                backgrounds=natural_textures(s.textures), variants=s.variants, seed=s.seed,
                                texture_scale=s.texture_scale)
 
     params = {"per_class": s.per_class, "seed": s.seed, "variants": s.variants, "textures": s.textures,
               "texture_scale": s.texture_scale, "mask_threshold": s.mask_threshold}
-    return _built(ctx, "backgrounds", params, ("synclone.stimuli.backgrounds",
+    return build_once(ctx, "backgrounds", params, ("synclone.stimuli.backgrounds",
                                                "synclone.stimuli.images"), make)
 
 
 def _background_labels(items, module, logits_classes: int, decision: str, where: Path) -> tuple[np.ndarray, str]:
     """Each image's label in the decision's space (by class folder name, else its NN index) and the decision."""
-    from synclone.probes.background import in9_classes
-
     space = getattr(module, "label_space", None)
     names = {it.name for it in items}
     if decision == "auto":
-        decision = "direct" if space is not None and names <= set(_lookup(space)) else "in9"
+        decision = "direct" if space is not None and names <= set(class_index(space)) else "in9"
     if decision == "in9":
         if logits_classes != 1000:
-            raise UserError(f"class folders {sorted(names - set(_lookup(space)) if space else names)[:5]} in "
+            raise UserError(f"class folders {sorted(names - set(class_index(space)) if space else names)[:5]} in "
                             f"'{where}' are not classes of the model, and only a 1000-class ImageNet model can be "
                             "scored through the 9 ImageNet-9 classes")
         classes = in9_classes()
-        lookup = _lookup(LabelSpace("in9", classes))
+        lookup = class_index(LabelSpace("in9", classes))
     elif decision == "direct":
         if space is None:
             raise UserError("decision direct needs a model with a label space")
-        classes, lookup = space.classes, _lookup(space)
+        classes, lookup = space.classes, class_index(space)
     else:
         raise UserError(f"unknown decision '{decision}'")
-    from synclone.probes.background import labels_for
-
     return labels_for(items, classes, lookup, where), decision
 
 
 @register_probe("background", BackgroundSettings)
 def background_probe(ctx: EvalContext, s: BackgroundSettings) -> list[Row]:
     """Top-1 accuracy on ImageNet-9-style background variants and the BG-gap (mixed_same - mixed_rand)."""
-    from synclone.probes.background import background_bias, in9_decision, read_variant_folder
-
-    root = _build_backgrounds(ctx, s) if s.building else _check_folder(s.folder, "ImageNet-9")
+    root = _build_backgrounds(ctx, s) if s.building else check_folder(s.folder, "ImageNet-9")
     per_variant = {v: read_variant_folder(root, v) for v in s.variants}  # every folder checked before any model
     dataset = f"backgrounds:{'built' if s.building else root.name}"
     sets = {}
     for v, items in per_variant.items():
         idx = seeded_indices(len(items), s.max_images, s.seed).tolist()
         per_variant[v] = [items[i] for i in idx]
-        sets[v] = _images([it.path for it in per_variant[v]], ctx, f"{dataset}/{v}")
+        sets[v] = read_images([it.path for it in per_variant[v]], ctx, f"{dataset}/{v}")
     source = (f"built from {ctx.clean.name} on textures {'/'.join(s.textures)} (per_class={s.per_class}, "
               f"texture_scale={s.texture_scale:g}, seed={s.seed})" if s.building else f"folder {root.name}")
     rows: list[Row] = []

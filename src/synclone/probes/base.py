@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
+from synclone.data.eval_sets import load_eval_dataset
 from synclone.data.images import load_image
 from synclone.data.imageset import ImageSet
 from synclone.errors import UserError
@@ -103,7 +104,6 @@ class EvalContext:
         """A dataset by spec (built-in name, ``name:split`` or folder), loaded once and capped at ``max_images``."""
         key = f"{spec}|{split}"
         if key not in self._datasets:
-            from synclone.data.eval_sets import load_eval_dataset
 
             self._datasets[key] = self.cap(load_eval_dataset(spec, split, self.data_root, like=self.clean,
                                                                  image_size=self.image_size))

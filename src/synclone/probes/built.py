@@ -1,22 +1,17 @@
-"""Bias probes of the suite runner: shape vs texture, background and context.
+"""Stimuli for the bias probes (shape, background, context): read a released folder, or build one on demand.
 
-Probes ``shape_bias``, ``background`` and ``context``.
-
-Each reads a folder of stimuli in the layout of the published probe (model-vs-human's cue-conflict folder,
-ImageNet-9's ``bg_challenge`` variants, a FOCUS-style annotated table), or, for ``shape_bias`` and
-``background``, builds one from the suite's clean test set with the builders of :mod:`synclone.probes`
-and writes it under ``<output>/probes/`` first (inspectable, and reused on re-run while the clean set, the
-settings and the builder code stay the same). Built probes find each image's foreground by thresholding
-against a dark background (``mask_threshold``), which suits objects on black such as Fashion-MNIST garments;
-for other images build with :func:`synclone.stimuli.cue_conflict.build_cue_conflict_probe_from_folders`
-or :func:`synclone.stimuli.backgrounds.build_background_probe_from_folders` (images plus masks) and
-point ``folder`` at the result.
+Each bias probe reads a folder of stimuli in the layout of the published probe (model-vs-human's cue-conflict
+folder, ImageNet-9's ``bg_challenge`` variants, a FOCUS-style annotated table), or, for ``shape_bias`` and
+``background``, builds one from the suite's clean test set with the builders of :mod:`synclone.stimuli` and
+writes it under ``<output>/probes/`` first (inspectable, and reused on re-run while the clean set, the settings
+and the builder code stay the same). Built probes find each image's foreground by thresholding against a dark
+background (``mask_threshold``), which suits objects on black such as Fashion-MNIST garments; for other images
+build with :func:`synclone.stimuli.cue_conflict.build_cue_conflict_probe_from_folders` or
+:func:`synclone.stimuli.backgrounds.build_background_probe_from_folders` (images plus masks) and point
+``folder`` at the result.
 
 Images are read at the clean set's (C, H, W) and go through :meth:`EvalContext.logits`, so every model's outputs
-on a probe are cached on disk like clean logits. Decisions follow the published conventions (metrics.md):
-a 1000-class ImageNet model decides among the 16 cue-conflict categories by the mean of each category's
-softmax probabilities, and among the 9 ImageNet-9 classes by its 1000-way argmax mapped to the 9 (outside
-the 9 = wrong); a model whose label space names the probe's classes decides among them directly.
+on a probe are cached on disk like clean logits.
 """
 
 from __future__ import annotations
@@ -36,9 +31,9 @@ from pydantic import model_validator
 from synclone.config import StrictModel
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
-from synclone.labels import LabelSpace, slugify
-from synclone.probes.base import EvalContext
-from synclone.probes.perturb import load_image_files, source_hash
+from synclone.labels import LabelSpace, class_lookup, slugify
+from synclone.probes.base import EvalContext, load_image_files, source_hash
+from synclone.stimuli.images import masks_from_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +45,7 @@ BUILD_RECORD = "build.json"
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class _FolderOrBuild(StrictModel):
+class FolderOrBuild(StrictModel):
     """``folder`` (a probe in the published layout) or ``build`` (make one from the clean set); not both."""
 
     folder: str | None = None
@@ -70,9 +65,8 @@ class _FolderOrBuild(StrictModel):
         return not self.folder
 
 
-def _lookup(space: LabelSpace) -> dict[str, int]:
+def class_index(space: LabelSpace) -> dict[str, int]:
     """Class names, slugs, lower-cased and slugified names of ``space`` -> index (to read folder and file names)."""
-    from synclone.labels import class_lookup
 
     out = class_lookup(space)
     for i, name in enumerate(space.classes):
@@ -80,7 +74,7 @@ def _lookup(space: LabelSpace) -> dict[str, int]:
     return out
 
 
-def _images(paths: Sequence[Path], ctx: EvalContext, name: str) -> TensorImageSet:
+def read_images(paths: Sequence[Path], ctx: EvalContext, name: str) -> TensorImageSet:
     """Image files at the clean set's (C, H, W), as a dataset whose fingerprint keys the logits cache.
 
     Labels are placeholders (zeros): each probe scores decisions against its own cue labels.
@@ -89,12 +83,11 @@ def _images(paths: Sequence[Path], ctx: EvalContext, name: str) -> TensorImageSe
     return TensorImageSet(x, torch.zeros(len(x), dtype=torch.long), ctx.clean.label_space, name)
 
 
-def _sources(ctx: EvalContext, per_class: int, seed: int, threshold: float):
+def masked_sources(ctx: EvalContext, per_class: int, seed: int, threshold: float):
     """``per_class`` seeded clean images per class as (N, H, W, C) uint8, their foreground masks and labels.
 
     Images whose mask is empty (nothing brighter than ``threshold``) are dropped: they have no shape to use.
     """
-    from synclone.stimuli.images import masks_from_threshold
 
     data = ctx.clean
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -117,7 +110,7 @@ def _sources(ctx: EvalContext, per_class: int, seed: int, threshold: float):
     return imgs[keep], masks[keep], labels[keep]
 
 
-def _built(ctx: EvalContext, kind: str, params: dict, code: tuple[str, ...], make: Callable[[Path], None]) -> Path:
+def build_once(ctx: EvalContext, kind: str, params: dict, code: tuple[str, ...], make: Callable[[Path], None]) -> Path:
     """``<output>/probes/<kind>``, built by ``make(folder)`` unless a build with the same inputs is already there."""
     out = ctx.output / "probes" / kind
     key = hashlib.sha256(json.dumps({"clean": ctx.clean.fingerprint(), "params": params,
@@ -139,7 +132,7 @@ def _built(ctx: EvalContext, kind: str, params: dict, code: tuple[str, ...], mak
     return out
 
 
-def _check_folder(folder: str, what: str) -> Path:
+def check_folder(folder: str, what: str) -> Path:
     root = Path(folder)
     if not root.exists():
         raise UserError(f"{what} folder '{root}' does not exist")

@@ -31,7 +31,7 @@ from synclone.config import StrictModel
 from synclone.errors import UserError
 from synclone.labels import LabelSpace, class_lookup, read_data_file, slugify
 from synclone.probes.base import EvalContext, Row, register_probe, seeded_indices
-from synclone.probes.built import _check_folder, _images, _lookup
+from synclone.probes.built import check_folder, class_index, read_images
 from synclone.prompts.contexts import ATTRIBUTES, contexts_table
 
 FLAG_COLUMNS = tuple(f"{a}_uncommon" for a in ATTRIBUTES)
@@ -223,8 +223,6 @@ def read_context_probe(folder: str | Path) -> pd.DataFrame:
     Reads FOCUS-style tables with :func:`synclone.probes.context.read_context_table`; a generated dataset
     folder nests the context of each image under ``attributes``, which is lifted to columns first.
     """
-    from synclone.probes.context import FLAG_COLUMNS, read_context_table
-
     root = Path(folder)
     table = _generated_table(root)
     if table is not None:
@@ -252,9 +250,7 @@ def read_context_probe(folder: str | Path) -> pd.DataFrame:
 @register_probe("context", ContextSettings)
 def context_probe(ctx: EvalContext, s: ContextSettings) -> list[Row]:
     """Top-1 accuracy P_k on images with k uncommon context attributes (time, weather, location) and P_k / P0."""
-    from synclone.probes.context import context_accuracy
-
-    root = _check_folder(s.folder, "context probe")
+    root = check_folder(s.folder, "context probe")
     df = read_context_probe(root)
     table = df.attrs.get("table", str(root))
     df = df.iloc[seeded_indices(len(df), s.max_images, s.seed).numpy()].reset_index(drop=True)
@@ -263,7 +259,7 @@ def context_probe(ctx: EvalContext, s: ContextSettings) -> list[Row]:
         raise UserError(f"{len(missing)} image(s) listed in '{table}' do not exist, e.g. '{missing[0]}'")
     dataset = f"context:{root.name}"
     where = Path(table).relative_to(root.parent) if Path(table).is_relative_to(root.parent) else Path(table).name
-    data = _images([Path(p) for p in df["path"]], ctx, dataset)
+    data = read_images([Path(p) for p in df["path"]], ctx, dataset)
     n_uncommon = df["n_uncommon"].to_numpy()
     contexts = read_data_file("contexts.json")
     rows: list[Row] = []
@@ -291,12 +287,12 @@ def _context_correct(df: pd.DataFrame, logits: torch.Tensor, module, decision: s
     pred = logits.argmax(1).numpy()
     names = list(df["class_name"]) if "class_name" in df.columns else None
     if decision == "auto":
-        known = space is not None and (names is None or all(n in _lookup(space) for n in names))
+        known = space is not None and (names is None or all(n in class_index(space) for n in names))
         decision = "direct" if known or logits.shape[1] != 1000 else "focus"
     if decision == "direct":
         if space is None:
             raise UserError("decision direct needs a model with a label space")
-        lookup = _lookup(space)
+        lookup = class_index(space)
         if names is not None:
             unknown = sorted({n for n in names if n not in lookup})
             if unknown:

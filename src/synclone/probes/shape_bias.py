@@ -38,7 +38,8 @@ from synclone.errors import UserError
 from synclone.labels import LabelSpace, class_lookup, read_data_file
 from synclone.probes.arrays import softmax
 from synclone.probes.base import EvalContext, Row, register_probe, seeded_indices
-from synclone.probes.built import _built, _check_folder, _FolderOrBuild, _images, _lookup, _sources
+from synclone.probes.built import FolderOrBuild, build_once, check_folder, class_index, masked_sources, read_images
+from synclone.stimuli.cue_conflict import build_cue_conflict_probe
 
 AGGREGATIONS = ("mean", "sum", "max")
 
@@ -305,7 +306,7 @@ def category_decisions(logits, categories: Sequence[str], decision: str = "auto"
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class ShapeBiasSettings(_FolderOrBuild):
+class ShapeBiasSettings(FolderOrBuild):
     """Settings of the ``shape_bias`` probe.
 
     ``folder``: a cue-conflict folder in model-vs-human's layout (``<shape>/<shape><i>-<texture><j>.png``).
@@ -326,39 +327,34 @@ class ShapeBiasSettings(_FolderOrBuild):
 
 
 def _build_cue_conflict(ctx: EvalContext, s: ShapeBiasSettings) -> Path:
-    from synclone.stimuli.cue_conflict import build_cue_conflict_probe
 
     def make(folder: Path) -> None:
-        imgs, masks, labels = _sources(ctx, s.per_class, s.seed, s.mask_threshold)
+        imgs, masks, labels = masked_sources(ctx, s.per_class, s.seed, s.mask_threshold)
         build_cue_conflict_probe(imgs, masks, labels, imgs, labels, folder, ctx.clean.label_space.classes,
                                  texture_masks=masks, per_pair=s.per_pair, seed=s.seed)
 
     params = {"per_class": s.per_class, "per_pair": s.per_pair, "seed": s.seed, "mask_threshold": s.mask_threshold}
-    return _built(ctx, "cue_conflict", params, ("synclone.stimuli.cue_conflict",
+    return build_once(ctx, "cue_conflict", params, ("synclone.stimuli.cue_conflict",
                                                 "synclone.stimuli.images"), make)
 
 
 def _shape_decisions(logits: torch.Tensor, module, categories: list[str], decision: str, aggregation: str,
                      where: Path) -> tuple[np.ndarray, str]:
-    from synclone.probes.shape_bias import category_decisions
-
     space = getattr(module, "label_space", None)
     return category_decisions(logits.double().numpy(), categories, decision, aggregation, space, where,
-                              lookup=_lookup(space) if space is not None else None)
+                              lookup=class_index(space) if space is not None else None)
 
 
 @register_probe("shape_bias", ShapeBiasSettings)
 def shape_bias_probe(ctx: EvalContext, s: ShapeBiasSettings) -> list[Row]:
     """Shape bias on cue-conflict stimuli (shape of one class, texture of another), overall and per category."""
-    from synclone.probes.shape_bias import read_cue_conflict_folder, shape_bias
-
-    root = _build_cue_conflict(ctx, s) if s.building else _check_folder(s.folder, "cue-conflict")
+    root = _build_cue_conflict(ctx, s) if s.building else check_folder(s.folder, "cue-conflict")
     items = read_cue_conflict_folder(root)
     categories = sorted({it.shape for it in items} | {it.texture for it in items}
                         | {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")})
     items = [items[i] for i in seeded_indices(len(items), s.max_images, s.seed).tolist()]
     dataset = f"cue_conflict:{'built' if s.building else root.name}"
-    data = _images([it.path for it in items], ctx, dataset)
+    data = read_images([it.path for it in items], ctx, dataset)
     shapes = np.array([it.shape for it in items], dtype=object)
     textures = np.array([it.texture for it in items], dtype=object)
     shape_cats = [c for c in categories if c in set(shapes)]

@@ -16,7 +16,9 @@ import re
 from pydantic import Field
 
 from synclone.config import StrictModel
+from synclone.models.hub import resolve_model
 from synclone.prompts.base import Prompt, PromptStrategy, check_template, fill, register_strategy
+from synclone.util.seeds import derive_seed
 
 FALLBACK_TEMPLATE = "a photo of a {c}."
 
@@ -42,7 +44,6 @@ class Captions(PromptStrategy):
     def __init__(self, options, label_space, seed):
         super().__init__(options, label_space, seed)
         check_template(options.input_template, "prompts.options.input_template")
-        from synclone.models.hub import resolve_model
 
         # Resolve now so an unknown model is an error before anything runs.
         self.model = resolve_model(options.model, options.revision, marker="config.json", what="caption model")
@@ -52,7 +53,6 @@ class Captions(PromptStrategy):
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from synclone.util.seeds import derive_seed
 
         opts = self.options
         want = opts.num_sentences or min(images_per_class, 64)

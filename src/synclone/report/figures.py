@@ -304,9 +304,7 @@ def robust_curves(artifacts: list[dict], style: Style):
 # --- shape and background bias -----------------------------------------------------------------------------
 
 def shape_bias(artifacts: list[dict], style: Style, overall: dict[str, float] | None = None):
-    """model-vs-human's shape-bias plot (per category, texture vs shape decisions), via synclone's bias plots."""
-    from synclone.report.bias_plots import plot_shape_bias  # imports torch; only when there is a shape probe
-
+    """model-vs-human's shape-bias plot (per category, texture vs shape decisions)."""
     rows = []
     for a in style.sort(artifacts):
         d = a["data"]
@@ -317,12 +315,56 @@ def shape_bias(artifacts: list[dict], style: Style, overall: dict[str, float] | 
     if not rows:
         return []
     df = pd.DataFrame(rows)
-    # plot_shape_bias colours models by the colour cycle in order; give it each model's report colour.
+    # The figure colours models by the colour cycle in order; give it each model's report colour.
     colors = cycler(color=[style.color(m) for m in dict.fromkeys(df["model"])])
     with plt.rc_context({**RC, "axes.prop_cycle": colors}):
-        fig = plot_shape_bias(df)
+        fig = _shape_bias_figure(df)
     return [(fig, "Shape bias per category on cue-conflict images (model-vs-human style): the fraction of shape vs "
                   "texture decisions; vertical lines are each model's overall shape bias.")]
+
+
+_MARKERS = "oDs^v<>Ph*X"
+
+
+def _shape_bias_figure(d: pd.DataFrame) -> Figure:
+    """model-vs-human's shape-bias plot: per shape category, the fraction of texture (bottom) / shape (top) decisions.
+
+    One marker per model and category, a vertical line at each model's overall value; categories are
+    ordered by the first model's shape bias. Categories where a model named neither cue are left out.
+    """
+    models = list(dict.fromkeys(d["model"]))
+    per_cat = d[d["variant"] != "all"]
+    cats = list(dict.fromkeys(per_cat["variant"]))
+    first = per_cat[per_cat["model"] == models[0]].set_index("variant")["value"]
+    cats.sort(key=lambda c: -first.get(c, np.nan) if not np.isnan(first.get(c, np.nan)) else np.inf)
+    fig, ax = plt.subplots(figsize=(6.5, 0.38 * max(len(cats), 4) + 1.8))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.5, len(cats) - 0.5)
+    for i in range(len(cats) - 1):
+        ax.axhline(i + 0.5, color="gray", linestyle=":", alpha=0.4, linewidth=0.8)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, m in enumerate(models):
+        rows = d[d["model"] == m]
+        color = colors[k % len(colors)]
+        overall = rows[rows["variant"] == "all"]["value"]
+        if len(overall) and not np.isnan(overall.iloc[0]):
+            ax.axvline(1 - overall.iloc[0], color=color, linewidth=1.2)
+        vals = rows.set_index("variant")["value"]
+        ys = [i for i, c in enumerate(cats) if c in vals.index and not np.isnan(vals[c])]
+        xs = [1 - vals[cats[i]] for i in ys]
+        label = m if not len(overall) else f"{m} (shape bias {overall.iloc[0]:.2f})"
+        ax.scatter(xs, ys, color=color, marker=_MARKERS[k % len(_MARKERS)], s=55, zorder=3, label=label,
+                   edgecolors=(0.3, 0.3, 0.3, 0.3), clip_on=False)
+    ax.set_yticks(range(len(cats)), cats)
+    ax.set_ylabel("Shape categories")
+    ax.set_xlabel("Fraction of 'texture' decisions")
+    top = ax.secondary_xaxis("top", functions=(lambda x: 1 - x, lambda x: 1 - x))
+    top.set_xlabel("Fraction of 'shape' decisions")
+    # Below the x label, in figure space, so the gap does not grow with the number of categories.
+    fig.legend(loc="lower center", ncol=min(len(models), 2), frameon=False, fontsize="small")
+    fig.subplots_adjust(bottom=0.2)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(models) + 1) // 2), 1, 1))
+    return fig
 
 
 def background(artifacts: list[dict], style: Style, gaps: dict[str, float] | None = None):

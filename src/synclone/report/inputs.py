@@ -16,6 +16,8 @@ import pandas as pd
 import yaml
 
 from synclone.config import read_json
+from synclone.curate.stats import example_grid
+from synclone.data.folder import load_curated, read_dataset_folder, read_dataset_json
 from synclone.errors import UserError
 
 
@@ -53,7 +55,6 @@ class TrainRun:
 
 def _grid_png(records, space, mask, examples: int, thumb: int, captions: bool, reasons=None) -> bytes | None:
     """PNG bytes of a per-class sample grid of ``records[mask]`` (None when the mask is empty)."""
-    from synclone.curate.stats import example_grid
 
     table = pd.DataFrame({"label": [r.label for r in records], "path": [str(r.path) for r in records],
                           "drop_reason": reasons if reasons is not None else [None] * len(records)})
@@ -66,7 +67,6 @@ def _grid_png(records, space, mask, examples: int, thumb: int, captions: bool, r
 
 def read_curation(path: str | Path, examples: int = 8, thumb: int = 48) -> CurationInfo:
     """Counts per class and sample grids of kept and dropped images of a curated dataset folder."""
-    from synclone.data.folder import load_curated, read_dataset_json
 
     folder = Path(path)
     if not folder.is_dir():
@@ -97,7 +97,6 @@ def read_curation(path: str | Path, examples: int = 8, thumb: int = 48) -> Curat
 
 def read_dataset(path: str | Path, examples: int = 8, thumb: int = 48) -> DatasetInfo:
     """Image and class counts and a per-class sample grid of a (generated) dataset folder."""
-    from synclone.data.folder import read_dataset_folder, read_dataset_json
 
     folder = Path(path)
     records, space = read_dataset_folder(folder)  # raises UserError for a missing or empty folder

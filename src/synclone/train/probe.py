@@ -25,6 +25,8 @@ import torch
 from pydantic import Field
 
 from synclone.config import StrictModel, write_run_info
+from synclone.data.sources import resolve_dataset
+from synclone.data.streaming import concat_sets
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.models.backbones import BackboneConfig, load_backbone
@@ -108,8 +110,6 @@ def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, 
     """Load, split and subset the data the way the supervised loop does (synclone.train.loop.load_sources):
     the validation split is held out from the whole training source first, then the per-class budget is
     taken from the rest, so probe and supervised runs of the same config see the same images."""
-    from synclone.data.sources import resolve_dataset
-    from synclone.data.streaming import concat_sets
 
     d = cfg.data
     if train is None:

@@ -30,8 +30,10 @@ import torch
 from pydantic import Field, field_validator
 
 from synclone.config import StrictModel
+from synclone.data.images import list_images
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
+from synclone.labels import class_lookup, imagenet1k_space, read_data_file
 from synclone.probes.base import (
     EvalContext,
     Row,
@@ -165,7 +167,6 @@ class _Corrupted:
 
 
 def _imagenet1k(space) -> bool:
-    from synclone.labels import imagenet1k_space
 
     return tuple(space.classes) == imagenet1k_space().classes
 
@@ -329,7 +330,6 @@ class _CorruptionFolder:
             if label is None:
                 raise UserError(f"class folder '{d}' matches no class of the label space '{self.space.name}' "
                                 f"({self.space.describe()}); name folders by class name, slug, WordNet id or index")
-            from synclone.data.images import list_images
 
             files = list_images(d)
             paths += files
@@ -363,7 +363,6 @@ class _CorruptionFolder:
 
 
 def _folder_lookup(space) -> dict[str, int]:
-    from synclone.labels import class_lookup, read_data_file
 
     lookup = class_lookup(space)
     if _imagenet1k(space):  # ImageNet-C names class folders by WordNet id
