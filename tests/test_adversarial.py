@@ -15,6 +15,7 @@ from torch import nn
 from synclone.errors import UserError
 from synclone.probes import adversarial as adv
 from synclone.probes.adversarial import autoattack, fgsm, pgd, robust_accuracy, robust_flags
+from synclone.util.seeds import attack_seeds
 
 
 class Normalised(nn.Module):
@@ -241,10 +242,10 @@ def test_seeded_random_starts_are_deterministic_and_independent_of_batch_size(cn
     c = robust_flags(cnn, images, labels, "pgd", eps, steps=3, seed=5, batch_size=7)
     assert torch.equal(a, b)
     assert torch.equal(a, c)
-    seeds = adv.image_seeds(5, 0, len(images))
+    seeds = attack_seeds(5, 0, len(images))
     x1 = pgd(cnn, images, labels, eps[0], steps=2, seed=seeds)
     x2 = pgd(cnn, images, labels, eps[0], steps=2, seed=seeds)
-    x3 = pgd(cnn, images, labels, eps[0], steps=2, seed=adv.image_seeds(6, 0, len(images)))
+    x3 = pgd(cnn, images, labels, eps[0], steps=2, seed=attack_seeds(6, 0, len(images)))
     assert torch.equal(x1, x2)
     assert not torch.equal(x1, x3)
     # Image i's start does not depend on the other images in the batch.
@@ -256,7 +257,7 @@ def test_seeded_random_starts_are_deterministic_and_independent_of_batch_size(cn
 def test_restarts_keep_the_first_fooling_restart(cnn, data):
     images, labels = data
     labels = predicted(cnn, images)
-    seeds = adv.image_seeds(0, 0, len(images))
+    seeds = attack_seeds(0, 0, len(images))
     # A random-init net is nearly linear around each image, so full-size steps end in the same place
     # from any start; one small step makes the outcome depend on the random start, as restarts need.
     eps, kw = 16 / 255, dict(steps=1, alpha=0.5 / 255, seed=seeds)

@@ -29,6 +29,7 @@ from synclone.probes.corruptions.engine import (
     corrupt,
     corrupt_with,
 )
+from synclone.util.seeds import corruption_seed
 
 ic = pytest.importorskip("imagecorruptions")
 Image = pytest.importorskip("PIL.Image")
@@ -328,7 +329,7 @@ def test_splitmix64_is_vignas_generator():
             out.append(z ^ (z >> 31))
         return out
 
-    seeds = [0, 1234567, (1 << 64) - 1, ops.image_seed(0, "fog", 3, 17)]
+    seeds = [0, 1234567, (1 << 64) - 1, corruption_seed(0, "fog", 3, 17)]
     words = ops.splitmix64(np.array(seeds, dtype=np.uint64), 0, 7)
     assert [[int(v) for v in row] for row in words] == [reference(s, 7) for s in seeds]
     np.testing.assert_array_equal(ops.splitmix64(np.array(seeds, dtype=np.uint64), 4, 3), words[:, 4:])
@@ -337,7 +338,7 @@ def test_splitmix64_is_vignas_generator():
 def test_box_muller_matches_the_float64_formula():
     """The compiled Box-Muller (polynomial log, sine and cosine, for vectorisation) against NumPy's float64
     functions on the same words: cosine values first, then sine values, an odd count's last from one more word."""
-    keys = np.array([3, ops.image_seed(0, "snow", 2, 5)], dtype=np.uint64)
+    keys = np.array([3, corruption_seed(0, "snow", 2, 5)], dtype=np.uint64)
     size = 20001
     z = kernels.normals(keys, 0, np.float32(0.0), np.float32(1.0), np.empty((2, size), dtype=np.float32))
     words = ops.splitmix64(keys, 0, size // 2 + 1)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from synclone.errors import UserError
+from synclone.util.files import atomic_path, write_text_atomic
 
 
 def sha1_bytes(data: bytes) -> str:
@@ -33,12 +34,6 @@ def sha1_bytes(data: bytes) -> str:
 
 def sha1_text(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 class FileKeys:
@@ -94,7 +89,7 @@ class FileKeys:
 
     def save(self) -> None:
         if self.dirty:
-            _atomic_write_text(self.path, json.dumps(self.entries))
+            write_text_atomic(self.path, json.dumps(self.entries))
             self.dirty = False
 
 
@@ -155,11 +150,10 @@ class TensorStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()} if keys else {}
         name = f"{self.prefix}-{uuid.uuid4().hex[:12]}.safetensors"
-        tmp = self.folder / f".{name}.tmp"
         meta = {"keys": json.dumps(keys), "errors": json.dumps(errors)}
-        # safetensors needs at least one tensor; a shard of only failed keys carries a placeholder.
-        save_file(arrays or {"_placeholder": np.zeros(1, dtype=np.float32)}, str(tmp), metadata=meta)
-        tmp.replace(self.folder / name)
+        with atomic_path(self.folder / name) as tmp:
+            # safetensors needs at least one tensor; a shard of only failed keys carries a placeholder.
+            save_file(arrays or {"_placeholder": np.zeros(1, dtype=np.float32)}, str(tmp), metadata=meta)
         s = len(self.shards)
         self.shards.append(arrays)
         for row, k in enumerate(keys):
@@ -223,4 +217,4 @@ class ScorerCache:
         if all(self.meta.get(k) == v for k, v in kv.items()):
             return
         self.meta.update(kv)
-        _atomic_write_text(self.folder / "meta.json", json.dumps(self.meta, indent=2))
+        write_text_atomic(self.folder / "meta.json", json.dumps(self.meta, indent=2))

@@ -29,6 +29,7 @@ from synclone.curate.config import CurateConfig, FiltersConfig
 from synclone.data.folder import ALL_ROWS, DATASET_JSON, METADATA, ImageRecord, read_dataset_json
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
+from synclone.util.files import atomic_path
 
 FORMAT = "synclone-dataset/1"
 SCORE_COLUMNS = ("p_label", "top1", "margin", "class_sim", "prompt_sim")
@@ -152,8 +153,6 @@ def write_curated(out: Path, cfg: CurateConfig, records: list[ImageRecord], tabl
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)

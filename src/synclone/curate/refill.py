@@ -46,8 +46,8 @@ from synclone.errors import UserError
 from synclone.generate.api import generate, resolve_labels
 from synclone.generate.backends import create_backend
 from synclone.generate.config import GenerateConfig
-from synclone.generate.writer import write_json_atomic
 from synclone.labels import LabelSpace
+from synclone.util.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from synclone.errors import UserError
 from synclone.evaluate.config import EvaluateConfig
 from synclone.models import load_model
 from synclone.models.io import CONFIG, WEIGHTS
-from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, Row, file_hash, get_probe
+from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, Row, get_probe
+from synclone.util.files import atomic_path, file_sha256
 
 RESULTS = "results.parquet"
 ARTIFACTS = "artifacts.json"
@@ -28,7 +29,7 @@ def load_entry(name: str, folder: str | Path, device: str = "cpu") -> ModelEntry
 
     folder = Path(folder)
     module = load_model(folder, device=device)
-    fp = file_hash(folder / WEIGHTS) + file_hash(folder / CONFIG)[:8]
+    fp = file_sha256(folder / WEIGHTS)[:16] + file_sha256(folder / CONFIG)[:8]
     return ModelEntry(name, folder, module, fp)
 
 
@@ -96,10 +97,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
 
 def _write_table(df: pd.DataFrame, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (RESULTS + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out / RESULTS)
-    df.to_csv(out / "results.csv", index=False)
+    with atomic_path(out / RESULTS) as tmp:
+        df.to_parquet(tmp, index=False)
+    with atomic_path(out / "results.csv") as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def read_results(folder: str | Path) -> pd.DataFrame:

@@ -25,7 +25,7 @@ from synclone.config import package_versions, write_run_info
 from synclone.errors import UserError
 from synclone.generate.backends import Backend, create_backend
 from synclone.generate.config import GenerateConfig
-from synclone.generate.plan import PLAN_FILE, Job, PlanSummary, build_plan, file_sha256, read_plan, shard, write_plan
+from synclone.generate.plan import PLAN_FILE, Job, PlanSummary, build_plan, read_plan, shard, write_plan
 from synclone.generate.runner import generate_padded, run_shard
 from synclone.generate.writer import (
     DATASET_JSON,
@@ -33,10 +33,10 @@ from synclone.generate.writer import (
     done_ids,
     finalize,
     read_dataset_json,
-    write_json_atomic,
 )
 from synclone.labels import LabelSpace, get_label_space
 from synclone.prompts import PromptStrategy, create_strategy
+from synclone.util.files import file_sha256, write_json_atomic
 
 FORMAT = "synclone-generated-dataset"
 FORMAT_VERSION = 1

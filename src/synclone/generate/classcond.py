@@ -18,7 +18,6 @@ so ``UNet2DModel.from_pretrained(folder, subfolder="unet")`` also reads it. Load
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
+from synclone.util.files import atomic_path, file_sha256
 
 FORMAT = "synclone-classcond"
 FORMAT_VERSION = 1
@@ -298,10 +298,9 @@ def save_classcond(
     (folder / UNET_DIR).mkdir(parents=True, exist_ok=True)
     (folder / SCHEDULER_DIR).mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    tmp = folder / UNET_DIR / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.chmod(0o644)  # safetensors creates files readable by the owner only; a checkpoint is meant to be shared
-    tmp.replace(folder / UNET_DIR / WEIGHTS)
+    with atomic_path(folder / UNET_DIR / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.chmod(0o644)  # safetensors creates files readable by the owner only; a checkpoint is meant to be shared
     unet.save_config(folder / UNET_DIR)
     scheduler.save_config(folder / SCHEDULER_DIR)
     import diffusers
@@ -338,12 +337,6 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_classcond_pipeline(path: str | Path, device: str | torch.device = "cpu") -> ClassCondPipeline:
@@ -397,7 +390,7 @@ def load_classcond_pipeline(path: str | Path, device: str | torch.device = "cpu"
     pipe.defaults.update(meta.get("defaults") or {})
     pipe.info = dict(meta.get("training") or {})
     pipe.source = str(folder.resolve())
-    pipe.revision = "sha256:" + _sha256(weights)[:16]
+    pipe.revision = "sha256:" + file_sha256(weights)[:16]
     return pipe.to(device)
 
 

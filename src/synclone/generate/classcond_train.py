@@ -33,6 +33,7 @@ from synclone.generate.classcond import (
     save_classcond,
 )
 from synclone.labels import LabelSpace
+from synclone.util.files import atomic_path
 
 CKPT_DIR = "checkpoint"
 CKPT_WEIGHTS = "training_state.safetensors"
@@ -167,11 +168,11 @@ def _save_checkpoint(folder: Path, unet, ema: EMA, opt, gen: torch.Generator, st
     info = {"step": step, "elapsed_s": elapsed, "ema_updates": ema.num_updates, "optimizer": opt_plain,
             "recent_losses": losses[-100:], "run": run}
     # Write both files under temporary names first so a kill mid-write leaves the old checkpoint intact.
-    tmp_w, tmp_j = folder / (CKPT_WEIGHTS + ".tmp"), folder / (CKPT_JSON + ".tmp")
-    save_file(tensors, str(tmp_w))
-    tmp_j.write_text(json.dumps(info) + "\n", encoding="utf-8")
-    tmp_w.replace(folder / CKPT_WEIGHTS)
-    tmp_j.replace(folder / CKPT_JSON)
+    # The weights are renamed into place before their record (the inner block ends first).
+    with atomic_path(folder / CKPT_JSON) as tmp_j:
+        tmp_j.write_text(json.dumps(info) + "\n", encoding="utf-8")
+        with atomic_path(folder / CKPT_WEIGHTS) as tmp_w:
+            save_file(tensors, str(tmp_w))
 
 
 def _load_checkpoint(folder: Path, unet, ema: EMA, opt, gen: torch.Generator, run: dict) -> tuple[int, float]:

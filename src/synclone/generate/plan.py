@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.prompts.base import PromptStrategy, fill
+from synclone.util.files import atomic_path
 from synclone.util.seeds import derive_seed, derived_rng
 
 PLAN_FILE = "plan.jsonl"
@@ -138,13 +138,11 @@ class PlanSummary:
 
 def write_plan(path: str | Path, jobs: Iterable[Job]) -> PlanSummary:
     """Stream jobs to ``path`` as JSON lines, atomically (a temporary file, then ``os.replace``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     h = hashlib.sha256()
     per_class: dict[str, int] = {}
     count = 0
     id_end = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for job in jobs:
             line = job.to_json() + "\n"
             f.write(line)
@@ -152,9 +150,6 @@ def write_plan(path: str | Path, jobs: Iterable[Job]) -> PlanSummary:
             per_class[job.class_name] = per_class.get(job.class_name, 0) + 1
             count += 1
             id_end = max(id_end, job.id + 1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return PlanSummary(count, per_class, h.hexdigest(), id_end)
 
 
@@ -167,14 +162,6 @@ def read_plan(path: str | Path) -> Iterator[Job]:
         for line in f:
             if line.strip():
                 yield Job.from_json(line)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard(jobs: Iterable[Job], rank: int, world: int) -> Iterator[Job]:

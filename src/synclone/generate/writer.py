@@ -27,11 +27,11 @@ import threading
 from collections.abc import Iterator
 from itertools import groupby
 from pathlib import Path
-from typing import Any
 
 from synclone.errors import UserError
-from synclone.generate.plan import Job, file_sha256
+from synclone.generate.plan import Job
 from synclone.labels import LabelSpace
+from synclone.util.files import file_sha256, write_bytes_atomic, write_json_atomic
 
 DATASET_JSON = "dataset.json"
 TRAIN_DIR = "train"
@@ -57,15 +57,6 @@ def safe_image_path(train_dir: Path, file_name: str) -> Path:
     if not path.is_relative_to(train_dir.resolve()):
         raise UserError(f"image path '{file_name}' would be written outside the dataset folder '{train_dir}'")
     return path
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _repair_tail(path: Path) -> None:
@@ -151,12 +142,7 @@ class DatasetWriter:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         data = buf.getvalue()
-        tmp = path.with_name(f".{path.name}.tmp{self.rank}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data, fsync=True)
         self.written += 1
         return {**row, "status": "ok", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 

@@ -17,6 +17,7 @@ from torch import nn
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.models.backbones import BackboneConfig, ImageEncoder, load_backbone
+from synclone.util.files import atomic_path
 
 FORMAT = "synclone-feature-classifier/1"
 WEIGHTS = "model.safetensors"
@@ -59,9 +60,8 @@ def save_feature_classifier(folder: Path, encoder: ImageEncoder, backbone_cfg: B
     folder.mkdir(parents=True, exist_ok=True)
     state = {"head.weight": head.weight.detach().contiguous(), "head.bias": head.bias.detach().contiguous(),
              "head.scale": head.scale.detach().reshape(1).contiguous()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / WEIGHTS)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     pre = encoder.preprocess.to_dict()
     cfg = {
         "format": FORMAT,

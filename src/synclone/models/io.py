@@ -14,6 +14,7 @@ from synclone.labels import LabelSpace
 from synclone.models.backbones import Backbone, BackboneConfig, ImageEncoder, Preprocess, register_backbone_loader
 from synclone.models.classifier import Classifier, create_classifier
 from synclone.models.feature_classifier import is_feature_classifier, load_feature_classifier
+from synclone.util.files import atomic_path
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -24,9 +25,8 @@ def save_model(model: Classifier, folder: str | Path, extra: dict | None = None)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / WEIGHTS)
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     cfg = model.config()
     if extra:
         cfg["training"] = extra

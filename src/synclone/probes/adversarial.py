@@ -54,6 +54,8 @@ from synclone.config import StrictModel
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
 from synclone.probes.base import EvalContext, Row, check_models, progress, register_probe, source_hash, top1
+from synclone.util.files import atomic_path
+from synclone.util.seeds import attack_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +153,6 @@ def _as_autograd_leaf(images: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- random starts
-
-
-def image_seeds(seed: int, start: int, n: int) -> list[int]:
-    """Per-image seeds for images ``start .. start + n - 1`` of a run seeded with ``seed``."""
-    return [
-        int(np.random.SeedSequence([int(seed), i]).generate_state(1, np.uint64)[0]) for i in range(start, start + n)
-    ]
 
 
 class _Starts:
@@ -293,7 +288,7 @@ def pgd(
     images no earlier restart fooled, and each image keeps the result of the first restart that
     fools the model (or the last restart's). ``seed``: None uses torch's global RNG (as
     torchattacks does), an int seeds one generator for the batch, a sequence of ints seeds one
-    generator per image (see :func:`image_seeds`).
+    generator per image (see :func:`synclone.util.seeds.attack_seeds`).
     """
     norm = _check_norm(norm)
     eps = _check_eps(eps)
@@ -510,7 +505,7 @@ def robust_flags(
             batch_flags = torch.zeros(len(eps_list), len(x), dtype=torch.bool)
             todo = correct.nonzero().flatten()
             if seeding == "per_image":
-                all_seeds = image_seeds(seed, n_seen, len(x))
+                all_seeds = attack_seeds(seed, n_seen, len(x))
                 todo_seeds = [all_seeds[i] for i in todo.tolist()]
             for k, eps in enumerate(eps_list):
                 if eps == 0 or len(todo) == 0:
@@ -520,7 +515,7 @@ def robust_flags(
                 if seeding == "per_image":
                     kwargs["seed"] = todo_seeds
                 elif seeding == "per_batch":
-                    kwargs["seed"] = image_seeds(seed, n_seen, 1)[0] % 2**31
+                    kwargs["seed"] = attack_seeds(seed, n_seen, 1)[0] % 2**31
                 xs, ys = x[todo], y[todo]
                 adv = attack_fn(model, xs, ys, eps, **kwargs)
                 _check_budget(adv, xs, eps, budget_norm, attack)
@@ -573,7 +568,7 @@ def robust_accuracy(
     robust, so robust accuracy <= clean accuracy by construction.
 
     Determinism: with random starts, image i's start comes from a generator seeded by
-    (``seed``, i) (:func:`image_seeds`), the same whatever ``batch_size`` and whichever images are
+    (``seed``, i) (:func:`synclone.util.seeds.attack_seeds`), the same whatever ``batch_size`` and whichever images are
     skipped. AutoAttack takes one seed per batch, derived from (``seed``, index of its first image).
     """
     flags = robust_flags(
@@ -707,9 +702,8 @@ def adversarial_probe(ctx: EvalContext, s: AdversarialSettings) -> list[Row]:
                 flags[eps] = out[k]
                 path = _adv_cache(ctx, m, data, s, eps)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({"robust": out[k].to(torch.uint8).contiguous()}, str(tmp))
-                tmp.replace(path)
+                with atomic_path(path) as tmp:
+                    save_file({"robust": out[k].to(torch.uint8).contiguous()}, str(tmp))
         robust = [float(flags[e].float().mean()) for e in eps_list]
         for eps, value in zip(eps_list, robust, strict=True):
             rows.append(Row(m, "adversarial", data.name, f"eps={eps:.4g}", "robust_top1", value, len(data), convention))

@@ -29,6 +29,7 @@ from synclone.data.eval_sets import load_eval_dataset
 from synclone.data.images import load_image
 from synclone.data.imageset import ImageSet
 from synclone.errors import UserError
+from synclone.util.files import atomic_path
 
 COLUMNS = ("model", "probe", "dataset", "variant", "metric", "value", "n", "convention")
 
@@ -66,14 +67,6 @@ class ModelEntry:
     fingerprint: str
     kind: str = "classifier"
     info: dict = field(default_factory=dict)
-
-
-def file_hash(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 class EvalContext:
@@ -138,10 +131,9 @@ class EvalContext:
         else:
             out = self._stream(model, data) if hasattr(data, "iter_batches") else self.forward(model, data.images)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"logits": out.contiguous()}, str(tmp), metadata={"model": model, "data": data.name,
-                                                                     "variant": variant})
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                save_file({"logits": out.contiguous()}, str(tmp), metadata={"model": model, "data": data.name,
+                                                                         "variant": variant})
         self._memo[key] = out
         return view(out)
 

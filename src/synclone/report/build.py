@@ -20,6 +20,7 @@ from synclone.report.sections import (
     training_section,
 )
 from synclone.report.verdict import verdict_columns, verdict_table
+from synclone.util.files import write_text_atomic
 
 FIGURES_DIR = "figures"
 
@@ -102,7 +103,5 @@ def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "sy
     html = render_html(title, meta, summary, sections, _version(), len(ev.folders))
     (output / "report.md").write_text(render_markdown(title, meta, summary, sections, FIGURES_DIR), encoding="utf-8")
     path = output / "report.html"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)  # a browser tab reloading mid-write never sees half a report
+    write_text_atomic(path, html)  # a browser tab reloading mid-write never sees half a report
     return path

@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import torch
 
-_MIX = 0x9E3779B97F4A7C15
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix-style mixing, stable across processes and Python versions)."""
-    h = 0x2545F4914F6CDD1D
-    for p in parts:
-        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * _MIX & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
+from synclone.util.seeds import mix_seed
 
 
 class CyclingSampler:
@@ -32,7 +23,7 @@ class CyclingSampler:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.clear()
-            g = torch.Generator().manual_seed(derive_seed(self.seed, self.source_id, epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.source_id, epoch))
             self._perms[epoch] = torch.randperm(self.size, generator=g)
         return self._perms[epoch]
 

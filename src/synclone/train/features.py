@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from synclone.errors import UserError
 from synclone.models.backbones import CACHE_FORMAT, ImageEncoder
+from synclone.util.files import atomic_path
 
 # --- encoding and the on-disk cache ---------------------------------------------------------------------
 
@@ -101,9 +102,8 @@ def cached_features(encoder: ImageEncoder, dataset: Any, cache_dir: str | Path |
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": CACHE_FORMAT, "encoder": encoder.description, "dataset": str(name), "n": str(len(labels)),
             "dim": str(feats.shape[1]), "preprocess": json.dumps(encoder.preprocess.to_dict())}
-    tmp = path.with_suffix(".tmp")
-    save_file({"features": feats, "labels": labels}, str(tmp), metadata=meta)
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    with atomic_path(path) as tmp:  # a reader never sees half a file
+        save_file({"features": feats, "labels": labels}, str(tmp), metadata=meta)
     return FeatureSet(feats, labels, name, cache_hit=False, path=path)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,10 @@ from synclone.data.sources import resolve_dataset
 from synclone.data.streaming import concat_sets
 from synclone.errors import UserError
 from synclone.models import create_classifier, load_model, save_model
-from synclone.train.batches import CyclingSampler, augment, derive_seed
+from synclone.train.batches import CyclingSampler, augment
 from synclone.train.config import TrainConfig
+from synclone.util.files import atomic_path
+from synclone.util.seeds import mix_seed
 
 CKPT = "checkpoints/last.pt"
 
@@ -97,9 +98,8 @@ def _validate(model: torch.nn.Module, data: ImageSet, device: torch.device) -> t
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _config_key(cfg: TrainConfig) -> str:
@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     else:
         # The initial weights are a function of the seed: a run (or a crashed and resumed one) is reproducible
         # from its config alone, and seeds of a few-shot sweep differ in their initialisation too.
-        torch.manual_seed(derive_seed(cfg.seed, 0x1417))
+        torch.manual_seed(mix_seed(cfg.seed, 0x1417))
         model = create_classifier(cfg.model.arch, label_space, input_size, cfg.model.mean, cfg.model.std,
                                   **cfg.model.arch_kwargs)
     model = model.to(memory_format=torch.channels_last)
@@ -224,7 +224,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     loss_value = float("nan")
     while step < total_steps:
         # Everything random in this step derives from (seed, step): resume replays it exactly.
-        step_seed = derive_seed(cfg.seed, step)
+        step_seed = mix_seed(cfg.seed, step)
         torch.manual_seed(step_seed)
         xs, ys, parts = [], [], []
         for ds, sampler in samplers:
@@ -233,7 +233,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             xs.append(x)
             ys.append(y)
             parts.append(len(y))
-        x = augment(torch.cat(xs), derive_seed(step_seed, 1), cfg.aug.hflip, cfg.aug.crop_pad)
+        x = augment(torch.cat(xs), mix_seed(step_seed, 1), cfg.aug.hflip, cfg.aug.crop_pad)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         y = torch.cat(ys).to(device)
         with accelerator.autocast():

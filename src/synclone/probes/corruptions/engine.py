@@ -34,7 +34,8 @@ import torch
 from synclone.errors import UserError
 from synclone.probes.corruptions import kernels, ops
 from synclone.probes.corruptions.jpeg import jpeg_roundtrip
-from synclone.probes.corruptions.ops import ImageRNG, image_seed
+from synclone.probes.corruptions.ops import ImageRNG
+from synclone.util.seeds import corruption_seed
 
 __all__ = [
     "ALL_CORRUPTIONS",
@@ -45,7 +46,6 @@ __all__ = [
     "ImageRNG",
     "corrupt",
     "corrupt_with",
-    "image_seed",
     "size_scale",
 ]
 
@@ -132,7 +132,7 @@ def corrupt(
     spec = _spec(name, severity)
     x = _check_images(images, check_range=False)
     idx = _check_indices(indices, x.shape[0])
-    seeds = [image_seed(seed, name, severity, i) for i in idx]
+    seeds = [corruption_seed(seed, name, severity, i) for i in idx]
     out = torch.empty(images.shape, dtype=images.dtype, device=images.device)
     # Work in chunks: most corruptions make several passes over the pixels and run fastest when a chunk stays in
     # the CPU cache (about 2 MB); those built on one fused gather prefer wide chunks. Each chunk's range check

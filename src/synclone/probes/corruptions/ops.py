@@ -13,7 +13,6 @@ Loops that would take many passes over memory in torch run compiled with numba (
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -28,12 +27,6 @@ from synclone.probes.corruptions import kernels
 # ----------------------------------------------------------------------------------------------------------------------
 # Random numbers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def image_seed(seed: int, name: str, severity: int, index: int) -> int:
-    """The 64-bit seed of one image's random stream: a hash of (seed, corruption, severity, image index)."""
-    key = f"synclone-corruption/{int(seed)}/{name}/{int(severity)}/{int(index)}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 def splitmix64(keys: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -60,10 +53,10 @@ def uniforms23(keys: np.ndarray, start: int, count: int) -> np.ndarray:
 class ImageRNG:
     """Independent random streams, one per image of a batch.
 
-    Image ``i``'s stream is SplitMix64 seeded with its seed (:func:`image_seed`). Calls consume it in order and
-    every image consumes the same number of words per call, so row ``i`` of every result depends on that
-    image's seed and the sequence of calls only, never on the rest of the batch. The words for a whole batch
-    are made at once in NumPy on the CPU (every device sees the same numbers), then moved to ``device``:
+    Image ``i``'s stream is SplitMix64 seeded with its seed (:func:`~synclone.util.seeds.corruption_seed`).
+    Calls consume it in order and every image consumes the same number of words per call, so row ``i`` of
+    every result depends on that image's seed and the sequence of calls only, never on the rest of the batch.
+    The words for a whole batch are made at once in NumPy on the CPU (every device sees the same numbers), then moved to ``device``:
 
     - uniforms: float32 from 23 bits (two per word), float64 from 53 bits;
     - normals: Box-Muller on two 23-bit uniforms, two normals per word (the largest is 5.65 standard
