@@ -56,7 +56,8 @@ class ImageRNG:
     Image ``i``'s stream is SplitMix64 seeded with its seed (:func:`~synclone.util.seeds.corruption_seed`).
     Calls consume it in order and every image consumes the same number of words per call, so row ``i`` of
     every result depends on that image's seed and the sequence of calls only, never on the rest of the batch.
-    The words for a whole batch are made at once in NumPy on the CPU (every device sees the same numbers), then moved to ``device``:
+    The words for a whole batch are made at once in NumPy on the CPU (every device sees the same numbers),
+    then moved to ``device``:
 
     - uniforms: float32 from 23 bits (two per word), float64 from 53 bits;
     - normals: Box-Muller on two 23-bit uniforms, two normals per word (the largest is 5.65 standard
