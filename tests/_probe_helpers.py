@@ -45,10 +45,11 @@ def same(a: float, b: float, tol: float = 1e-9) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=tol)
 
 
-def probe_on_folder(name: str, model, tmp_path, label_space=None, **settings) -> tuple[dict, dict]:
+def probe_on_folder(name: str, model, label_space=None, **settings) -> tuple[dict, dict]:
     """Run the suite's probe ``name`` on one model (any module with ``input_size``): its rows as
     ``{(variant, metric): value}`` and ``{(variant, metric): n}``. The clean set is two blank images at the
-    model's input size (the probes read their stimuli at that size)."""
+    model's input size (the probes read their stimuli at that size); caches go to a temporary folder."""
+    import tempfile
     from pathlib import Path
 
     from synclone.probes.base import ModelEntry
@@ -56,7 +57,7 @@ def probe_on_folder(name: str, model, tmp_path, label_space=None, **settings) ->
     space = label_space if label_space is not None else model.label_space
     clean = TensorImageSet(torch.zeros((2, *model.input_size), dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
                            space, "blank")
-    entry = ModelEntry("m", Path(tmp_path), model.eval(), fingerprint=f"{type(model).__name__}-{id(model)}")
-    ctx = EvalContext({"m": entry}, clean, Path(tmp_path) / "eval", progress=False)
-    rows = run_probe(name, ctx, **settings)
+    entry = ModelEntry("m", Path("m"), model.eval(), fingerprint=f"{type(model).__name__}-{id(model)}")
+    with tempfile.TemporaryDirectory() as out:
+        rows = run_probe(name, EvalContext({"m": entry}, clean, Path(out), progress=False), **settings)
     return {(r.variant, r.metric): r.value for r in rows}, {(r.variant, r.metric): r.n for r in rows}

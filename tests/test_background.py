@@ -107,7 +107,7 @@ class _GreyToImageNet(torch.nn.Module):
 
 def test_evaluate_in9_folder_with_a_1000_class_model(tmp_path):
     _in9_folder(tmp_path, IN9_VARIANTS)
-    values, counts = probe_on_folder("background", _GreyToImageNet(), tmp_path / "run", imagenet1k_space(),
+    values, counts = probe_on_folder("background", _GreyToImageNet(), imagenet1k_space(),
                                      folder=str(tmp_path))
     assert {v for v, m in values if m == "top1"} == set(IN9_VARIANTS)
     assert all(values[v, "top1"] == 1.0 for v in IN9_VARIANTS) and values["all", "bg_gap"] == 0.0
@@ -118,8 +118,8 @@ def test_missing_variant_names_the_folder(tmp_path):
     _in9_folder(tmp_path, [v for v in IN9_VARIANTS if v != "mixed_rand"])
     space = imagenet1k_space()
     with pytest.raises(UserError, match=str(tmp_path / "mixed_rand" / "val")):
-        probe_on_folder("background", _GreyToImageNet(), tmp_path / "run", space, folder=str(tmp_path))
-    values, _ = probe_on_folder("background", _GreyToImageNet(), tmp_path / "run", space, folder=str(tmp_path),
+        probe_on_folder("background", _GreyToImageNet(), space, folder=str(tmp_path))
+    values, _ = probe_on_folder("background", _GreyToImageNet(), space, folder=str(tmp_path),
                                 variants=["original", "mixed_same"])
     assert ("all", "bg_gap") not in values and values["mixed_same", "top1"] == 1.0
 

@@ -116,7 +116,7 @@ def test_evaluate_a_generated_style_probe_end_to_end(tmp_path):
             rows.append({"file_name": name, "label": list(grey).index(cls), "class_name": cls, "prompt": prompt,
                          **attrs})
     (tmp_path / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    values, counts = probe_on_folder("context", _Grey(), tmp_path / "run", folder=str(tmp_path))
+    values, counts = probe_on_folder("context", _Grey(), folder=str(tmp_path))
     assert values["P0", "top1"] == 1.0 and values["P1", "top1"] == 1.0
     assert values["P2", "top1"] == 0.0 and values["P3", "top1"] == 0.0
     assert {v: counts[v, "top1"] for v in ("P0", "P1", "P2", "P3")} == {"P0": 3, "P1": 9, "P2": 9, "P3": 3}

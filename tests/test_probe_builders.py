@@ -152,10 +152,10 @@ def test_tiled_background_repeats_the_largest_strip():
     assert np.allclose(out[:, :, 0][1:5, 2:7], np.tile(img[:, 7:, 0], (1, 4))[1:5, 2:7])
 
 
-def test_background_model_shows_a_gap_foreground_model_none(bg_probe, tmp_path):
+def test_background_model_shows_a_gap_foreground_model_none(bg_probe):
     root = bg_probe[0]
-    fg, _ = probe_on_folder("background", _Probe("white_area"), tmp_path / "fg", folder=str(root))
-    bg, _ = probe_on_folder("background", _Probe("border", levels=(0.2, 0.5, 0.8)), tmp_path / "bg", folder=str(root))
+    fg, _ = probe_on_folder("background", _Probe("white_area"), folder=str(root))
+    bg, _ = probe_on_folder("background", _Probe("border", levels=(0.2, 0.5, 0.8)), folder=str(root))
     for v in ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next"):
         assert fg[v, "top1"] == 1.0, v
     assert fg["all", "bg_gap"] == 0.0
@@ -168,7 +168,7 @@ def test_missing_variant_in_a_built_probe_names_the_folder(tmp_path):
     images, masks, labels = _shapes()
     build_background_probe(images, masks, labels, tmp_path, CLASSES, variants=["original", "mixed_same"])
     with pytest.raises(UserError, match=str(tmp_path / "mixed_rand" / "val")):
-        probe_on_folder("background", _Probe("area"), tmp_path / "run", folder=str(tmp_path),
+        probe_on_folder("background", _Probe("area"), folder=str(tmp_path),
                         variants=["original", "mixed_same", "mixed_rand"])
 
 
@@ -220,10 +220,10 @@ def test_cue_conflict_builder_names_and_fills(cue_probe):
         assert np.allclose(img[m], levels[r.texture_label], atol=0.6 / 255)  # inside: the other class's texture
 
 
-def test_shape_and_texture_models_get_opposite_shape_bias(cue_probe, tmp_path):
+def test_shape_and_texture_models_get_opposite_shape_bias(cue_probe):
     root, *_, levels = cue_probe
-    shape_res, _ = probe_on_folder("shape_bias", _Probe("area"), tmp_path / "s", folder=str(root))
-    texture_res, _ = probe_on_folder("shape_bias", _Probe("level", levels=levels), tmp_path / "t", folder=str(root))
+    shape_res, _ = probe_on_folder("shape_bias", _Probe("area"), folder=str(root))
+    texture_res, _ = probe_on_folder("shape_bias", _Probe("level", levels=levels), folder=str(root))
     assert shape_res["all", "shape_bias"] == 1.0 and shape_res["all", "shape_fraction"] == 1.0
     assert texture_res["all", "shape_bias"] == 0.0 and texture_res["all", "texture_fraction"] == 1.0
     assert {v for v, m in shape_res if m == "shape_bias"} == {"all", *CLASSES}
@@ -286,7 +286,7 @@ def test_fashion_mnist_probes_from_garment_masks_and_skimage_textures(tmp_path):
         def forward(self, x):
             return self.net(x)
 
-    sb, counts = probe_on_folder("shape_bias", Untrained(), tmp_path / "run", folder=str(tmp_path / "cc"))
+    sb, counts = probe_on_folder("shape_bias", Untrained(), folder=str(tmp_path / "cc"))
     assert counts["all", "shape_bias"] == 90 and {v for v, _ in sb} == {"all", *ds.label_space.slugs}
-    bg, _ = probe_on_folder("background", Untrained(), tmp_path / "run", folder=str(tmp_path / "bg"))
+    bg, _ = probe_on_folder("background", Untrained(), folder=str(tmp_path / "bg"))
     assert {v for v, m in bg if m == "top1"} == set(IN9_VARIANTS) and -1 <= bg["all", "bg_gap"] <= 1

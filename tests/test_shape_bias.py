@@ -184,7 +184,7 @@ def test_evaluate_folder_with_a_direct_model(tmp_path):
     for s in levels:
         for t in levels:
             _write(tmp_path / s / f"{s}1-{t}1.png", levels[t])
-    values, counts = probe_on_folder("shape_bias", _BrightnessModel(["a", "b", "c"]), tmp_path / "run",
+    values, counts = probe_on_folder("shape_bias", _BrightnessModel(["a", "b", "c"]),
                                      folder=str(tmp_path))
     assert counts["all", "shape_bias"] == 9
     assert values["all", "shape_bias"] == 0.0 and values["all", "texture_fraction"] == pytest.approx(6 / 9)
@@ -209,6 +209,6 @@ def test_real_imagenet_model_through_the_16_categories(tmp_path):
     for shape, texture in (("cat", "clock"), ("clock", "cat")):
         (tmp_path / shape).mkdir()
         Image.fromarray(photos[shape]).save(tmp_path / shape / f"{shape}1-{texture}1.png")
-    values, _ = probe_on_folder("shape_bias", model, tmp_path / "run", imagenet1k_space(), folder=str(tmp_path))
+    values, _ = probe_on_folder("shape_bias", model, imagenet1k_space(), folder=str(tmp_path))
     assert values["cat", "shape_fraction"] == 1.0 and values["clock", "shape_fraction"] == 1.0
     assert values["all", "shape_bias"] == 1.0
