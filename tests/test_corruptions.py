@@ -12,9 +12,15 @@ from __future__ import annotations
 import math
 import warnings
 
+import cv2
+import imagecorruptions as ic
+import numba
 import numpy as np
 import pytest
+import scipy.stats as scipy_stats
+import skimage.data as skd
 import torch
+from PIL import Image
 
 from synclone.errors import UserError
 from synclone.probes import corruption_kernels as kernels
@@ -30,10 +36,6 @@ from synclone.probes.corruptions.engine import (
     corrupt_with,
 )
 from synclone.util.seeds import corruption_seed
-
-ic = pytest.importorskip("imagecorruptions")
-Image = pytest.importorskip("PIL.Image")
-skd = pytest.importorskip("skimage.data")
 
 LEVEL = 1 / 255
 RANDOM_ALIGNED = {"motion_blur", "snow", "frost", "fog", "elastic_transform", "spatter", "gaussian_noise",
@@ -131,7 +133,6 @@ def test_matches_reference_at_every_severity(name):
 
 @pytest.fixture(scope="module")
 def numba_offsets():
-    numba = pytest.importorskip("numba")
 
     @numba.njit()
     def offsets(d0, d1, delta, passes, seed):
@@ -192,7 +193,6 @@ def test_defocus_matches_opencv_with_the_reference_disk():
     """Every way of applying the disk (a fused gather of its few taps on small images, the disk's runs then the
     Gaussian when the kernel factorises, FFT otherwise) equals cv2.filter2D with the reference's own disk
     kernel, border BORDER_REFLECT_101, to float rounding."""
-    cv2 = pytest.importorskip("cv2")
     assert ops.disk_runs(6, 0.5) is not None and ops.disk_runs(8, 0.5) is None  # the blur reaches the grid's edge
     img = photos(64)[2]
     for size in (28, 64, 150):
@@ -294,7 +294,6 @@ def test_shot_noise_general_path_matches_reference_in_distribution():
 @pytest.mark.parametrize("lam", [0.3, 3.0, 9.7, 27.0, 60.0])
 def test_poisson_sampler_is_poisson(lam):
     """On and off the grid, against the exact distribution: chi-square over the bulk, mean and variance."""
-    scipy_stats = pytest.importorskip("scipy.stats")
     n = 40000
     rng = ImageRNG([7, 8])
     grid = 60 / 255
@@ -375,7 +374,7 @@ def test_fused_noise_kernels_equal_the_plain_draws():
 def test_image_rng_streams():
     """Per-image streams: consecutive calls continue the stream, rows are independent of the batch, and the
     uniforms, normals and integers have the right distributions."""
-    stats = pytest.importorskip("scipy.stats")
+    stats = scipy_stats
     a, b = ImageRNG([5, 6]), ImageRNG([6])
     np.testing.assert_array_equal(np.concatenate([a.words(3), a.words(2)], axis=1)[1], b.words(5)[0])
     rng = ImageRNG([11, 12])

@@ -9,15 +9,13 @@ from __future__ import annotations
 import functools
 import io
 
+import numba  # noqa: F401  (the kernels under test are compiled with it)
 import numpy as np
 import pytest
+import skimage.data as skd
 from PIL import Image, features
 
 from synclone.errors import UserError
-
-pytest.importorskip("numba")
-skd = pytest.importorskip("skimage.data")
-
 from synclone.probes.corruptions.jpeg import (  # noqa: E402 - after the skips
     STD_CHROMINANCE,
     STD_LUMINANCE,

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from synclone.errors import UserError
+from synclone.util.files import write_text_atomic
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -161,7 +162,7 @@ def write_run_info(out_dir: str | Path, cfg: BaseModel | None = None, command: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg is not None:
-        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        write_text_atomic(out / "config.yaml", dump_config(cfg))
     info = {
         "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -169,5 +170,5 @@ def write_run_info(out_dir: str | Path, cfg: BaseModel | None = None, command: s
         "versions": package_versions(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
     }
-    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
     return info

@@ -29,7 +29,7 @@ from synclone.curate.config import CurateConfig, FiltersConfig
 from synclone.data.folder import ALL_ROWS, DATASET_JSON, METADATA, ImageRecord, read_dataset_json
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
-from synclone.util.files import atomic_path
+from synclone.util.files import atomic_path, write_text_atomic
 
 FORMAT = "synclone-dataset/1"
 SCORE_COLUMNS = ("p_label", "top1", "margin", "class_sim", "prompt_sim")
@@ -148,7 +148,7 @@ def write_curated(out: Path, cfg: CurateConfig, records: list[ImageRecord], tabl
             **(extra or {}),
         },
     }
-    (out / DATASET_JSON).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / DATASET_JSON, json.dumps(info, indent=2) + "\n")
     return info
 
 

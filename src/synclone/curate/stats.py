@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from synclone.curate.config import StatsConfig
 from synclone.data.images import read_and_decode
 from synclone.labels import LabelSpace
+from synclone.util.files import write_text_atomic
 
 SCORES = ("p_label", "margin", "class_sim", "prompt_sim")
 
@@ -80,7 +81,7 @@ def write_stats(folder: Path, table: pd.DataFrame, emb: np.ndarray, space: Label
                "diversity_kept": mean_pairwise_cosine_distance(emb[kept]),
                "drop_reasons": dict(zip(reasons["reason"], reasons["count"].astype(int).tolist(), strict=True)),
                "filters": log}
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
     figures = []
 
     present = [s for s in SCORES if np.isfinite(table[s].to_numpy(dtype=np.float64)[readable]).any()]
@@ -132,7 +133,7 @@ def write_stats(folder: Path, table: pd.DataFrame, emb: np.ndarray, space: Label
         {"file": "per_class.csv", "caption": "Per-class counts, drops by reason, mean scores and diversity"},
         {"file": "drop_reasons.csv", "caption": "Dropped images by reason"},
         {"file": "summary.json", "caption": "Totals and the per-filter log"}]}
-    (folder / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(folder / "index.json", json.dumps(index, indent=2) + "\n")
     return index
 
 

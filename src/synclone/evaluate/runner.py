@@ -18,7 +18,7 @@ from synclone.evaluate.config import EvaluateConfig
 from synclone.models import load_model
 from synclone.models.io import CONFIG, WEIGHTS
 from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, Row, get_probe
-from synclone.util.files import atomic_path, file_sha256
+from synclone.util.files import atomic_path, file_sha256, write_text_atomic
 
 RESULTS = "results.parquet"
 ARTIFACTS = "artifacts.json"
@@ -89,9 +89,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     df = pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS))
     df["n"] = df["n"].astype("Int64")
     _write_table(df, out)
-    (out / ARTIFACTS).write_text(json.dumps(ctx.artifacts) + "\n", encoding="utf-8")
-    (out / "timings.json").write_text(json.dumps({"probes_s": timings, "forward_passes": ctx.forward_passes},
-                                                 indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / ARTIFACTS, json.dumps(ctx.artifacts) + "\n")
+    write_text_atomic(out / "timings.json", json.dumps({"probes_s": timings, "forward_passes": ctx.forward_passes},
+                                                 indent=2) + "\n")
     return df
 
 

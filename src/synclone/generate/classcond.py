@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
-from synclone.util.files import atomic_path, file_sha256
+from synclone.util.files import atomic_path, file_sha256, write_text_atomic
 
 FORMAT = "synclone-classcond"
 FORMAT_VERSION = 1
@@ -311,7 +311,7 @@ def save_classcond(
         "scheduler": ["diffusers", type(scheduler).__name__],
         "unet": ["diffusers", "UNet2DModel"],
     }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -321,7 +321,7 @@ def save_classcond(
         "defaults": defaults or {"num_inference_steps": 10, "guidance_scale": 4.0},
         "training": info or {},
     }
-    (folder / SYNCLONE_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(folder / SYNCLONE_JSON, json.dumps(meta, indent=2) + "\n")
     return folder
 
 

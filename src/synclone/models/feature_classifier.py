@@ -17,7 +17,7 @@ from torch import nn
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.models.backbones import BackboneConfig, ImageEncoder, load_backbone
-from synclone.util.files import atomic_path
+from synclone.util.files import atomic_path, write_text_atomic
 
 FORMAT = "synclone-feature-classifier/1"
 WEIGHTS = "model.safetensors"
@@ -80,7 +80,7 @@ def save_feature_classifier(folder: Path, encoder: ImageEncoder, backbone_cfg: B
     }
     if training:
         cfg["training"] = training
-    (folder / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(folder / CONFIG, json.dumps(cfg, indent=2) + "\n")
     return folder
 
 

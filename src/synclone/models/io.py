@@ -14,7 +14,7 @@ from synclone.labels import LabelSpace
 from synclone.models.backbones import Backbone, BackboneConfig, ImageEncoder, Preprocess, register_backbone_loader
 from synclone.models.classifier import Classifier, create_classifier
 from synclone.models.feature_classifier import is_feature_classifier, load_feature_classifier
-from synclone.util.files import atomic_path
+from synclone.util.files import atomic_path, write_text_atomic
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -30,7 +30,7 @@ def save_model(model: Classifier, folder: str | Path, extra: dict | None = None)
     cfg = model.config()
     if extra:
         cfg["training"] = extra
-    (folder / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(folder / CONFIG, json.dumps(cfg, indent=2) + "\n")
     return folder
 
 

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from synclone.config import StrictModel, apply_overrides, load_yaml, validate
 from synclone.errors import MissingResource, UserError
+from synclone.util.files import write_text_atomic
 
 STAGE_JSON = "stage.json"
 
@@ -229,8 +230,8 @@ class Stage:
         self._run(self.cfg, resume=state == "partial")
         took = time.perf_counter() - t0
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / STAGE_JSON).write_text(json.dumps({"stage": self.name, "hash": self.hash,
-                                                          "seconds": round(took, 1)}) + "\n", encoding="utf-8")
+        write_text_atomic(self.folder / STAGE_JSON, json.dumps({"stage": self.name, "hash": self.hash,
+                                                          "seconds": round(took, 1)}) + "\n")
         return took
 
 

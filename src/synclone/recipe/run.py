@@ -10,6 +10,7 @@ from synclone.config import validate, write_run_info
 from synclone.errors import UserError
 from synclone.recipe.check import check
 from synclone.recipe.plan import Problems, Recipe, disk_estimate, model_folders, plan
+from synclone.util.files import write_text_atomic
 
 
 def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
@@ -47,7 +48,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
     if dry_run:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2), encoding="utf-8")
+    write_text_atomic(out / "recipe.yaml", json.dumps(recipe.model_dump(mode="json"), indent=2))
     write_run_info(out, recipe)
     times = {}
     for s in stages:
@@ -55,7 +56,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
         took = s.run()
         # A stage skipped now still reports the seconds it took when it ran (kept in its stage.json).
         times[s.name] = {"seconds": s.recorded_seconds() if took is None else round(took, 1), "ran": took is not None}
-    (out / "timings.json").write_text(json.dumps(times, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / "timings.json", json.dumps(times, indent=2) + "\n")
     return out / "report.html" if (out / "report.html").is_file() else out
 
 

@@ -101,7 +101,7 @@ def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "sy
     output.mkdir(parents=True, exist_ok=True)
     write_figures(sections, output / FIGURES_DIR)
     html = render_html(title, meta, summary, sections, _version(), len(ev.folders))
-    (output / "report.md").write_text(render_markdown(title, meta, summary, sections, FIGURES_DIR), encoding="utf-8")
+    write_text_atomic(output / "report.md", render_markdown(title, meta, summary, sections, FIGURES_DIR))
     path = output / "report.html"
     write_text_atomic(path, html)  # a browser tab reloading mid-write never sees half a report
     return path

@@ -45,6 +45,7 @@ from synclone.stimuli.images import (
     read_masked_folder,
     save_image,
 )
+from synclone.util.files import write_text_atomic
 
 # The eight ImageNet-9 variants (Xiao et al., 2020), in the order of the released bg_challenge folders.
 IN9_VARIANTS = ("original", "only_fg", "no_fg", "only_bg_b", "only_bg_t", "mixed_same", "mixed_rand", "mixed_next")
@@ -170,7 +171,7 @@ def build_background_probe(images, masks, labels, out_dir: str | Path, class_nam
             "backgrounds": "textures by class (label mod number of textures)" if backgrounds is not None else "own",
             "reference": "Xiao, Engstrom, Ilyas & Madry, Noise or Signal: The Role of Image Backgrounds in Object "
                          "Recognition, ICLR 2021"}
-    (out / "probe.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    write_text_atomic(out / "probe.json", json.dumps(info, indent=2))
     return meta
 
 

@@ -33,6 +33,7 @@ from synclone.stimuli.images import (
     read_masked_folder,
     save_image,
 )
+from synclone.util.files import write_text_atomic
 
 MIN_PATCH = 3  # a texture patch narrower than this is a few flat pixels, not a texture
 
@@ -112,7 +113,7 @@ def build_cue_conflict_probe(shape_images, shape_masks, shape_labels, texture_im
             "label_space": space.to_dict(), "n_images": len(meta), "per_pair": per_pair, "seed": int(seed),
             "background": background,
             "reference": "Geirhos et al., ImageNet-trained CNNs are biased towards texture, ICLR 2019"}
-    (out / "probe.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    write_text_atomic(out / "probe.json", json.dumps(info, indent=2))
     return meta
 
 

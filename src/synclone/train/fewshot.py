@@ -23,6 +23,7 @@ from synclone.errors import UserError
 from synclone.models import load_model
 from synclone.train.config import TrainConfig
 from synclone.train.loop import _first_diff, predict, train
+from synclone.util.files import write_text_atomic
 
 RESULT = "fewshot.json"
 SEED_RESULT = "fewshot_eval.json"
@@ -103,7 +104,7 @@ def fewshot(cfg: TrainConfig, shots: int, seeds: list[int], eval_data: str = "fa
         },
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULT).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / RESULT, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -140,5 +141,5 @@ def _evaluate(run: Path, scfg: TrainConfig, test: TensorImageSet, eval_data: str
         "total_steps": metrics["total_steps"],
     }
     rec = {"budget_key": scfg.budget_key(), "eval_data": eval_data, "select": select, "result": result}
-    (run / SEED_RESULT).write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(run / SEED_RESULT, json.dumps(rec, indent=2) + "\n")
     return result

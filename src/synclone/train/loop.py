@@ -26,7 +26,7 @@ from synclone.errors import UserError
 from synclone.models import create_classifier, load_model, save_model
 from synclone.train.batches import CyclingSampler, augment
 from synclone.train.config import TrainConfig
-from synclone.util.files import atomic_path
+from synclone.util.files import atomic_path, write_text_atomic
 from synclone.util.seeds import mix_seed
 
 CKPT = "checkpoints/last.pt"
@@ -292,7 +292,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
                    "selection_rule": "highest validation top-1; ties broken by the lower validation loss",
                    "validation": src.val_desc, "history": history,
                    "train_images": n_train, "data": _data_record(src), "processes": world}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     accelerator.end_training()
     return out / "model"
 

@@ -34,6 +34,7 @@ from synclone.models.feature_classifier import LinearHead, save_feature_classifi
 from synclone.train.clip_zeroshot import zeroshot_logits, zeroshot_weights
 from synclone.train.features import FeatureSet, cached_features, check_finite, default_feature_cache
 from synclone.train.heads import GridResult, HeadGridConfig, train_head_grid
+from synclone.util.files import write_text_atomic
 
 FORMAT = "synclone-feature-classifier/1"
 WEIGHTS = "model.safetensors"
@@ -229,8 +230,8 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
         training={"mode": mode, "selection": grid.to_dict(), "metrics": metrics, "cache_hits": cache_hits,
                   "heads": heads_cfg.model_dump(mode="json"), "train_dataset": f_train.dataset,
                   "templates": getattr(cfg, "templates", None)})
-    (folder / RESULTS).write_text(json.dumps({"metrics": metrics, "selection": grid.to_dict(),
-                                              "cache_hits": cache_hits}, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(folder / RESULTS, json.dumps({"metrics": metrics, "selection": grid.to_dict(),
+                                              "cache_hits": cache_hits}, indent=2) + "\n")
     write_run_info(folder, cfg, command=f"synclone.train.probe.{mode}")
     return ProbeResult(folder, grid, metrics, cache_hits)
 
