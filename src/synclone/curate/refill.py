@@ -115,7 +115,6 @@ def _source_info(source: Path) -> dict:
 
 def load_generate_config(rc: RefillConfig, source: Path, info: dict, space: LabelSpace):
     """The validated config that made the source (``extend`` unset); its classes must be the source's, in order."""
-
     if rc.generate_config is None:
         path = source / "config.yaml"
         if not path.is_file():
@@ -140,7 +139,6 @@ def load_generate_config(rc: RefillConfig, source: Path, info: dict, space: Labe
 
 
 def _generate_classes(gen) -> list[str]:
-
     backend = None
     if gen.labels is None:  # the generator's own classes (classcond): ask the backend, without loading weights
 
@@ -152,14 +150,12 @@ def _generate_classes(gen) -> list[str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-
     write_json_atomic(path, data)
 
 
 @dataclass
 class RefillState:
     """``<output>/refill/refill.json``: who the rounds belong to and every round made or started."""
-
     root: Path
     source: dict
     fingerprint: str
@@ -232,7 +228,6 @@ class Refill:
                            "classes": list(space.classes)}
 
     def round_config(self, rnd: dict, root: Path):
-
         data = self.gen.model_dump(mode="json")
         data.update(output=str(root / rnd["folder"]), progress=self.cfg.progress,
                     extend={c: {"start": s, "count": n} for c, (s, n) in rnd["ranges"].items()})

@@ -79,7 +79,6 @@ def templates_key(templates: Sequence[Callable[[str], str]]) -> list[str]:
 
 class Scorer:
     """Base class. Subclasses set ``has_text`` and implement ``_spec``, ``_load`` and ``_encode_images``."""
-
     kind = "base"
     has_text = False
 
@@ -370,11 +369,9 @@ class TeacherScorer(Scorer):
     """
 
     def _config(self) -> dict:
-
         return read_model_config(self.cfg.model)
 
     def _spec(self, files: FileKeys) -> dict:
-
         self._config()  # validates the folder
         folder = Path(self.cfg.model)
         return {"config": _file_identity(files, folder / CONFIG), "weights": _file_identity(files, folder / WEIGHTS)}
@@ -383,7 +380,6 @@ class TeacherScorer(Scorer):
         return LabelSpace.from_dict(self._config()["label_space"])
 
     def _load(self) -> None:
-
         self.model = load_model(self.cfg.model, device=self.device)
         self.input_size = tuple(self.model.input_size)
 

@@ -58,7 +58,6 @@ def load_digits_ood(like: TensorImageSet | None = None) -> TensorImageSet:
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles plain numpy arrays and nothing else: the file is third-party, so no arbitrary code."""
-
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                ("numpy._core.multiarray", "scalar")}

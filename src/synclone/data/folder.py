@@ -39,7 +39,6 @@ _CORE_KEYS = ("file_name", "label", "class_name", "id")
 @dataclass
 class ImageRecord:
     """One image of a dataset folder: a stable id, its file, its label and the rest of its metadata."""
-
     id: str
     path: Path  # absolute
     label: int
@@ -213,7 +212,6 @@ def load_image_folder_tensors(path: str | Path, label_space: LabelSpace | None =
     Unreadable images are skipped with a warning (their ids are in ``.extra["skipped"]``).
     Meant for small images (28x28 to 64x64): the whole set lives in memory as uint8.
     """
-
     records, space = read_dataset_folder(path, split)
     target = label_space or space
     remap = [target.index(c) for c in space.classes] if label_space is not None else list(range(len(space)))

@@ -72,7 +72,6 @@ _HINTS = (
 
 
 def _read(name: str) -> dict:
-
     return read_data_file(f"labelspaces/{name}")
 
 
@@ -109,7 +108,6 @@ def imagenet_a_indices() -> np.ndarray:
 @dataclass(frozen=True)
 class ObjectNetClass:
     """One of the 113 ObjectNet classes with ImageNet counterparts: its folder, label and ImageNet indices."""
-
     folder: str
     label: str
     indices: tuple[int, ...]
@@ -123,7 +121,6 @@ class ObjectNetClass:
 @dataclass(frozen=True)
 class ObjectNetTable:
     """ObjectNet's 313 folders and the 113 classes that map to ImageNet-1k."""
-
     folders: dict[str, str]
     classes: tuple[ObjectNetClass, ...]
 

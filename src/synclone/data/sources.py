@@ -25,7 +25,6 @@ def resolve_dataset(spec: str, split: str = "train", data_root: str | None = Non
     class folders, or ``LAYOUT:PATH`` such as ``imagenet-val:/data/imagenet/val``) always stream, with the
     ImageNet-1k label space, at ``image_size`` or 224.
     """
-
     name, _, rest = spec.partition(":")
     if name in BUILTIN:
         if image_size is not None:
@@ -49,7 +48,6 @@ def resolve_dataset(spec: str, split: str = "train", data_root: str | None = Non
 
 def _imagenet_layout(path: Path, split: str) -> str | None:
     """The ImageNet-family layout of a folder that is not a synclone dataset folder (None otherwise)."""
-
     if (path / split / "metadata.jsonl").is_file() or (path / "metadata.jsonl").is_file():
         return None  # a synclone dataset folder (e.g. an ImageNet clone): its own metadata names the labels
     return detect_layout(path)
@@ -60,7 +58,6 @@ def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelS
     ``image_size`` (3 channels); labels in the folder's own space, or re-indexed into ``label_space`` (every
     class of the folder must be in it). ImageNet-family folders go through ``load_imagenet_set`` instead.
     """
-
     size = (3, int(image_size), int(image_size))
     records, space = read_dataset_folder(path, split)
     if not records:

@@ -15,7 +15,6 @@ DEFAULT_PROBES = {"clean": {}, "calibration": {}}
 
 class EvaluateConfig(StrictModel):
     """Everything ``synclone evaluate`` needs; load from YAML with dotted overrides."""
-
     output: str = "runs/eval"
     models: dict[str, str] = Field(default_factory=dict, description="display name -> synclone model folder")
     data: str = Field("fashion_mnist:test", description="the clean (in-distribution) test set")
@@ -31,7 +30,6 @@ class EvaluateConfig(StrictModel):
 
     def probe_settings(self) -> list[tuple[str, Any]]:
         """(name, validated settings) per probe, in config order; unknown probes or keys name themselves."""
-
         out = []
         for name, raw in self.probes.items():
             spec = get_probe(name)

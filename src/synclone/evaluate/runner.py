@@ -26,7 +26,6 @@ ARTIFACTS = "artifacts.json"
 
 def load_entry(name: str, folder: str | Path, device: str = "cpu") -> ModelEntry:
     """Load a model folder for evaluation; the fingerprint hashes its weights and config."""
-
     folder = Path(folder)
     module = load_model(folder, device=device)
     fp = file_sha256(folder / WEIGHTS)[:16] + file_sha256(folder / CONFIG)[:8]

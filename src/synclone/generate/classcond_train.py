@@ -45,7 +45,6 @@ CKPT_JSON = "training_state.json"
 
 class GeneratorModelConfig(StrictModel):
     """The UNet's shape and the pixel folding."""
-
     block_out_channels: list[int] = Field(default_factory=lambda: [48, 96, 96])
     layers_per_block: int = Field(1, ge=1)
     attention_in_lowest: bool = True
@@ -55,7 +54,6 @@ class GeneratorModelConfig(StrictModel):
 
 class GeneratorOptimConfig(StrictModel):
     """Optimisation and diffusion-training settings."""
-
     steps: int = Field(2000, ge=1, description="optimiser steps in total (a resumed run counts from its checkpoint)")
     max_minutes: float | None = Field(None, gt=0, description="stop (and export) after this much training time")
     batch_size: int = Field(64, ge=1)
@@ -75,14 +73,12 @@ class GeneratorOptimConfig(StrictModel):
 
 class GeneratorSampleConfig(StrictModel):
     """Sampling defaults stored with the generator."""
-
     num_inference_steps: int = Field(10, ge=1)
     guidance_scale: float = Field(4.0, ge=0)
 
 
 class GeneratorTrainConfig(StrictModel):
     """``synclone generator train CONFIG``: train a class-conditional generator on a real dataset."""
-
     dataset: Literal["fashion_mnist"] = "fashion_mnist"
     data_root: str | None = None
     split: Literal["train", "test"] = "train"

@@ -41,7 +41,6 @@ class GeneratorConfig(StrictModel):
     ``options`` are backend-specific and checked against the backend's options model (e.g. img2img:
     ``references`` folder and ``strength``).
     """
-
     backend: str = "diffusers"
     model: str | None = None
     revision: str | None = None
@@ -58,21 +57,18 @@ class GeneratorConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_options(self) -> GeneratorConfig:
-
         backend_options(self)
         return self
 
 
 class ImageRange(StrictModel):
     """Images ``start .. start + count - 1`` of one class; image ``k`` of class ``label`` has id ``k * C + label``."""
-
     start: int = Field(ge=0)
     count: int = Field(ge=0)
 
 
 class GenerateConfig(StrictModel):
     """Everything that determines a generated dataset (``output`` only says where it goes)."""
-
     labels: str | list[str] | None = None  # None: the generator's own label space (classcond)
     prompts: PromptConfig = PromptConfig()
     generator: GeneratorConfig = GeneratorConfig()

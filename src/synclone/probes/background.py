@@ -103,7 +103,6 @@ def bg_gap(acc_mixed_same: float, acc_mixed_rand: float) -> float:
 @dataclass
 class BackgroundResult:
     """Accuracy per variant (fractions), the number of images per variant, and the BG-gap (NaN if not measured)."""
-
     accuracy: dict[str, float]
     n: dict[str, int]
     bg_gap: float = float("nan")
@@ -191,7 +190,6 @@ class BackgroundSettings(FolderOrBuild):
     window of ``texture_scale`` of the texture's side per image) and every variant is made from them.
     ``max_images`` caps the images read per variant of a folder (seeded).
     """
-
     variants: list[str] = Field(default_factory=lambda: list(IN9_VARIANTS))
     per_class: int = Field(default=20, ge=2)
     textures: list[str] = Field(default_factory=lambda: ["brick", "grass", "gravel"])

@@ -41,7 +41,6 @@ class Row:
     ``convention`` names the choices that change the number (bins, positive class, baseline, eps
     norm, class subset...), so rows from different settings are never compared by accident.
     """
-
     model: str
     probe: str
     dataset: str
@@ -60,7 +59,6 @@ class Row:
 @dataclass
 class ModelEntry:
     """A model under evaluation: its display name, folder and a hash of its weights."""
-
     name: str
     path: Path
     module: torch.nn.Module

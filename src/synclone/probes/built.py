@@ -47,7 +47,6 @@ BUILD_RECORD = "build.json"
 
 class FolderOrBuild(StrictModel):
     """``folder`` (a probe in the published layout) or ``build`` (make one from the clean set); not both."""
-
     folder: str | None = None
     build: bool | None = None  # None: build when no folder is given
 
@@ -67,7 +66,6 @@ class FolderOrBuild(StrictModel):
 
 def class_index(space: LabelSpace) -> dict[str, int]:
     """Class names, slugs, lower-cased and slugified names of ``space`` -> index (to read folder and file names)."""
-
     out = class_lookup(space)
     for i, name in enumerate(space.classes):
         out.setdefault(slugify(name), i)
@@ -88,7 +86,6 @@ def masked_sources(ctx: EvalContext, per_class: int, seed: int, threshold: float
 
     Images whose mask is empty (nothing brighter than ``threshold``) are dropped: they have no shape to use.
     """
-
     data = ctx.clean
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     picks = [order[data.labels[order] == c][:per_class] for c in range(len(data.label_space))]

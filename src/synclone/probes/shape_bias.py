@@ -99,7 +99,6 @@ def imagenet16_decision(probs1000, aggregation: str = "mean", *, from_logits: bo
 @dataclass
 class ShapeBiasResult:
     """Shape bias of one model on one cue-conflict set; ``per_category`` has one row per shape category."""
-
     shape_bias: float
     shape_fraction: float
     texture_fraction: float
@@ -316,7 +315,6 @@ class ShapeBiasSettings(FolderOrBuild):
     evaluated (seeded). ``aggregation`` is how a 1000-class model's probabilities form the 16 categories'
     scores; model-vs-human uses the mean (a sum favours categories with many ImageNet classes).
     """
-
     per_class: int = Field(default=20, ge=1)
     per_pair: int = Field(default=2, ge=1)
     max_images: int | None = Field(default=None, ge=1)

@@ -26,7 +26,6 @@ FALLBACK_TEMPLATE = "a photo of a {c}."
 @register_strategy
 class Captions(PromptStrategy):
     """Sentences about each class written by a seq2seq language model."""
-
     name = "captions"
 
     class Options(StrictModel):

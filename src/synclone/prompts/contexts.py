@@ -88,7 +88,6 @@ class Contexts(PromptStrategy):
     class), and image ``k`` takes entry ``k`` in turn (balanced over the 8 common/uncommon patterns)
     or one at random.
     """
-
     name = "contexts"
 
     class Options(StrictModel):

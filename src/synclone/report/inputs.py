@@ -55,7 +55,6 @@ class TrainRun:
 
 def _grid_png(records, space, mask, examples: int, thumb: int, captions: bool, reasons=None) -> bytes | None:
     """PNG bytes of a per-class sample grid of ``records[mask]`` (None when the mask is empty)."""
-
     table = pd.DataFrame({"label": [r.label for r in records], "path": [str(r.path) for r in records],
                           "drop_reason": reasons if reasons is not None else [None] * len(records)})
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +66,6 @@ def _grid_png(records, space, mask, examples: int, thumb: int, captions: bool, r
 
 def read_curation(path: str | Path, examples: int = 8, thumb: int = 48) -> CurationInfo:
     """Counts per class and sample grids of kept and dropped images of a curated dataset folder."""
-
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"curation folder '{folder}' does not exist; pass the output folder of synclone curate")
@@ -97,7 +95,6 @@ def read_curation(path: str | Path, examples: int = 8, thumb: int = 48) -> Curat
 
 def read_dataset(path: str | Path, examples: int = 8, thumb: int = 48) -> DatasetInfo:
     """Image and class counts and a per-class sample grid of a (generated) dataset folder."""
-
     folder = Path(path)
     records, space = read_dataset_folder(folder)  # raises UserError for a missing or empty folder
     png = _grid_png(records, space, [True] * len(records), examples, thumb, captions=False)

@@ -76,13 +76,11 @@ class _ProbeConfig(StrictModel):
 
 class TuningHeadsConfig(HeadGridConfig):
     """The head grid of classifier tuning: as a linear probe's, but started from the zero-shot weights."""
-
     init: Literal["zeroshot", "zeros", "random"] = "zeroshot"
 
 
 class ClassifierTuningConfig(_ProbeConfig):
     """CLIP classifier tuning: the head grid starts from the zero-shot text weights."""
-
     heads: TuningHeadsConfig = Field(default_factory=TuningHeadsConfig)
     # A template-set name (openai_imagenet, simple_imagenet, photo, classname) or a list of '{}' strings.
     templates: str | list[str] = "openai_imagenet"
@@ -90,14 +88,12 @@ class ClassifierTuningConfig(_ProbeConfig):
 
 class LinearProbeConfig(_ProbeConfig):
     """Linear probe of any frozen backbone: the head grid starts from zeros (or small random values)."""
-
     heads: HeadGridConfig = Field(default_factory=HeadGridConfig)
 
 
 @dataclass
 class ProbeResult:
     """What a run produced: the model folder, the grid's record and the headline numbers."""
-
     folder: Path
     grid: GridResult
     metrics: dict[str, Any]
@@ -111,7 +107,6 @@ def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, 
     """Load, split and subset the data the way the supervised loop does (synclone.train.loop.load_sources):
     the validation split is held out from the whole training source first, then the per-class budget is
     taken from the rest, so probe and supervised runs of the same config see the same images."""
-
     d = cfg.data
     if train is None:
         specs = [d.train] if isinstance(d.train, str) else list(d.train)

@@ -91,7 +91,6 @@ class CorruptionSettings(StrictModel):
     published ImageNet-C errors; needs all five severities), or ``None``: AlexNet for an ImageNet-1k label space
     evaluated on all five severities, else the first model of the suite.
     """
-
     names: list[str] = Field(default_factory=lambda: list(CORRUPTIONS))
     severities: list[int] = Field(default_factory=lambda: list(SEVERITIES))
     max_images: int | None = Field(default=1000, ge=1)
@@ -167,7 +166,6 @@ class _Corrupted:
 
 
 def _imagenet1k(space) -> bool:
-
     return tuple(space.classes) == imagenet1k_space().classes
 
 
@@ -363,7 +361,6 @@ class _CorruptionFolder:
 
 
 def _folder_lookup(space) -> dict[str, int]:
-
     lookup = class_lookup(space)
     if _imagenet1k(space):  # ImageNet-C names class folders by WordNet id
         for i, wnid in enumerate(read_data_file("labelspaces/imagenet1k.json")["wnids"]):
