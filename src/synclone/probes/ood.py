@@ -232,12 +232,13 @@ def ood_metrics(scores_id, scores_ood, *, positive: str = "ood", tpr: float = 0.
     }
 
 
-SCORES = ("msp", "max_logit", "energy", "entropy")
+# The probe's score names ("entropy" is the negative entropy of :func:`neg_entropy`).
+PROBE_SCORES = ("msp", "max_logit", "energy", "entropy")
 
 
 class OODSettings(StrictModel):
     datasets: list[str] = Field(default_factory=lambda: ["digits", "animal_shapes", "uniform_noise", "gaussian_noise"])
-    scores: list[str] = Field(default_factory=lambda: list(SCORES))
+    scores: list[str] = Field(default_factory=lambda: list(PROBE_SCORES))
     max_images: int | None = Field(2000, ge=1, description="cap per OOD set (seeded subset)")
     tpr: float = Field(0.95, gt=0, lt=1)
 
@@ -245,9 +246,9 @@ class OODSettings(StrictModel):
 @register_probe("ood", OODSettings)
 def ood_probe(ctx: EvalContext, s: OODSettings) -> list[Row]:
     """OOD detection: the clean test set is in-distribution, each listed set is OOD; one row per score x metric."""
-    bad = [x for x in s.scores if x not in SCORES]
+    bad = [x for x in s.scores if x not in PROBE_SCORES]
     if bad:
-        raise UserError(f"probes.ood.scores: unknown score(s) {', '.join(bad)}; choose from {', '.join(SCORES)}")
+        raise UserError(f"probes.ood.scores: unknown score(s) {', '.join(bad)}; choose from {', '.join(PROBE_SCORES)}")
     rows = []
     for spec in s.datasets:
         ood = ctx.cap(ctx.dataset(spec, "test"), s.max_images)
