@@ -23,8 +23,7 @@ import torch
 from PIL import Image
 
 from synclone.errors import UserError
-from synclone.probes import corruption_kernels as kernels
-from synclone.probes import corruption_ops as ops
+from synclone.probes.corruptions import kernels, ops
 from synclone.probes.corruptions.engine import (
     ALL_CORRUPTIONS,
     CORRUPTIONS,
