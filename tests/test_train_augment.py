@@ -146,6 +146,7 @@ def _kill_and_resume(cfg: TrainConfig, tmp_path: Path, kill_at: int, ckpt_step: 
     assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
 
 
+@pytest.mark.slow  # ~25 s alone, a minute on a loaded machine: two runs and a killed subprocess
 def test_mixup_cutmix_run_killed_and_resumed_equals_uninterrupted(tmp_path):
     """In memory (the batched simple preset) with Mixup and CutMix on: kill -9 at step 17, resume from 14."""
     cfg = TrainConfig.model_validate({

@@ -66,7 +66,8 @@ class OptimConfig(StrictModel):
     epochs: int = Field(4, ge=1)
     steps: int | None = Field(None, ge=1, description="total steps; overrides epochs (equal budgets across runs)")
     batch_size: int = Field(128, ge=1)
-    sched: str = "cosine"
+    sched: str = Field("cosine", description="a timm schedule (cosine, step, poly, ...) or cyclic (FFCV's: linear "
+                       "warm-up from 1e-4 x lr, then linear to 0)")
     warmup_steps: int = Field(100, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)

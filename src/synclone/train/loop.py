@@ -183,9 +183,17 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     eval_every = cfg.eval_every or max(steps_per_epoch, total_steps // 50)
     optimizer = timm.optim.create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
     # Steps are the scheduler's "epochs": the schedule then depends on the step budget alone.
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=o.sched, num_epochs=total_steps, warmup_epochs=min(o.warmup_steps, total_steps // 2),
-        warmup_lr=o.lr * 0.01, min_lr=o.lr * 0.01)
+    if o.sched == "cyclic":
+        # FFCV's (and Bansal & Grover's) "cyclic" schedule: linear from 1e-4 x lr to lr over the warm-up, then
+        # linear to 0 at the last step; timm's poly schedule with power 1 is exactly that.
+        warm = min(o.warmup_steps, total_steps // 2)
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched="poly", decay_rate=1.0, num_epochs=total_steps - warm, warmup_epochs=warm,
+            warmup_prefix=True, warmup_lr=o.lr * 1e-4, min_lr=0.0)
+    else:
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=o.sched, num_epochs=total_steps, warmup_epochs=min(o.warmup_steps, total_steps // 2),
+            warmup_lr=o.lr * 0.01, min_lr=o.lr * 0.01)
 
     step, best_val, best_loss, best_step, history = 0, -1.0, float("inf"), -1, []
     if state is not None:
