@@ -231,3 +231,26 @@ def test_bad_settings_are_clear(tmp_path):
         resolve(AugConfig(label_smoothing=0.1), 0.2)
     with pytest.raises(UserError, match="per-image preset"):
         resolve(AugConfig(auto_augment="rand-m9-mstd0.5"))
+
+
+def test_cyclic_schedule_is_ffcvs(tmp_path, monkeypatch):
+    """optim.sched=cyclic: linear from 1e-4 x lr to lr over the warm-up, then linear to 0 at the last step
+    (FFCV's get_cyclic_lr, which Bansal & Grover's code uses), stepped per step."""
+    import timm.scheduler
+
+    made = []
+    real = timm.scheduler.create_scheduler_v2
+
+    def capture(*a, **k):
+        out = real(*a, **k)
+        made.append(out[0])
+        return out
+
+    monkeypatch.setattr(timm.scheduler, "create_scheduler_v2", capture)
+    cfg = TrainConfig.model_validate({
+        "output": str(tmp_path / "c"), "threads": 1, "model": {"arch": "synclone_cnn_tiny"},
+        "data": {"real_per_class": 3, "val_max": 10},
+        "optim": {"steps": 10, "batch_size": 8, "warmup_steps": 3, "lr": 0.5, "sched": "cyclic", "opt": "momentum"}})
+    train(cfg, progress=False)
+    lrs = [made[0]._get_lr(t)[0] for t in range(11)]
+    assert np.allclose(lrs, np.interp(np.arange(11), [0, 3, 10], [0.5e-4, 0.5, 0.0]), rtol=0, atol=1e-12)
