@@ -102,17 +102,21 @@ def resolve(aug: AugConfig, optim_label_smoothing: float = 0.0) -> Aug:
 def timm_kwargs(aug: Aug, size: int) -> dict:
     """The ``timm.data.create_transform`` arguments of a per-image preset at ``size``.
 
-    Normalisation by mean 0 / std 1 keeps pixels in [0, 1] (synclone models normalise inside) while keeping
-    timm's float output and its random erasing, which timm drops when ``normalize=False``.
+    Without random erasing the transform ends in uint8 pixels (``normalize=False``): a quarter of the bytes
+    through the workers' shared memory, and the loop scales them to [0, 1] (synclone models normalise
+    inside). Random erasing needs timm's float output, which normalisation by mean 0 / std 1 keeps in [0, 1].
     """
-    return {"input_size": (3, size, size), "is_training": True, "scale": aug.rrc_scale, "ratio": aug.rrc_ratio,
-            "hflip": 0.5 if aug.hflip else 0.0, "color_jitter": aug.color_jitter or None,
-            "auto_augment": aug.auto_augment, "interpolation": aug.interpolation, "re_prob": aug.re_prob,
-            "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    kw = {"input_size": (3, size, size), "is_training": True, "scale": aug.rrc_scale, "ratio": aug.rrc_ratio,
+          "hflip": 0.5 if aug.hflip else 0.0, "color_jitter": aug.color_jitter or None,
+          "auto_augment": aug.auto_augment, "interpolation": aug.interpolation, "re_prob": aug.re_prob}
+    if aug.re_prob > 0:
+        return {**kw, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    return {**kw, "normalize": False}
 
 
 def build_transform(aug: Aug, size: int):
-    """timm's training transform (PIL image in, float tensor in [0, 1] out) for a per-image preset."""
+    """timm's training transform for a per-image preset: PIL image in, uint8 tensor out (float in [0, 1] with
+    random erasing)."""
     import timm.data
 
     try:
