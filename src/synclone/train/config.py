@@ -38,7 +38,7 @@ class DataConfig(StrictModel):
         "count, at most 8; 0 decodes in the training process)")
     prefetch: int = Field(4, ge=1, description="batches each worker prepares ahead")
     decoder: Literal["auto", "pillow", "torchvision"] = Field(
-        "auto", description="JPEG decoder: torchvision.io.decode_jpeg when available, Pillow otherwise")
+        "auto", description="JPEG decoder: auto/pillow (Pillow, with draft mode), torchvision (decode_jpeg)")
     max_bad_images: float = Field(
         0.001, ge=0, description="unreadable images skipped before training stops: a count (>= 1) or a share "
         "of the training images (< 1)")
