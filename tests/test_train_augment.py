@@ -258,3 +258,15 @@ def test_cyclic_schedule_is_ffcvs(tmp_path, monkeypatch):
     train(cfg, progress=False)
     lrs = [made[0]._get_lr(t)[0] for t in range(11)]
     assert np.allclose(lrs, np.interp(np.arange(11), [0, 3, 10], [0.5e-4, 0.5, 0.0]), rtol=0, atol=1e-12)
+
+
+def test_batches_do_not_depend_on_the_worker_count(png_set):
+    aug = resolve(AugConfig(preset="imagenet_resnet", auto_augment="rand-m9-mstd0.5"))
+    runs = []
+    for workers in (0, 2):
+        items = TrainItems([png_set], aug, seed=1, size=32, total_steps=4)
+        batches = StepBatches([CyclingSampler(len(png_set), 6, 1, 0)], 1, 4)  # resumed at step 1
+        runs.append([(x, y) for x, y, _, _ in make_loader(items, batches, workers, 2, pin_memory=False)])
+    assert len(runs[0]) == len(runs[1]) == 3
+    for (xa, ya), (xb, yb) in zip(*runs, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
