@@ -162,6 +162,21 @@ def curate(args: ArgsT = None) -> None:
     _done(run_curate(_load(CurateConfig, args)))
 
 
+@app.command()
+def shard(
+    folder: Annotated[str, typer.Argument(help="dataset folder (synclone, <class>/<image>, or an ImageNet layout)")],
+    output: Annotated[str | None, typer.Option(help="shard folder (default: FOLDER-shards)")] = None,
+    shard_size: Annotated[str, typer.Option(help="largest shard, e.g. 1GB, 500MB")] = "1GB",
+    split: Annotated[str, typer.Option(help="split of a synclone dataset folder")] = "train",
+) -> None:
+    """Pack a dataset folder into webdataset tar shards (for network filesystems and object stores); train on
+    them with data.real=SHARD_FOLDER."""
+    from synclone.data.sources import shard_dataset
+
+    out = output or f"{str(folder).rstrip('/')}-shards"
+    _done(shard_dataset(folder, out, shard_size, split))
+
+
 @generator_app.command("train")
 def generator_train(args: ArgsT = None, quiet: bool = False) -> None:
     """Train the small class-conditional pixel-space diffusion generator (resumable)."""

@@ -8,6 +8,7 @@ from synclone.data.fashion_mnist import load_fashion_mnist
 from synclone.data.folder import load_image_folder_tensors, read_dataset_folder
 from synclone.data.imagenet import LAYOUTS, detect_layout, load_imagenet_set
 from synclone.data.imageset import ImageSet
+from synclone.data.shards import ShardImageSet, is_shard_folder, parse_size, write_shards
 from synclone.data.streaming import FileImageSet
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
@@ -31,6 +32,9 @@ def resolve_dataset(spec: str, split: str = "train", data_root: str | None = Non
             raise UserError(f"data.image_size applies to folders, not to the built-in '{name}'; remove it")
         return BUILTIN[name](rest or split, data_root=data_root)
     path, layout = (Path(rest), name) if name in LAYOUTS and rest else (Path(spec), None)
+    if path.is_dir() and layout is None and is_shard_folder(path):
+        size = int(image_size or 224)
+        return ShardImageSet(path, (3, size, size))
     if path.is_dir():
         layout = layout or _imagenet_layout(path, split)
         if layout is not None:
@@ -66,3 +70,15 @@ def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelS
     remap = [target.index(c) for c in space.classes] if label_space is not None else list(range(len(space)))
     return FileImageSet([r.path for r in records], [remap[r.label] for r in records], target, path.name,
                         input_size=size, source=str(path))
+
+
+def shard_dataset(folder: str | Path, output: str | Path, shard_size: str | int = "1GB", split: str = "train") -> Path:
+    """Pack a dataset folder (synclone, plain class folders, or an ImageNet layout) into webdataset shards of at
+    most ``shard_size`` (``1GB``, ``500MB``); labels in the folder's label space, the files' bytes unchanged."""
+    size = parse_size(shard_size)
+    ds = resolve_dataset(str(folder), split, image_size=224)
+    if not isinstance(ds, FileImageSet):
+        raise UserError(f"'{folder}' is not a folder of image files; synclone shard packs dataset folders")
+    root = Path(folder)
+    ids = [p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p in ds.paths]
+    return write_shards(ds.paths, ds.labels.tolist(), ids, ds.label_space, output, size, source=str(folder))

@@ -358,9 +358,13 @@ def _n_classes(labels: Any) -> int:
 def _train_estimate(cfg: Any) -> float:
     """Seconds on a 2-core CPU, roughly: synclone_cnn_small trains ~2.5k 28x28 images/s there; other
     (ImageNet-sized) architectures ~8 images/s at 224x224 (a ResNet-50 step costs ~12 GFLOPs per image)."""
-    steps = cfg.optim.steps or cfg.optim.epochs * 60000 // cfg.optim.batch_size
-    side = cfg.data.image_size or (28 if cfg.model.arch.startswith("synclone_cnn") else 224)
-    rate = 2500.0 * 28**2 / side**2 if cfg.model.arch.startswith("synclone_cnn") else 8.0 * 224**2 / side**2
+    small = cfg.model.arch.startswith("synclone_cnn")
+    # An epoch's size is unknown before the data exists: Fashion-MNIST's 60k for the small CNNs, ImageNet's
+    # 1.28M per training source for the ImageNet-sized architectures.
+    per_epoch = 60000 if small else 1_281_167 * sum(x is not None for x in (cfg.data.real, cfg.data.synthetic))
+    steps = cfg.optim.steps or cfg.optim.epochs * per_epoch // cfg.optim.batch_size
+    side = cfg.aug.train_size or cfg.data.image_size or (28 if small else 224)
+    rate = 2500.0 * 28**2 / side**2 if small else 8.0 * 224**2 / side**2
     return steps * cfg.optim.batch_size / rate
 
 

@@ -53,3 +53,30 @@ def augment(x: torch.Tensor, step_seed: int, hflip: bool, crop_pad: int) -> torc
         flip = torch.rand(b, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x.contiguous()
+
+
+class ShardLocalSampler(CyclingSampler):
+    """A :class:`CyclingSampler` whose passes stay local to a few shards at a time (sharded tar datasets).
+
+    Each epoch's order is still a seeded permutation of every image (each seen once): shards are visited in
+    a seeded random order, and the images of every ``window`` consecutive shards are shuffled together, so
+    a reader streams a handful of shards at once instead of seeking across all of them.
+    """
+
+    def __init__(self, groups: torch.Tensor, per_step: int, seed: int, source_id: int, window: int = 4) -> None:
+        super().__init__(len(groups), per_step, seed, source_id)
+        self.groups, self.window = groups.long(), max(1, window)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.source_id, epoch, 0x5A4D))
+            ids = self.groups.unique()
+            shard_order = ids[torch.randperm(len(ids), generator=g)]
+            parts = []
+            for start in range(0, len(shard_order), self.window):
+                members = torch.isin(self.groups, shard_order[start:start + self.window]).nonzero().flatten()
+                parts.append(members[torch.randperm(len(members), generator=g)])
+            self._perms[epoch] = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+        return self._perms[epoch]

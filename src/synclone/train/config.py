@@ -33,6 +33,15 @@ class DataConfig(StrictModel):
     image_size: int | None = Field(
         None, ge=8, description="stream folders from disk at this size (resize + centre crop) instead of loading "
         "them into memory: ImageNet-sized data")
+    workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes decoding streamed images (default: from the CPU "
+        "count, at most 8; 0 decodes in the training process)")
+    prefetch: int = Field(4, ge=1, description="batches each worker prepares ahead")
+    decoder: Literal["auto", "pillow", "torchvision"] = Field(
+        "auto", description="JPEG decoder: auto/pillow (Pillow, with draft mode), torchvision (decode_jpeg)")
+    max_bad_images: float = Field(
+        0.001, ge=0, description="unreadable images skipped before training stops: a count (>= 1) or a share "
+        "of the training images (< 1)")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -57,15 +66,57 @@ class OptimConfig(StrictModel):
     epochs: int = Field(4, ge=1)
     steps: int | None = Field(None, ge=1, description="total steps; overrides epochs (equal budgets across runs)")
     batch_size: int = Field(128, ge=1)
-    sched: str = "cosine"
+    sched: str = Field("cosine", description="a timm schedule (cosine, step, poly, ...) or cyclic (FFCV's: linear "
+                       "warm-up from 1e-4 x lr, then linear to 0)")
     warmup_steps: int = Field(100, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
 
 
+class ProgressiveConfig(StrictModel):
+    """Progressive resizing as FFCV's ResNet recipes: ``min_res`` until ``start_ramp``, then a linear ramp (in
+    steps of 32 px) to ``max_res`` at ``end_ramp``; ramps are fractions of the run's steps."""
+
+    min_res: int = Field(160, ge=8)
+    max_res: int = Field(192, ge=8)
+    start_ramp: float = Field(65 / 88, ge=0, le=1)
+    end_ramp: float = Field(76 / 88, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ProgressiveConfig:
+        if self.min_res > self.max_res or self.start_ramp > self.end_ramp:
+            raise ValueError("progressive needs min_res <= max_res and start_ramp <= end_ramp")
+        return self
+
+
 class AugConfig(StrictModel):
+    """Training augmentation; one shape for the in-memory (batched tensor) and the file (per-image timm) paths.
+
+    ``preset`` fills every field left unset (``null``); see ``synclone.train.augment.PRESETS``. ``simple`` is
+    a batched random translation + flip (small in-memory images, the demo); ``imagenet_resnet`` and
+    ``ffcv_rn50`` build ``timm.data.create_transform`` per image. Mixup / CutMix (``timm.data.Mixup``) and
+    label smoothing work with every preset.
+    """
+
+    preset: Literal["simple", "imagenet_resnet", "ffcv_rn50"] = "simple"
     hflip: bool = True
-    crop_pad: int = Field(2, ge=0, description="random translation by up to this many pixels (pad + crop)")
+    crop_pad: int = Field(2, ge=0, description="simple: random translation by up to this many pixels (pad + crop)")
+    train_size: int | None = Field(None, ge=8, description="timm presets: training crop size (default "
+                                   "data.image_size; the model is still evaluated at data.image_size)")
+    rrc_scale: tuple[float, float] | None = Field(None, description="RandomResizedCrop area range")
+    rrc_ratio: tuple[float, float] | None = Field(None, description="RandomResizedCrop aspect-ratio range")
+    color_jitter: float | None = Field(None, ge=0)
+    auto_augment: str | None = Field(None, description="timm policy string, e.g. rand-m9-mstd0.5, trivialaugment, "
+                                     "augmix-m5-w3-d1 (AugMix)")
+    interpolation: str | None = None
+    re_prob: float | None = Field(None, ge=0, le=1, description="random erasing probability")
+    mixup: float | None = Field(None, ge=0, description="Mixup alpha (0: off)")
+    cutmix: float | None = Field(None, ge=0, description="CutMix alpha (0: off)")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of CutMix when both are on")
+    label_smoothing: float | None = Field(None, ge=0, lt=1, description="default: optim.label_smoothing")
+    progressive: ProgressiveConfig | Literal[False] | None = Field(
+        None, description="progressive resizing (timm presets); false turns off the preset's")
 
 
 class TrainConfig(StrictModel):
@@ -90,6 +141,8 @@ class TrainConfig(StrictModel):
         d = self.model_dump(mode="json")
         for k in ("output", "checkpoint_every", "eval_every", "log_with", "threads"):
             d.pop(k, None)
+        for k in ("workers", "prefetch", "max_bad_images"):  # how images are loaded, not which pixels
+            d["data"].pop(k, None)
         return d
 
 

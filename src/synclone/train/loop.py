@@ -19,12 +19,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
-from synclone.data.imageset import ImageSet
+from synclone.data.imageset import ImageSet, TensorImageSet
+from synclone.data.shards import ShardImageSet
 from synclone.data.sources import resolve_dataset
 from synclone.data.streaming import concat_sets
 from synclone.errors import UserError
 from synclone.models import create_classifier, load_model, save_model
-from synclone.train.batches import CyclingSampler, augment
+from synclone.train import augment as augs
+from synclone.train import loader as loaders
+from synclone.train.batches import CyclingSampler, ShardLocalSampler, augment
 from synclone.train.config import TrainConfig
 from synclone.util.files import atomic_path, write_text_atomic
 from synclone.util.seeds import mix_seed
@@ -180,9 +183,17 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     eval_every = cfg.eval_every or max(steps_per_epoch, total_steps // 50)
     optimizer = timm.optim.create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
     # Steps are the scheduler's "epochs": the schedule then depends on the step budget alone.
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
-        optimizer, sched=o.sched, num_epochs=total_steps, warmup_epochs=min(o.warmup_steps, total_steps // 2),
-        warmup_lr=o.lr * 0.01, min_lr=o.lr * 0.01)
+    if o.sched == "cyclic":
+        # FFCV's (and Bansal & Grover's) "cyclic" schedule: linear from 1e-4 x lr to lr over the warm-up, then
+        # linear to 0 at the last step; timm's poly schedule with power 1 is exactly that.
+        warm = min(o.warmup_steps, total_steps // 2)
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched="poly", decay_rate=1.0, num_epochs=total_steps - warm, warmup_epochs=warm,
+            warmup_prefix=True, warmup_lr=o.lr * 1e-4, min_lr=0.0)
+    else:
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer, sched=o.sched, num_epochs=total_steps, warmup_epochs=min(o.warmup_steps, total_steps // 2),
+            warmup_lr=o.lr * 0.01, min_lr=o.lr * 0.01)
 
     step, best_val, best_loss, best_step, history = 0, -1.0, float("inf"), -1, []
     if state is not None:
@@ -197,15 +208,48 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     raw_model = accelerator.unwrap_model(model)
 
     world, rank = accelerator.num_processes, accelerator.process_index
+
+    def sampler(ds: ImageSet, per_step: int, source_id: int) -> CyclingSampler:
+        # Shards are read in passes local to a few shards at a time; everything else in a plain permutation.
+        if isinstance(ds, ShardImageSet):
+            return ShardLocalSampler(ds.shard_ids, per_step, cfg.seed, source_id)
+        return CyclingSampler(len(ds), per_step, cfg.seed, source_id)
+
     if d.mix == "ratio":
         n_syn = round(o.batch_size * d.synthetic_ratio)
-        samplers = [(src.real, CyclingSampler(len(src.real), o.batch_size - n_syn, cfg.seed, 0)),
-                    (src.synthetic, CyclingSampler(len(src.synthetic), n_syn, cfg.seed, 1))]
+        samplers = [(src.real, sampler(src.real, o.batch_size - n_syn, 0)),
+                    (src.synthetic, sampler(src.synthetic, n_syn, 1))]
     else:
         pool = [s for s in (src.real, src.synthetic) if s is not None]
         whole = concat_sets(pool, "train")
-        samplers = [(whole, CyclingSampler(len(whole), o.batch_size, cfg.seed, 0))]
+        samplers = [(whole, sampler(whole, o.batch_size, 0))]
     samplers = [(ds, s) for ds, s in samplers if s.per_step > 0]
+
+    aug = augs.resolve(cfg.aug, o.label_smoothing)
+    if aug.mixing and d.real_loss_weight is not None:
+        raise UserError("mixup/cutmix mix real and synthetic images within a batch, so data.real_loss_weight "
+                        "cannot weight them apart; turn one of them off")
+    if aug.mixing and sum(len(s.indices(0)[rank::world]) for _, s in samplers) % 2:
+        raise UserError(f"mixup/cutmix need an even batch per process; optim.batch_size={o.batch_size} over "
+                        f"{world} process(es) is not")
+    mixer = augs.BatchMix(aug, len(label_space)) if aug.mixing else None
+    # Files, shards and per-image (timm) augmentation go through DataLoader workers; small in-memory sets with
+    # the batched `simple` preset slice their tensors directly (the fast path of the demo).
+    streamed = aug.per_image or not all(isinstance(ds, TensorImageSet) for ds, _ in samplers)
+    skipped = loaders.BadImages(d.max_bad_images, n_train)
+    src.val, bad_val = loaders.readable_subset(src.val)
+    if bad_val:
+        skipped.add(bad_val)
+        if main:
+            write_text_atomic(out / "skipped_images.txt", "".join(e + "\n" for e in skipped.entries))
+    batches = None
+    if streamed:
+        workers = loaders.clamp_workers(d.workers) if d.workers is not None else loaders.default_workers(world)
+        items = loaders.TrainItems([ds for ds, _ in samplers], aug, cfg.seed, int(input_size[1]), total_steps,
+                                   d.decoder, int(input_size[0]))
+        batches = iter(loaders.make_loader(items, loaders.StepBatches([s for _, s in samplers], step, total_steps,
+                                                                      rank, world),
+                                           workers, d.prefetch, pin_memory=device.type == "cuda"))
 
     def save_checkpoint() -> None:
         if not main:
@@ -225,25 +269,46 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     while step < total_steps:
         # Everything random in this step derives from (seed, step): resume replays it exactly.
         step_seed = mix_seed(cfg.seed, step)
+        if batches is not None:
+            x, y, keys, missing = next(batches)
+            if x is None:
+                raise UserError(f"no image of step {step}'s batch could be read (e.g. {missing[0][1]}); check the data")
+            if missing:
+                skipped.add(missing)
+                if main:
+                    write_text_atomic(out / "skipped_images.txt", "".join(e + "\n" for e in skipped.entries))
+            parts = [sum(1 for k in keys if k[2] == sid) for sid in range(len(samplers))]
+            if mixer is not None and len(y) % 2:
+                x, y, parts[-1] = x[:-1], y[:-1], parts[-1] - 1  # a skipped image left the batch odd
+            x = x if x.is_floating_point() else x.float().div_(255.0)
         torch.manual_seed(step_seed)
-        xs, ys, parts = [], [], []
-        for ds, sampler in samplers:
-            idx = sampler.indices(step)[rank::world]
-            x, y = ds.batch(idx)
-            xs.append(x)
-            ys.append(y)
-            parts.append(len(y))
-        x = augment(torch.cat(xs), mix_seed(step_seed, 1), cfg.aug.hflip, cfg.aug.crop_pad)
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        y = torch.cat(ys).to(device)
+        if batches is None:
+            xs, ys, parts = [], [], []
+            for ds, sampler_ in samplers:
+                idx = sampler_.indices(step)[rank::world]
+                xb, yb = ds.batch(idx)
+                xs.append(xb)
+                ys.append(yb)
+                parts.append(len(yb))
+            x, y = torch.cat(xs), torch.cat(ys)
+        if not aug.per_image:
+            x = augment(x, mix_seed(step_seed, 1), cfg.aug.hflip, cfg.aug.crop_pad)
+        target = None
+        if mixer is not None:
+            x, target = mixer(x, y, mix_seed(step_seed, 2))
+            target = target.to(device)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
         with accelerator.autocast():
             logits = model(x)
-            if d.real_loss_weight is not None and len(parts) == 2:
-                lr_, ls_ = F.cross_entropy(logits[: parts[0]], y[: parts[0]], label_smoothing=o.label_smoothing), \
-                    F.cross_entropy(logits[parts[0]:], y[parts[0]:], label_smoothing=o.label_smoothing)
+            if target is not None:
+                loss = augs.soft_target_loss(logits, target)
+            elif d.real_loss_weight is not None and len(parts) == 2:
+                lr_, ls_ = F.cross_entropy(logits[: parts[0]], y[: parts[0]], label_smoothing=aug.label_smoothing), \
+                    F.cross_entropy(logits[parts[0]:], y[parts[0]:], label_smoothing=aug.label_smoothing)
                 loss = d.real_loss_weight * lr_ + (1 - d.real_loss_weight) * ls_
             else:
-                loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
+                loss = F.cross_entropy(logits, y, label_smoothing=aug.label_smoothing)
         if not torch.isfinite(loss):
             bar.close()
             kept = f"the last good checkpoint is '{ckpt_path}'" if ckpt_path.is_file() else "no checkpoint was written"
@@ -291,7 +356,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
                    "total_steps": total_steps, "selected_by": "validation",
                    "selection_rule": "highest validation top-1; ties broken by the lower validation loss",
                    "validation": src.val_desc, "history": history,
-                   "train_images": n_train, "data": _data_record(src), "processes": world}
+                   "train_images": n_train, "data": _data_record(src), "processes": world,
+                   "skipped_images": len(skipped.entries)}
         write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     accelerator.end_training()
     return out / "model"
