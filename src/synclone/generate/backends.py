@@ -50,10 +50,14 @@ class Backend:
     name: ClassVar[str]
     Options: ClassVar[type[StrictModel]] = NoOptions
 
+    supports_lora: ClassVar[bool] = False
+
     def __init__(self, cfg: GeneratorConfig, device: str = "cpu"):
         self.cfg = cfg
         self.options = backend_options(cfg)
         self.device = device
+        if cfg.lora is not None and not self.supports_lora:
+            raise UserError(f"generator.lora is for diffusers pipelines; backend '{cfg.backend}' cannot load it")
 
     def label_space(self) -> LabelSpace | None:
         """The generator's own label space, if it has one (class-conditional models)."""
@@ -162,12 +166,18 @@ class DiffusersText2Image(Backend):
     name = "diffusers"
     Options = DiffusersOptions
     auto_class = "AutoPipelineForText2Image"
+    supports_lora = True
 
     def __init__(self, cfg, device="cpu"):
         super().__init__(cfg, device)
         self.model = resolve_model(cfg.model, cfg.revision, marker="model_index.json", what="generator model",
                                    local_files_only=cfg.local_files_only)
         self.pipe = None
+        if cfg.lora is not None:
+            from synclone.generate.lora import adapter_fingerprint, check_adapter_base
+
+            self.lora_sha = adapter_fingerprint(cfg.lora)  # refuses missing or pickled adapters
+            check_adapter_base(cfg.lora, self.model.source, self.model.revision)
 
     def _from_pretrained(self):
         import diffusers
@@ -192,6 +202,10 @@ class DiffusersText2Image(Backend):
         pipe = self._from_pretrained()
         if self.cfg.scheduler:
             _swap_scheduler(pipe, self.cfg.scheduler, self.options.scheduler_options)
+        if self.cfg.lora is not None:
+            from synclone.generate.lora import load_lora
+
+            load_lora(pipe, self.cfg.lora, self.cfg.lora_scale)
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
@@ -237,6 +251,8 @@ class DiffusersText2Image(Backend):
         return self._call(jobs, generators)
 
     def describe(self) -> dict:
+        lora = ({"lora": {"folder": self.cfg.lora, "sha256": self.lora_sha, "scale": self.cfg.lora_scale}}
+                if self.cfg.lora is not None else {})
         return {
             "backend": self.name,
             "generator": self.model.source,
@@ -249,6 +265,7 @@ class DiffusersText2Image(Backend):
             "height": self.height,
             "width": self.width,
             "options": self.options.model_dump(mode="json"),
+            **lora,
         }
 
 
