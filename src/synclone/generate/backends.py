@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from synclone.config import StrictModel, validate
 from synclone.data.images import IMAGE_EXTENSIONS
@@ -272,6 +272,29 @@ class DiffusersText2Image(Backend):
 class Img2ImgOptions(DiffusersOptions):
     references: str  # folder with one sub-folder of real images per class (named by slug or class name)
     strength: float = Field(default=0.75, gt=0, le=1)  # SDEdit noise level: 1 ignores the reference
+    # He et al.'s rule, fewer shots -> more noise: {shots: strength}; a class with k reference images gets the
+    # entry of the largest key <= k (below the smallest key, the smallest key's). Replaces ``strength``.
+    strength_by_shots: dict[int, float] | None = None
+
+    @field_validator("strength_by_shots")
+    @classmethod
+    def _check_table(cls, table: dict[int, float] | None) -> dict[int, float] | None:
+        if table is None:
+            return None
+        if not table:
+            raise ValueError("strength_by_shots is empty: give {shots: strength} pairs or leave it out")
+        bad = [k for k, v in table.items() if k < 1 or not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"strength_by_shots needs shots >= 1 and strengths in (0, 1]; see the entry {bad[0]}")
+        return dict(sorted(table.items()))
+
+
+def strength_for_shots(table: dict[int, float], shots: int) -> float:
+    """The img2img strength of a class with ``shots`` real references: the entry of the largest key <= shots,
+    or of the smallest key when there are fewer shots than every key."""
+    keys = sorted(table)
+    below = [k for k in keys if k <= shots]
+    return float(table[below[-1] if below else keys[0]])
 
 
 @register_backend
@@ -289,6 +312,14 @@ class DiffusersImg2Img(DiffusersText2Image):
             raise UserError(f"reference folder '{self.root}' does not exist (generator.options.references)")
 
     def references(self, label_space: LabelSpace) -> dict[int, list[str]]:
+        out = self._references(label_space)
+        table = self.options.strength_by_shots
+        self.class_strength = {label: (strength_for_shots(table, len(refs)) if table else self.options.strength)
+                               for label, refs in out.items()}
+        self.class_names = label_space.classes
+        return out
+
+    def _references(self, label_space: LabelSpace) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
         missing = []
         for label, (name, slug) in enumerate(zip(label_space.classes, label_space.slugs, strict=True)):
@@ -324,11 +355,36 @@ class DiffusersImg2Img(DiffusersText2Image):
             return im
 
     def generate(self, jobs, generators):
-        images = [self._reference(j.reference) for j in jobs]
-        return self._call(jobs, generators, image=images, strength=self.options.strength)
+        if not self.options.strength_by_shots:
+            images = [self._reference(j.reference) for j in jobs]
+            return self._call(jobs, generators, image=images, strength=self.options.strength)
+        # One pipeline call per strength, each padded to the full batch (copies of its last job with their own
+        # fresh generators, outputs dropped) like the runner's batches: CPU kernels can round differently for
+        # another batch size, and every image keeps its own generator, so an image does not depend on its batch.
+        import torch
+
+        out: list[Generated | None] = [None] * len(jobs)
+        for strength in sorted({self.class_strength[j.label] for j in jobs}):
+            pos = [i for i, j in enumerate(jobs) if self.class_strength[j.label] == strength]
+            part = [jobs[i] for i in pos]
+            gens = [generators[i] for i in pos]
+            last = gens[-1]
+            pad = len(jobs) - len(part)
+            part += [part[-1]] * pad
+            gens += [torch.Generator(device=last.device).manual_seed(last.initial_seed()) for _ in range(pad)]
+            made = self._call(part, gens, image=[self._reference(j.reference) for j in part], strength=strength)
+            for i, g in zip(pos, made, strict=False):
+                out[i] = g
+        return out
 
     def describe(self) -> dict:
-        return {**super().describe(), "references": str(self.root), "strength": self.options.strength}
+        info = {**super().describe(), "references": str(self.root), "strength": self.options.strength}
+        if self.options.strength_by_shots is None:  # datasets made before the table keep their record
+            info["options"].pop("strength_by_shots", None)
+        else:
+            info["options"]["strength_by_shots"] = {str(k): v for k, v in self.options.strength_by_shots.items()}
+            info["strength_by_class"] = {self.class_names[c]: s for c, s in sorted(self.class_strength.items())}
+        return info
 
 
 @register_backend
