@@ -269,6 +269,30 @@ class DiffusersText2Image(Backend):
         }
 
 
+def reference_files(root: Path, label_space: LabelSpace) -> dict[int, list[str]]:
+    """Real reference images per class (paths relative to ``root``): ``root/<slug or class name>/*``; every class
+    needs at least one."""
+    out: dict[int, list[str]] = {}
+    missing = []
+    for label, (name, slug) in enumerate(zip(label_space.classes, label_space.slugs, strict=True)):
+        folders = [root / slug]
+        if "/" not in name and "\\" not in name and name not in (".", ".."):
+            folders.append(root / name)
+        folder = next((f for f in folders if f.is_dir()), None)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
+        if not files:
+            missing.append(name)
+            continue
+        out[label] = [p.relative_to(root).as_posix() for p in files]
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(
+            f"reference folder '{root}' has no images for {len(missing)} classes ({shown}): add a "
+            f"sub-folder named by the class's slug with at least one image each"
+        )
+    return out
+
+
 class Img2ImgOptions(DiffusersOptions):
     references: str  # folder with one sub-folder of real images per class (named by slug or class name)
     strength: float = Field(default=0.75, gt=0, le=1)  # SDEdit noise level: 1 ignores the reference
@@ -279,14 +303,19 @@ class Img2ImgOptions(DiffusersOptions):
     @field_validator("strength_by_shots")
     @classmethod
     def _check_table(cls, table: dict[int, float] | None) -> dict[int, float] | None:
-        if table is None:
-            return None
-        if not table:
-            raise ValueError("strength_by_shots is empty: give {shots: strength} pairs or leave it out")
-        bad = [k for k, v in table.items() if k < 1 or not 0 < v <= 1]
-        if bad:
-            raise ValueError(f"strength_by_shots needs shots >= 1 and strengths in (0, 1]; see the entry {bad[0]}")
-        return dict(sorted(table.items()))
+        return check_strength_table(table)
+
+
+def check_strength_table(table: dict[int, float] | None) -> dict[int, float] | None:
+    """A ``{shots: strength}`` table sorted by shots; ``ValueError`` (a config error) when an entry is invalid."""
+    if table is None:
+        return None
+    if not table:
+        raise ValueError("strength_by_shots is empty: give {shots: strength} pairs or leave it out")
+    bad = [k for k, v in table.items() if k < 1 or not 0 < v <= 1]
+    if bad:
+        raise ValueError(f"strength_by_shots needs shots >= 1 and strengths in (0, 1]; see the entry {bad[0]}")
+    return dict(sorted(table.items()))
 
 
 def strength_for_shots(table: dict[int, float], shots: int) -> float:
@@ -320,25 +349,15 @@ class DiffusersImg2Img(DiffusersText2Image):
         return out
 
     def _references(self, label_space: LabelSpace) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        missing = []
-        for label, (name, slug) in enumerate(zip(label_space.classes, label_space.slugs, strict=True)):
-            folders = [self.root / slug]
-            if "/" not in name and "\\" not in name and name not in (".", ".."):
-                folders.append(self.root / name)
-            folder = next((f for f in folders if f.is_dir()), None)
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
-            if not files:
-                missing.append(name)
-                continue
-            out[label] = [p.relative_to(self.root).as_posix() for p in files]
-        if missing:
-            shown = ", ".join(f"'{m}'" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise UserError(
-                f"reference folder '{self.root}' has no images for {len(missing)} classes ({shown}): add a "
-                f"sub-folder named by the class's slug with at least one image each"
-            )
-        return out
+        return reference_files(self.root, label_space)
+
+    def load(self) -> None:
+        super().load()
+        strengths = set(getattr(self, "class_strength", {}).values()) or {self.options.strength}
+        low = min(strengths)
+        if int(self.steps * low) < 1:
+            raise UserError(f"img2img strength {low} x {self.steps} steps runs no denoising step: raise "
+                            "generator.steps or the strength")
 
     def _reference(self, rel: str | None) -> Image.Image:
         if rel is None:
@@ -387,11 +406,28 @@ class DiffusersImg2Img(DiffusersText2Image):
         return info
 
 
+class ClassCondOptions(StrictModel):
+    """Real guidance for the built-in generator (SDEdit-style), off unless ``references`` is set."""
+    references: str | None = None  # folder with one sub-folder of real images per class (slug or class name)
+    strength: float = Field(default=0.75, gt=0, le=1)
+    strength_by_shots: dict[int, float] | None = None  # as img2img's: {shots: strength}, replaces ``strength``
+
+    @field_validator("strength_by_shots")
+    @classmethod
+    def _check_table(cls, table: dict[int, float] | None) -> dict[int, float] | None:
+        return check_strength_table(table)
+
+
 @register_backend
 class ClassConditional(Backend):
-    """synclone's class-conditional pixel-space generator (``synclone generator train``); no prompts needed."""
+    """synclone's class-conditional pixel-space generator (``synclone generator train``); no prompts needed.
+
+    With ``options.references`` each image starts from a real image of its class noised to ``strength`` (or the
+    ``strength_by_shots`` entry of its class's reference count) and is denoised with its class label.
+    """
 
     name = "classcond"
+    Options = ClassCondOptions
 
     def __init__(self, cfg, device="cpu"):
         super().__init__(cfg, device)
@@ -432,15 +468,65 @@ class ClassConditional(Backend):
         gs = self.cfg.guidance_scale
         self.guidance_scale = float(pipe.defaults["guidance_scale"] if gs is None else gs)
 
+    def references(self, label_space: LabelSpace) -> dict[int, list[str]] | None:
+        if self.options.references is None:
+            return None
+        self.root = Path(self.options.references)
+        if not self.root.is_dir():
+            raise UserError(f"reference folder '{self.root}' does not exist (generator.options.references)")
+        out = reference_files(self.root, label_space)
+        table = self.options.strength_by_shots
+        self.class_strength = {label: (strength_for_shots(table, len(refs)) if table else self.options.strength)
+                               for label, refs in out.items()}
+        self.class_names = label_space.classes
+        return out
+
+    def _reference_pixels(self, rel: str | None):
+        """A reference image as uint8 (C, H, W) at the generator's size and channel count."""
+        import torch
+        from PIL import ImageOps
+
+        if rel is None:
+            raise UserError("a guided job has no reference image; rebuild the plan with references")
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise UserError(f"reference '{rel}' points outside the reference folder '{self.root}'")
+        pre = self.pipe.preprocessing
+        h, w = pre["image_size"]
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("L" if pre["channels"] == 1 else "RGB"), (w, h),
+                              method=Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return torch.from_numpy(arr.copy())
+
     def generate(self, jobs, generators):
         labels = [self.to_generator_label[j.label] for j in jobs]
-        images = self.pipe(class_labels=labels, generator=generators, num_inference_steps=self.steps,
-                           guidance_scale=self.guidance_scale)
-        return [Generated(im) for im in images]
+        if self.options.references is None:
+            images = self.pipe(class_labels=labels, generator=generators, num_inference_steps=self.steps,
+                               guidance_scale=self.guidance_scale)
+            return [Generated(im) for im in images]
+        import torch
+
+        # One call per strength, padded to the full batch like img2img's (see DiffusersImg2Img.generate).
+        out: list[Generated | None] = [None] * len(jobs)
+        for strength in sorted({self.class_strength[j.label] for j in jobs}):
+            pos = [i for i, j in enumerate(jobs) if self.class_strength[j.label] == strength]
+            pad = len(jobs) - len(pos)
+            last = generators[pos[-1]]
+            gens = [generators[i] for i in pos] + [
+                torch.Generator(device=last.device).manual_seed(last.initial_seed()) for _ in range(pad)]
+            idx = pos + [pos[-1]] * pad
+            refs = torch.stack([self._reference_pixels(jobs[i].reference) for i in idx])
+            images = self.pipe(class_labels=[labels[i] for i in idx], generator=gens, num_inference_steps=self.steps,
+                               guidance_scale=self.guidance_scale, image=refs, strength=strength)
+            for i, im in zip(pos, images, strict=False):
+                out[i] = Generated(im)
+        return out
 
     def describe(self) -> dict:
         size = self.pipe.preprocessing.get("image_size") or [None, None]
-        return {
+        info = {
             "backend": self.name,
             "generator": self.model.source,
             "generator_revision": self.pipe.revision,
@@ -453,3 +539,10 @@ class ClassConditional(Backend):
             "width": size[1],
             "options": {},
         }
+        if self.options.references is not None:  # unguided datasets keep the record they always had
+            info["options"] = self.options.model_dump(mode="json")
+            if self.options.strength_by_shots is not None:  # JSON keys are strings: record them so for resume
+                info["options"]["strength_by_shots"] = {str(k): v for k, v in self.options.strength_by_shots.items()}
+            info["references"] = str(self.root)
+            info["strength_by_class"] = {self.class_names[c]: v for c, v in sorted(self.class_strength.items())}
+        return info
