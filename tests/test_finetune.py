@@ -223,3 +223,11 @@ def test_pickled_adapter_is_refused(sd, tmp_path, capsys):
                                             "generator": {"model": str(sd), "lora": str(folder)}})
     err = _cli_error(capsys, "generate", cfg)
     assert "pytorch_lora_weights.bin" in err and "safetensors only" in err
+
+
+def test_resuming_with_other_settings_is_refused(sd, real, tmp_path):
+    from synclone.errors import UserError
+
+    finetune(ft_config(sd, real, tmp_path / "o", steps=1), progress=False)
+    with pytest.raises(UserError, match=r"other settings \(lr\)"):
+        finetune(ft_config(sd, real, tmp_path / "o", steps=2, lr=1e-3), progress=False)
