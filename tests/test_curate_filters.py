@@ -169,3 +169,28 @@ def test_diversity_matches_sklearn():
     assert mean_pairwise_cosine_distance(e) == pytest.approx(expected, abs=1e-12)
     assert mean_pairwise_cosine_distance(np.repeat(e[:1], 5, axis=0)) == pytest.approx(0.0, abs=1e-12)
     assert np.isnan(mean_pairwise_cosine_distance(e[:1]))
+
+
+def test_he_rule_select_random_is_seeded_and_hand_checkable():
+    from synclone.curate.filters import random_keys
+    from synclone.util.seeds import derive_seed
+
+    p = np.array([0.90, 0.55, 0.20, 0.34, 0.80, 0.60, 0.95, 0.70])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    ids = np.array(["a", "b", "c", "d", "e", "f", "g", "h"])
+    active = np.ones(8, dtype=bool)
+    r = he_rule_reasons(p, labels, 2, 2, active, ids, select="random", seed=5)
+    # Chance is 1/2: "c" (0.20) and "d" (0.34) fall below, so class 0 keeps "a" and "b" whatever the draw.
+    assert list(r[:4]) == [None, None, "he:below_chance", "he:below_chance"]
+    # Class 1: all four above chance; the two with the smallest derive_seed(5, "he-random", id) stay.
+    keys = {i: derive_seed(5, "he-random", i) for i in "efgh"}
+    assert list(random_keys(ids[4:], 5)) == [keys[i] for i in "efgh"]
+    keep = sorted("efgh", key=keys.get)[:2]
+    assert [r[4 + j] is None for j in range(4)] == [i in keep for i in "efgh"]
+    assert sum(x == "he:not_sampled" for x in r) == 2
+    # Reproducible, independent of row order, and another seed draws another subset for some seed.
+    perm = np.array([7, 6, 5, 4, 3, 2, 1, 0])
+    r2 = he_rule_reasons(p[perm], labels[perm], 2, 2, active, ids[perm], select="random", seed=5)
+    assert list(r2[np.argsort(perm)]) == list(r)
+    draws = {tuple(he_rule_reasons(p, labels, 2, 2, active, ids, select="random", seed=s)) for s in range(6)}
+    assert len(draws) > 1

@@ -190,3 +190,13 @@ def test_bad_input_is_a_clear_error(tiny_clip, fmnist, tmp_path):
     save_model(create_classifier("synclone_cnn_tiny", fmnist["train20"].label_space, (1, 28, 28)), tmp_path / "cnn")
     with pytest.raises(UserError, match="no longer has the weights"):
         load_feature_classifier(res.folder)
+
+
+def test_classifier_tuning_with_real_shots_as_a_second_batch(tiny_clip, fmnist, tmp_path):
+    shots = load_fashion_mnist("test").per_class_subset(2, seed=4)
+    cfg = _ct_config(tiny_clip, tmp_path, "two", real_batch_size=8, real_weight=0.5)
+    res = classifier_tuning(cfg, train=fmnist["train20"], real=shots)
+    assert res.metrics["n_real"] == 20
+    assert res.metrics["two_batch"] == {"synthetic": 32, "real": 8, "synthetic_weight": 1.0, "real_weight": 0.5}
+    plain = classifier_tuning(_ct_config(tiny_clip, tmp_path, "one"), train=fmnist["train20"])
+    assert not torch.allclose(res.grid.weight, plain.grid.weight)  # the real batch moved the head

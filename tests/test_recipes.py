@@ -251,7 +251,8 @@ def test_he_recipe_runs_end_to_end_on_tiny_local_models(tiny_clip, tmp_path, cap
             "curate.filters.he.enabled=false",
             "evaluate.image_size=32", *(f"train.{m}.data.image_size=32" for m in
                                         ("zeroshot_synthetic", "fewshot_guided", "fewshot_real_only")),
-            *(f"generate.{g}.generator.{k}={v}" for g in ("zeroshot", "guided") for k, v in small.items())]
+            *(f"generate.{g}.generator.{k}={v}" for g in ("zeroshot", "guided") for k, v in small.items()),
+            "generate.guided.generator.steps=4"]  # 4 shots -> strength 0.3: one denoising step of 4
     recipe = str(RECIPES / "he2023_clip_tuning.yaml")
     code, out = run(capsys, "run", recipe, "--dry-run", *args)
     assert code == 0, out  # with everything present, the full-scale recipe checks clean
@@ -263,7 +264,9 @@ def test_he_recipe_runs_end_to_end_on_tiny_local_models(tiny_clip, tmp_path, cap
     top1 = res[(res.probe == "clean") & (res.metric == "top1")]
     assert len(top1) == 3 and top1.value.between(0, 1).all()
     guided = json.loads((root / "train" / "fewshot_guided" / "model" / "results.json").read_text())
-    assert guided["metrics"]["n_train"] + guided["metrics"]["n_val"] == 3 * 4 + 3 * 4  # guided + real shots
+    # guided images as the synthetic batch (train + val split), the real shots as the second batch
+    assert guided["metrics"]["n_train"] + guided["metrics"]["n_val"] == 3 * 4
+    assert guided["metrics"]["n_real"] == 3 * 4 and guided["metrics"]["two_batch"]["real"] == 32
     assert (root / "report.html").is_file()
     # the CLIP-scored curation ran on the zero-shot images: one score per generated image
     scores = pd.read_parquet(root / "curated" / "curation.parquet")

@@ -19,7 +19,8 @@ from synclone.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Synthetic clones: generate, curate, train, evaluate and report.")
-generator_app = typer.Typer(no_args_is_help=True, help="The built-in class-conditional generator.")
+generator_app = typer.Typer(no_args_is_help=True,
+                            help="Generators: train the built-in one, fine-tune a diffusers pipeline.")
 app.add_typer(generator_app, name="generator")
 
 ArgsT = Annotated[list[str] | None, typer.Argument(help="[CONFIG.yaml] [key=value ...] dotted overrides",
@@ -183,6 +184,14 @@ def generator_train(args: ArgsT = None, quiet: bool = False) -> None:
     from synclone.generate.classcond_train import GeneratorTrainConfig, train_generator
 
     _done(train_generator(_load(GeneratorTrainConfig, args), progress=not quiet))
+
+
+@generator_app.command("finetune")
+def generator_finetune(args: ArgsT = None, quiet: bool = False) -> None:
+    """Fine-tune a diffusers text-to-image pipeline on real images: a LoRA adapter or the whole UNet (resumable)."""
+    from synclone.generate.finetune import FinetuneConfig, finetune
+
+    _done(finetune(_load(FinetuneConfig, args), progress=not quiet))
 
 
 @app.command()

@@ -86,10 +86,16 @@ class DedupFilter(StrictModel):
 
 
 class HeFilter(StrictModel):
-    """He et al. (2023): keep an image if p(label) > 1/C, then the top ``k`` per class by p(label)."""
+    """He et al. (2023): keep an image if p(label) > 1/C, then ``k`` per class of those above chance.
+
+    ``select: top`` keeps the ``k`` with the highest p(label); ``random`` keeps ``k`` drawn at random (seeded
+    by ``seed`` and each image's id, as the paper samples above the threshold).
+    """
 
     enabled: bool = False
     k: int | None = Field(None, ge=1)
+    select: Literal["top", "random"] = "top"
+    seed: int = 0
 
 
 class KeepKFilter(StrictModel):

@@ -5,8 +5,8 @@ A filter sees only the images still kept (``active``) and returns, per image, a 
 filter that removed it, and writes ``kept``, ``drop_reason`` and ``dup_of`` into the table.
 
 Reasons: ``unreadable``; ``degenerate:nan|black|constant``; ``threshold:<score>``; ``quantile:<score>``;
-``duplicate`` (with ``dup_of`` = id of the kept near-copy); ``he:below_chance`` and ``he:not_top_k``;
-``keep_k``.
+``duplicate`` (with ``dup_of`` = id of the kept near-copy); ``he:below_chance``, ``he:not_top_k`` and
+``he:not_sampled`` (``select: random``); ``keep_k``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pandas as pd
 from synclone.curate.config import FiltersConfig
 from synclone.data.images import STAT_NAMES
 from synclone.errors import UserError
+from synclone.util.seeds import derive_seed
 
 _NAN, _MAX, _STD = STAT_NAMES.index("px_nan"), STAT_NAMES.index("px_max"), STAT_NAMES.index("px_std")
 
@@ -78,10 +79,30 @@ def top_k_reasons(values: np.ndarray, labels: np.ndarray, k: int, active: np.nda
     return out
 
 
+def random_keys(ids: np.ndarray, seed: int) -> np.ndarray:
+    """Each image's random sort key, ``derive_seed(seed, "he-random", id)``: a random k-subset of a class is its
+    k smallest keys, so an image's draw depends only on (seed, its id), never on the other images or their order."""
+    return np.array([derive_seed(seed, "he-random", str(i)) for i in ids], dtype=np.uint64)
+
+
+def random_k_reasons(labels: np.ndarray, k: int, active: np.ndarray, reason: str, ids: np.ndarray,
+                     seed: int) -> np.ndarray:
+    """Per class, keep ``k`` of the active images at random (the ``k`` smallest :func:`random_keys`)."""
+    out = _reasons(len(labels))
+    keys = random_keys(ids, seed)
+    for c in np.unique(labels[active]):
+        idx = np.nonzero(active & (labels == c))[0]
+        idx = idx[np.argsort(keys[idx], kind="stable")]
+        out[idx[k:]] = reason
+    return out
+
+
 def he_rule_reasons(p_label: np.ndarray, labels: np.ndarray, num_classes: int, k: int | None,
-                    active: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+                    active: np.ndarray, ids: np.ndarray | None = None, select: str = "top",
+                    seed: int = 0) -> np.ndarray:
     """He et al. (2023), "Is synthetic data from generative models ready for image recognition?", Sec. 3.1:
-    keep an image when the zero-shot probability of its label exceeds 1/C, then the top ``k`` per class by it.
+    keep an image when the zero-shot probability of its label exceeds 1/C, then ``k`` per class of those: the
+    top ``k`` by it (``select="top"``) or ``k`` at random (``"random"``, seeded by ``seed`` and the ids).
     """
     if num_classes < 1:
         raise UserError("He et al.'s rule needs at least one class")
@@ -90,7 +111,11 @@ def he_rule_reasons(p_label: np.ndarray, labels: np.ndarray, num_classes: int, k
     out[below] = "he:below_chance"
     if k is not None:
         rest = active & ~below
-        top = top_k_reasons(p_label, labels, k, rest, "he:not_top_k", ids)
+        if select == "random":
+            keys = ids if ids is not None else np.arange(len(p_label))
+            top = random_k_reasons(labels, k, rest, "he:not_sampled", keys, seed)
+        else:
+            top = top_k_reasons(p_label, labels, k, rest, "he:not_top_k", ids)
         out[rest] = top[rest]
     return out
 
@@ -167,7 +192,8 @@ def apply_filters(table: pd.DataFrame, embeddings: np.ndarray, cfg: FiltersConfi
             dup_of[hit] = ids[dup_idx[hit]]
             step = d.model_dump()
         elif name == "he" and cfg.he.enabled:
-            r = he_rule_reasons(scores["p_label"], labels, num_classes, cfg.he.k, kept, ids)
+            r = he_rule_reasons(scores["p_label"], labels, num_classes, cfg.he.k, kept, ids, cfg.he.select,
+                                cfg.he.seed)
             step = {**cfg.he.model_dump(), "num_classes": num_classes, "chance": 1.0 / num_classes}
         elif name == "keep_k" and cfg.keep_k.k is not None:
             kk = cfg.keep_k

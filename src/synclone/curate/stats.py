@@ -145,7 +145,7 @@ def _json_default(o):
 
 # Captions short enough for a 64-pixel thumbnail.
 _REASON_SHORT = {"unreadable": "unreadable", "duplicate": "duplicate", "he:below_chance": "p<1/C",
-                 "he:not_top_k": "not top-k", "keep_k": "not top-k"}
+                 "he:not_top_k": "not top-k", "he:not_sampled": "not drawn", "keep_k": "not top-k"}
 
 
 def example_grid(table: pd.DataFrame, mask: np.ndarray, space: LabelSpace, path: Path, per_class: int,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from synclone.config import StrictModel, validate
 from synclone.data.images import IMAGE_EXTENSIONS
@@ -50,10 +50,14 @@ class Backend:
     name: ClassVar[str]
     Options: ClassVar[type[StrictModel]] = NoOptions
 
+    supports_lora: ClassVar[bool] = False
+
     def __init__(self, cfg: GeneratorConfig, device: str = "cpu"):
         self.cfg = cfg
         self.options = backend_options(cfg)
         self.device = device
+        if cfg.lora is not None and not self.supports_lora:
+            raise UserError(f"generator.lora is for diffusers pipelines; backend '{cfg.backend}' cannot load it")
 
     def label_space(self) -> LabelSpace | None:
         """The generator's own label space, if it has one (class-conditional models)."""
@@ -162,12 +166,18 @@ class DiffusersText2Image(Backend):
     name = "diffusers"
     Options = DiffusersOptions
     auto_class = "AutoPipelineForText2Image"
+    supports_lora = True
 
     def __init__(self, cfg, device="cpu"):
         super().__init__(cfg, device)
         self.model = resolve_model(cfg.model, cfg.revision, marker="model_index.json", what="generator model",
                                    local_files_only=cfg.local_files_only)
         self.pipe = None
+        if cfg.lora is not None:
+            from synclone.generate.lora import adapter_fingerprint, check_adapter_base
+
+            self.lora_sha = adapter_fingerprint(cfg.lora)  # refuses missing or pickled adapters
+            check_adapter_base(cfg.lora, self.model.source, self.model.revision)
 
     def _from_pretrained(self):
         import diffusers
@@ -192,6 +202,10 @@ class DiffusersText2Image(Backend):
         pipe = self._from_pretrained()
         if self.cfg.scheduler:
             _swap_scheduler(pipe, self.cfg.scheduler, self.options.scheduler_options)
+        if self.cfg.lora is not None:
+            from synclone.generate.lora import load_lora
+
+            load_lora(pipe, self.cfg.lora, self.cfg.lora_scale)
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
@@ -237,6 +251,8 @@ class DiffusersText2Image(Backend):
         return self._call(jobs, generators)
 
     def describe(self) -> dict:
+        lora = ({"lora": {"folder": self.cfg.lora, "sha256": self.lora_sha, "scale": self.cfg.lora_scale}}
+                if self.cfg.lora is not None else {})
         return {
             "backend": self.name,
             "generator": self.model.source,
@@ -249,12 +265,65 @@ class DiffusersText2Image(Backend):
             "height": self.height,
             "width": self.width,
             "options": self.options.model_dump(mode="json"),
+            **lora,
         }
+
+
+def reference_files(root: Path, label_space: LabelSpace) -> dict[int, list[str]]:
+    """Real reference images per class (paths relative to ``root``): ``root/<slug or class name>/*``; every class
+    needs at least one."""
+    out: dict[int, list[str]] = {}
+    missing = []
+    for label, (name, slug) in enumerate(zip(label_space.classes, label_space.slugs, strict=True)):
+        folders = [root / slug]
+        if "/" not in name and "\\" not in name and name not in (".", ".."):
+            folders.append(root / name)
+        folder = next((f for f in folders if f.is_dir()), None)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
+        if not files:
+            missing.append(name)
+            continue
+        out[label] = [p.relative_to(root).as_posix() for p in files]
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(
+            f"reference folder '{root}' has no images for {len(missing)} classes ({shown}): add a "
+            f"sub-folder named by the class's slug with at least one image each"
+        )
+    return out
 
 
 class Img2ImgOptions(DiffusersOptions):
     references: str  # folder with one sub-folder of real images per class (named by slug or class name)
     strength: float = Field(default=0.75, gt=0, le=1)  # SDEdit noise level: 1 ignores the reference
+    # He et al.'s rule, fewer shots -> more noise: {shots: strength}; a class with k reference images gets the
+    # entry of the largest key <= k (below the smallest key, the smallest key's). Replaces ``strength``.
+    strength_by_shots: dict[int, float] | None = None
+
+    @field_validator("strength_by_shots")
+    @classmethod
+    def _check_table(cls, table: dict[int, float] | None) -> dict[int, float] | None:
+        return check_strength_table(table)
+
+
+def check_strength_table(table: dict[int, float] | None) -> dict[int, float] | None:
+    """A ``{shots: strength}`` table sorted by shots; ``ValueError`` (a config error) when an entry is invalid."""
+    if table is None:
+        return None
+    if not table:
+        raise ValueError("strength_by_shots is empty: give {shots: strength} pairs or leave it out")
+    bad = [k for k, v in table.items() if k < 1 or not 0 < v <= 1]
+    if bad:
+        raise ValueError(f"strength_by_shots needs shots >= 1 and strengths in (0, 1]; see the entry {bad[0]}")
+    return dict(sorted(table.items()))
+
+
+def strength_for_shots(table: dict[int, float], shots: int) -> float:
+    """The img2img strength of a class with ``shots`` real references: the entry of the largest key <= shots,
+    or of the smallest key when there are fewer shots than every key."""
+    keys = sorted(table)
+    below = [k for k in keys if k <= shots]
+    return float(table[below[-1] if below else keys[0]])
 
 
 @register_backend
@@ -272,25 +341,23 @@ class DiffusersImg2Img(DiffusersText2Image):
             raise UserError(f"reference folder '{self.root}' does not exist (generator.options.references)")
 
     def references(self, label_space: LabelSpace) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        missing = []
-        for label, (name, slug) in enumerate(zip(label_space.classes, label_space.slugs, strict=True)):
-            folders = [self.root / slug]
-            if "/" not in name and "\\" not in name and name not in (".", ".."):
-                folders.append(self.root / name)
-            folder = next((f for f in folders if f.is_dir()), None)
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
-            if not files:
-                missing.append(name)
-                continue
-            out[label] = [p.relative_to(self.root).as_posix() for p in files]
-        if missing:
-            shown = ", ".join(f"'{m}'" for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise UserError(
-                f"reference folder '{self.root}' has no images for {len(missing)} classes ({shown}): add a "
-                f"sub-folder named by the class's slug with at least one image each"
-            )
+        out = self._references(label_space)
+        table = self.options.strength_by_shots
+        self.class_strength = {label: (strength_for_shots(table, len(refs)) if table else self.options.strength)
+                               for label, refs in out.items()}
+        self.class_names = label_space.classes
         return out
+
+    def _references(self, label_space: LabelSpace) -> dict[int, list[str]]:
+        return reference_files(self.root, label_space)
+
+    def load(self) -> None:
+        super().load()
+        strengths = set(getattr(self, "class_strength", {}).values()) or {self.options.strength}
+        low = min(strengths)
+        if int(self.steps * low) < 1:
+            raise UserError(f"img2img strength {low} x {self.steps} steps runs no denoising step: raise "
+                            "generator.steps or the strength")
 
     def _reference(self, rel: str | None) -> Image.Image:
         if rel is None:
@@ -307,18 +374,60 @@ class DiffusersImg2Img(DiffusersText2Image):
             return im
 
     def generate(self, jobs, generators):
-        images = [self._reference(j.reference) for j in jobs]
-        return self._call(jobs, generators, image=images, strength=self.options.strength)
+        if not self.options.strength_by_shots:
+            images = [self._reference(j.reference) for j in jobs]
+            return self._call(jobs, generators, image=images, strength=self.options.strength)
+        # One pipeline call per strength, each padded to the full batch (copies of its last job with their own
+        # fresh generators, outputs dropped) like the runner's batches: CPU kernels can round differently for
+        # another batch size, and every image keeps its own generator, so an image does not depend on its batch.
+        import torch
+
+        out: list[Generated | None] = [None] * len(jobs)
+        for strength in sorted({self.class_strength[j.label] for j in jobs}):
+            pos = [i for i, j in enumerate(jobs) if self.class_strength[j.label] == strength]
+            part = [jobs[i] for i in pos]
+            gens = [generators[i] for i in pos]
+            last = gens[-1]
+            pad = len(jobs) - len(part)
+            part += [part[-1]] * pad
+            gens += [torch.Generator(device=last.device).manual_seed(last.initial_seed()) for _ in range(pad)]
+            made = self._call(part, gens, image=[self._reference(j.reference) for j in part], strength=strength)
+            for i, g in zip(pos, made, strict=False):
+                out[i] = g
+        return out
 
     def describe(self) -> dict:
-        return {**super().describe(), "references": str(self.root), "strength": self.options.strength}
+        info = {**super().describe(), "references": str(self.root), "strength": self.options.strength}
+        if self.options.strength_by_shots is None:  # datasets made before the table keep their record
+            info["options"].pop("strength_by_shots", None)
+        else:
+            info["options"]["strength_by_shots"] = {str(k): v for k, v in self.options.strength_by_shots.items()}
+            info["strength_by_class"] = {self.class_names[c]: s for c, s in sorted(self.class_strength.items())}
+        return info
+
+
+class ClassCondOptions(StrictModel):
+    """Real guidance for the built-in generator (SDEdit-style), off unless ``references`` is set."""
+    references: str | None = None  # folder with one sub-folder of real images per class (slug or class name)
+    strength: float = Field(default=0.75, gt=0, le=1)
+    strength_by_shots: dict[int, float] | None = None  # as img2img's: {shots: strength}, replaces ``strength``
+
+    @field_validator("strength_by_shots")
+    @classmethod
+    def _check_table(cls, table: dict[int, float] | None) -> dict[int, float] | None:
+        return check_strength_table(table)
 
 
 @register_backend
 class ClassConditional(Backend):
-    """synclone's class-conditional pixel-space generator (``synclone generator train``); no prompts needed."""
+    """synclone's class-conditional pixel-space generator (``synclone generator train``); no prompts needed.
+
+    With ``options.references`` each image starts from a real image of its class noised to ``strength`` (or the
+    ``strength_by_shots`` entry of its class's reference count) and is denoised with its class label.
+    """
 
     name = "classcond"
+    Options = ClassCondOptions
 
     def __init__(self, cfg, device="cpu"):
         super().__init__(cfg, device)
@@ -359,15 +468,65 @@ class ClassConditional(Backend):
         gs = self.cfg.guidance_scale
         self.guidance_scale = float(pipe.defaults["guidance_scale"] if gs is None else gs)
 
+    def references(self, label_space: LabelSpace) -> dict[int, list[str]] | None:
+        if self.options.references is None:
+            return None
+        self.root = Path(self.options.references)
+        if not self.root.is_dir():
+            raise UserError(f"reference folder '{self.root}' does not exist (generator.options.references)")
+        out = reference_files(self.root, label_space)
+        table = self.options.strength_by_shots
+        self.class_strength = {label: (strength_for_shots(table, len(refs)) if table else self.options.strength)
+                               for label, refs in out.items()}
+        self.class_names = label_space.classes
+        return out
+
+    def _reference_pixels(self, rel: str | None):
+        """A reference image as uint8 (C, H, W) at the generator's size and channel count."""
+        import torch
+        from PIL import ImageOps
+
+        if rel is None:
+            raise UserError("a guided job has no reference image; rebuild the plan with references")
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise UserError(f"reference '{rel}' points outside the reference folder '{self.root}'")
+        pre = self.pipe.preprocessing
+        h, w = pre["image_size"]
+        with Image.open(path) as im:
+            im = ImageOps.fit(im.convert("L" if pre["channels"] == 1 else "RGB"), (w, h),
+                              method=Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return torch.from_numpy(arr.copy())
+
     def generate(self, jobs, generators):
         labels = [self.to_generator_label[j.label] for j in jobs]
-        images = self.pipe(class_labels=labels, generator=generators, num_inference_steps=self.steps,
-                           guidance_scale=self.guidance_scale)
-        return [Generated(im) for im in images]
+        if self.options.references is None:
+            images = self.pipe(class_labels=labels, generator=generators, num_inference_steps=self.steps,
+                               guidance_scale=self.guidance_scale)
+            return [Generated(im) for im in images]
+        import torch
+
+        # One call per strength, padded to the full batch like img2img's (see DiffusersImg2Img.generate).
+        out: list[Generated | None] = [None] * len(jobs)
+        for strength in sorted({self.class_strength[j.label] for j in jobs}):
+            pos = [i for i, j in enumerate(jobs) if self.class_strength[j.label] == strength]
+            pad = len(jobs) - len(pos)
+            last = generators[pos[-1]]
+            gens = [generators[i] for i in pos] + [
+                torch.Generator(device=last.device).manual_seed(last.initial_seed()) for _ in range(pad)]
+            idx = pos + [pos[-1]] * pad
+            refs = torch.stack([self._reference_pixels(jobs[i].reference) for i in idx])
+            images = self.pipe(class_labels=[labels[i] for i in idx], generator=gens, num_inference_steps=self.steps,
+                               guidance_scale=self.guidance_scale, image=refs, strength=strength)
+            for i, im in zip(pos, images, strict=False):
+                out[i] = Generated(im)
+        return out
 
     def describe(self) -> dict:
         size = self.pipe.preprocessing.get("image_size") or [None, None]
-        return {
+        info = {
             "backend": self.name,
             "generator": self.model.source,
             "generator_revision": self.pipe.revision,
@@ -380,3 +539,10 @@ class ClassConditional(Backend):
             "width": size[1],
             "options": {},
         }
+        if self.options.references is not None:  # unguided datasets keep the record they always had
+            info["options"] = self.options.model_dump(mode="json")
+            if self.options.strength_by_shots is not None:  # JSON keys are strings: record them so for resume
+                info["options"]["strength_by_shots"] = {str(k): v for k, v in self.options.strength_by_shots.items()}
+            info["references"] = str(self.root)
+            info["strength_by_class"] = {self.class_names[c]: v for c, v in sorted(self.class_strength.items())}
+        return info

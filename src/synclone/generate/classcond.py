@@ -186,8 +186,14 @@ class ClassCondPipeline(DiffusionPipeline):
         guidance_scale: float | None = None,
         output_type: str = "pil",
         progress: bool = False,
+        image: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> list[Image.Image] | torch.Tensor:
-        """Sample one image per label.
+        """Sample one image per label; with ``image``, SDEdit-style guidance from real images.
+
+        ``image``: uint8 (N, C, H, W) real images at the generator's size, one per label: each is noised to
+        ``strength`` (the share of the sampling schedule that is run, as diffusers' img2img pipelines count it;
+        1 ignores the image) with its own generator's noise, then denoised with its class label.
 
         ``generator``: one ``torch.Generator`` per image (recommended: results are then independent of
         batch composition), or one shared generator / ``None`` (results then depend on the batch).
@@ -213,14 +219,19 @@ class ClassCondPipeline(DiffusionPipeline):
         x = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(device)
         sched = self.scheduler
         sched.set_timesteps(steps, device=device)
-        x = x * sched.init_noise_sigma
+        timesteps = sched.timesteps
+        if image is not None and strength < 1.0:
+            timesteps = self._sdedit_start(image, strength, steps, n, x)
+            x = sched.add_noise(encode_images(image, self.preprocessing).to(device), x, timesteps[:1].repeat(n))
+        else:
+            x = x * sched.init_noise_sigma
         y = torch.tensor(labels, device=device)
         guided = w > 1.0
         if guided:
             y = torch.cat([y, torch.full_like(y, self.null_class)])
         takes_noise = "variance_noise" in inspect.signature(sched.step).parameters
 
-        for t in self.progress_bar(sched.timesteps) if progress else sched.timesteps:
+        for t in self.progress_bar(timesteps) if progress else timesteps:
             inp = sched.scale_model_input(x, t)
             if guided:
                 inp = torch.cat([inp, inp])
@@ -242,6 +253,22 @@ class ClassCondPipeline(DiffusionPipeline):
         if output_type != "pil":
             raise UserError(f"output_type must be 'pil' or 'pt', got '{output_type}'")
         return tensor_to_pil(imgs)
+
+    def _sdedit_start(self, image: torch.Tensor, strength: float, steps: int, n: int, x: torch.Tensor):
+        """The timesteps left after skipping the first ``1 - strength`` of the schedule (diffusers' img2img rule)."""
+        if not 0 < strength <= 1:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
+        want = (n, int(self.preprocessing["channels"]), *self.preprocessing["image_size"])
+        if image.dtype != torch.uint8 or tuple(image.shape) != want:
+            raise UserError(f"reference images must be uint8 {want}, got {image.dtype} {tuple(image.shape)}")
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise UserError(f"strength {strength} x {steps} steps runs no denoising step: raise one of them")
+        sched = self.scheduler
+        start = (steps - run) * sched.order
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(start)
+        return sched.timesteps[start:]
 
     def _sample_size(self) -> tuple[int, int]:
         s = self.unet.config.sample_size

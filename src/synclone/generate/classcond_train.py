@@ -28,6 +28,7 @@ from synclone.errors import UserError
 from synclone.generate.classcond import (
     build_unet,
     encode_images,
+    load_classcond_pipeline,
     make_preprocessing,
     sampling_scheduler,
     save_classcond,
@@ -78,8 +79,15 @@ class GeneratorSampleConfig(StrictModel):
 
 
 class GeneratorTrainConfig(StrictModel):
-    """``synclone generator train CONFIG``: train a class-conditional generator on a real dataset."""
+    """``synclone generator train CONFIG``: train a class-conditional generator on a real dataset.
+
+    Fine-tuning (adapting the generator to a few real shots): ``init`` names a trained generator
+    (``builtin:fashion_mnist`` or a folder) whose weights, shape, label space and pixel format are the start,
+    and ``data`` a real image folder (``<class>/*.png``, classes by the generator's names or slugs).
+    """
     dataset: Literal["fashion_mnist"] = "fashion_mnist"
+    data: str | None = Field(None, description="a real image folder to train on instead of `dataset`")
+    init: str | None = Field(None, description="start from this generator (builtin:NAME or a folder): fine-tuning")
     data_root: str | None = None
     split: Literal["train", "test"] = "train"
     limit: int | None = Field(None, ge=1, description="use only the first N images (smoke tests)")
@@ -207,6 +215,7 @@ def train_classcond(
     export_dir: str | Path | None = None,
     progress: bool = True,
     log_every: int = 50,
+    init: Path | None = None,
 ) -> Path:
     """Train a class-conditional generator on uint8 images (N, H, W) or (N, C, H, W) with int labels.
 
@@ -233,13 +242,27 @@ def train_classcond(
     if int(y_all.min()) < 0 or int(y_all.max()) >= c:
         raise UserError(f"labels must lie in 0..{c - 1} for label space '{label_space.name}'")
 
-    n_down = len(model.block_out_channels) - 1
     channels = int(x_all.shape[1])
-    pre = make_preprocessing((int(x_all.shape[2]), int(x_all.shape[3])), channels, model.pixel_unshuffle, n_down)
-    fold = model.pixel_unshuffle
-    torch.manual_seed(optim.seed)  # the UNet's initialisation
-    unet = build_unet(c, pre["unet_sample_size"], channels * fold * fold, model.block_out_channels,
-                      model.layers_per_block, model.attention_in_lowest, model.norm_num_groups)
+    init_revision = None
+    if init is not None:  # fine-tuning: the generator's own UNet, label space and pixel format
+        base = load_classcond_pipeline(init)
+        base.label_space.check_aligned(label_space, what=f"generator '{init}'", other_what="training data")
+        pre = dict(base.preprocessing)
+        if [int(x_all.shape[2]), int(x_all.shape[3])] != list(pre["image_size"]) or channels != pre["channels"]:
+            raise UserError(f"training images are {channels}x{x_all.shape[2]}x{x_all.shape[3]} but generator "
+                            f"'{init}' makes {pre['channels']}x{pre['image_size'][0]}x{pre['image_size'][1]}")
+        unet = UNet2DModel.from_config(base.unet.config)
+        unet.load_state_dict(base.unet.state_dict())
+        unet.requires_grad_(True)
+        init_revision = base.revision
+    else:
+        n_down = len(model.block_out_channels) - 1
+        pre = make_preprocessing((int(x_all.shape[2]), int(x_all.shape[3])), channels, model.pixel_unshuffle,
+                                 n_down)
+        fold = model.pixel_unshuffle
+        torch.manual_seed(optim.seed)  # the UNet's initialisation
+        unet = build_unet(c, pre["unet_sample_size"], channels * fold * fold, model.block_out_channels,
+                          model.layers_per_block, model.attention_in_lowest, model.norm_num_groups)
     noise_sched = DDPMScheduler(num_train_timesteps=optim.num_train_timesteps, beta_schedule=optim.beta_schedule,
                                 prediction_type="epsilon")
     ema = EMA(unet, optim.ema_decay)
@@ -248,6 +271,8 @@ def train_classcond(
     # What a checkpoint must agree with to be resumed (not the step budget, which may grow).
     run = {"model": model.model_dump(), "label_space": label_space.fingerprint, "n": len(x_all),
            "batch_size": optim.batch_size, "seed": optim.seed, "preprocessing": pre}
+    if init_revision is not None:  # only then, so checkpoints from before fine-tuning existed still resume
+        run["init"] = init_revision
 
     ckpt = out / CKPT_DIR
     step, elapsed = 0, 0.0
@@ -304,7 +329,7 @@ def train_classcond(
     ema.copy_to(final)
     info = {"steps": step, "train_minutes": round(elapsed / 60, 2), "batch_size": optim.batch_size, "lr": optim.lr,
             "ema_decay": optim.ema_decay, "p_uncond": optim.p_uncond, "hflip": optim.hflip, "images": len(x_all),
-            "seed": optim.seed, "noise_schedule": noise_sched.config.beta_schedule,
+            "seed": optim.seed, "init": init_revision, "noise_schedule": noise_sched.config.beta_schedule,
             "num_train_timesteps": optim.num_train_timesteps, "final_loss": float(np.mean(losses[-100:]))
             if losses else None}
     dest = Path(export_dir) if export_dir else out / "generator"
@@ -314,8 +339,22 @@ def train_classcond(
 
 
 def load_training_data(cfg: GeneratorTrainConfig) -> tuple[torch.Tensor, torch.Tensor, LabelSpace]:
-    """The real images/labels named by ``cfg`` (uint8 (N, C, H, W), int64 (N,)) and their label space."""
-    if cfg.dataset == "fashion_mnist":
+    """The real images/labels named by ``cfg`` (uint8 (N, C, H, W), int64 (N,)) and their label space.
+
+    With ``cfg.init`` and ``cfg.data``, the folder's images are resized to the generator's size and channels
+    and labelled in the generator's label space.
+    """
+    if cfg.data is not None:
+        from synclone.data.folder import load_image_folder_tensors
+
+        space, size, channels = None, None, None
+        if cfg.init is not None:
+            base = load_classcond_pipeline(_init_folder(cfg.init))
+            space, size, channels = base.label_space, tuple(base.preprocessing["image_size"]), \
+                base.preprocessing["channels"]
+        ds = load_image_folder_tensors(cfg.data, label_space=space, size=size, channels=channels)
+        images, labels, space = ds.images, ds.labels, ds.label_space
+    elif cfg.dataset == "fashion_mnist":
 
         ds = load_fashion_mnist(cfg.split, data_root=cfg.data_root)
         images, labels, space = ds.images, ds.labels, ds.label_space
@@ -331,4 +370,11 @@ def train_generator(cfg: GeneratorTrainConfig, progress: bool = True) -> Path:
     images, labels, space = load_training_data(cfg)
     write_run_info(cfg.out_dir, cfg)
     return train_classcond(images, labels, space, cfg.out_dir, model=cfg.model, optim=cfg.optim, sample=cfg.sample,
-                           export_dir=cfg.export_dir, progress=progress)
+                           export_dir=cfg.export_dir, progress=progress,
+                           init=_init_folder(cfg.init) if cfg.init else None)
+
+
+def _init_folder(name: str) -> Path:
+    from synclone.models.hub import resolve_model
+
+    return Path(resolve_model(name, marker="model_index.json", what="generator to fine-tune").location)

@@ -15,6 +15,8 @@ Example (YAML)::
       guidance_scale: 7.5
       height: 512
       width: 512
+      # lora: runs/finetune           # a LoRA adapter (synclone generator finetune), diffusers backends only
+      # lora_scale: 0.8
     images_per_class: 100
     seed: 0
     batch_size: 8
@@ -53,6 +55,9 @@ class GeneratorConfig(StrictModel):
     width: int | None = Field(default=None, ge=8)
     safety_retries: int = Field(default=3, ge=0)
     local_files_only: bool | None = None  # None: follow HF_HUB_OFFLINE
+    # A LoRA adapter folder (synclone generator finetune, or diffusers' LoRA format) and its weight; 0 = base model.
+    lora: str | None = None
+    lora_scale: float = Field(default=1.0, ge=0)
     options: dict[str, Any] = {}
 
     @model_validator(mode="after")
@@ -90,4 +95,11 @@ class GenerateConfig(StrictModel):
         # ``extend`` only enters when set, so datasets made before it existed keep their fingerprint.
         skip = {"output", "resume_verify", "progress"} | ({"extend"} if self.extend is None else set())
         data = self.model_dump(mode="json", exclude=skip)
+        if self.generator.lora is None:  # datasets made before adapters existed keep their fingerprint
+            for key in ("lora", "lora_scale"):
+                data["generator"].pop(key)
+        else:  # the adapter's weights, not only its folder name, shape the dataset
+            from synclone.generate.lora import adapter_fingerprint
+
+            data["generator"]["lora_sha256"] = adapter_fingerprint(self.generator.lora)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()[:16]

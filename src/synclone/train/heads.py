@@ -42,6 +42,12 @@ class HeadGridConfig(StrictModel):
     distill_weight: float = Field(0.0, ge=0.0)
     distill_temperature: float = Field(1.0, gt=0.0)
     seed: int = 0
+    # Two batches per step (He et al.'s few-shot tuning, when real shots are given apart from the synthetic
+    # data): ``batch_size`` synthetic + ``real_batch_size`` real images, loss = synthetic_weight * CE(synthetic)
+    # + real_weight * CE(real). The paper's sizes are 512 + 32.
+    real_batch_size: int = Field(32, ge=1)
+    real_weight: float = Field(1.0, ge=0.0)
+    synthetic_weight: float = Field(1.0, ge=0.0)
 
     @field_validator("lrs", "weight_decays")
     @classmethod
@@ -90,6 +96,31 @@ class LinearHeadGrid(nn.Module):
         # baddbmm: b + scale * (x @ W^T) for every head at once; x is shared, so expand costs no copy.
         return torch.baddbmm(b.unsqueeze(1), x.unsqueeze(0).expand(len(w), -1, -1), w.transpose(1, 2),
                              alpha=self.scale)
+
+
+def grid_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each head: logits (H, B, C), labels (B,) -> (H,)."""
+    h = logits.shape[0]
+    return F.cross_entropy(logits.flatten(0, 1), labels.repeat(h), reduction="none").view(h, -1).mean(dim=1)
+
+
+def two_batch_loss(syn_logits: torch.Tensor, syn_labels: torch.Tensor, real_logits: torch.Tensor,
+                   real_labels: torch.Tensor, synthetic_weight: float, real_weight: float) -> torch.Tensor:
+    """Each head's loss on one synthetic and one real batch: ``w_syn * CE(syn) + w_real * CE(real)`` (each CE a
+    mean over its own batch, so the weights, not the batch sizes, set the balance)."""
+    return (synthetic_weight * grid_cross_entropy(syn_logits, syn_labels)
+            + real_weight * grid_cross_entropy(real_logits, real_labels))
+
+
+def real_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless real batches: seeded permutations of ``0..n-1`` one after another, cut into ``batch_size`` pieces
+    (a batch may span two permutations; with fewer images than the batch, images repeat)."""
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while len(buf) < batch_size:
+            buf = torch.cat([buf, torch.randperm(n, generator=gen)])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -196,22 +227,25 @@ def _threads_for(flops_per_step: float) -> Iterator[None]:
 def train_head_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                     val_labels: torch.Tensor, n_classes: int, cfg: HeadGridConfig, scale: float = 1.0,
                     init_weight: torch.Tensor | None = None, teacher: tuple[torch.Tensor, float] | None = None,
-                    val_name: str = "val", log: bool = False) -> GridResult:
+                    val_name: str = "val", log: bool = False,
+                    real: tuple[torch.Tensor, torch.Tensor] | None = None) -> GridResult:
     """Train every head of ``cfg``'s grid on the cached features; choose the best on the validation split.
 
     ``teacher`` = (weights (C, D), logit scale) of the zero-shot head, for distillation; features given to
-    the teacher are L2-normalised (it is a cosine classifier).
+    the teacher are L2-normalised (it is a cosine classifier). ``real`` = (features, labels) of real shots:
+    every step then adds a real batch of ``cfg.real_batch_size`` (:func:`two_batch_loss`); epochs and the
+    schedule still count synthetic batches, and distillation applies to the synthetic batch.
     """
     flops = 2.0 * len(cfg.grid()) * min(cfg.batch_size, len(train_feats)) * train_feats.shape[-1] * n_classes
     with _threads_for(flops):
         return _train_head_grid(train_feats, train_labels, val_feats, val_labels, n_classes, cfg, scale, init_weight,
-                                teacher, val_name, log)
+                                teacher, val_name, log, real)
 
 
 def _train_head_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
                      val_labels: torch.Tensor, n_classes: int, cfg: HeadGridConfig, scale: float,
                      init_weight: torch.Tensor | None, teacher: tuple[torch.Tensor, float] | None, val_name: str,
-                     log: bool) -> GridResult:
+                     log: bool, real: tuple[torch.Tensor, torch.Tensor] | None = None) -> GridResult:
     if len(val_feats) == 0:
         raise UserError("the validation split is empty: the best head must be chosen on held-out data; "
                         "raise data.val_fraction or give a validation dataset")
@@ -234,6 +268,10 @@ def _train_head_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
     history: list[list[float]] = []
     train_losses: list[float] = []
     g = torch.Generator().manual_seed(cfg.seed)
+    if real is not None:
+        if len(real[0]) == 0:
+            raise UserError("the real shots are empty: give at least one real image per class")
+        real_iter = real_batches(len(real[0]), cfg.real_batch_size, torch.Generator().manual_seed(cfg.seed + 1))
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train_feats), generator=g)
         epoch_loss, seen = 0.0, 0
@@ -241,8 +279,12 @@ def _train_head_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, val_
             idx = order[s:s + cfg.batch_size]
             x, y = train_feats[idx], train_labels[idx]
             logits = heads(x)  # (H, B, C)
-            per_head = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(grid)), reduction="none").view(
-                len(grid), -1).mean(dim=1)
+            if real is None:
+                per_head = grid_cross_entropy(logits, y)
+            else:
+                r = next(real_iter)
+                per_head = two_batch_loss(logits, y, heads(real[0][r]), real[1][r], cfg.synthetic_weight,
+                                          cfg.real_weight)
             if cfg.distill_weight > 0:
                 per_head = per_head + cfg.distill_weight * distillation_loss(
                     logits, teacher_logits_all[idx].unsqueeze(0), cfg.distill_temperature)

@@ -48,6 +48,9 @@ class ProbeDataConfig(StrictModel):
 
     # One source, or several joined (e.g. synthetic images + the few real shots, as He et al. do few-shot).
     train: str | list[str] = "fashion_mnist"
+    # Real shots kept apart from ``train`` (He et al.'s few-shot tuning): every step then takes one batch of
+    # ``train`` and one of these (heads.real_batch_size), each with its own loss weight (heads.real_weight).
+    real: str | None = None
     # A separate validation dataset; when None, ``val_fraction`` of the training source is held out.
     val: str | None = None
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
@@ -151,12 +154,12 @@ def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, 
 
 
 def classifier_tuning(cfg: ClassifierTuningConfig, train: Any = None, val: Any = None, test: Any = None,
-                      log: bool = False) -> ProbeResult:
+                      log: bool = False, real: Any = None) -> ProbeResult:
     """Tune a CLIP zero-shot head on ``cfg.data.train`` over cached frozen features; write the model folder.
 
-    ``train``/``val``/``test`` (ImageSets) override the dataset references in ``cfg.data``.
+    ``train``/``val``/``test``/``real`` (ImageSets) override the dataset references in ``cfg.data``.
     """
-    return _run(cfg, "classifier_tuning", train, val, test, log)
+    return _run(cfg, "classifier_tuning", train, val, test, log, real)
 
 
 def linear_probe(cfg: LinearProbeConfig, train: Any = None, val: Any = None, test: Any = None,
@@ -165,7 +168,7 @@ def linear_probe(cfg: LinearProbeConfig, train: Any = None, val: Any = None, tes
     return _run(cfg, "linear_probe", train, val, test, log)
 
 
-def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: bool) -> ProbeResult:
+def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: bool, real: Any = None) -> ProbeResult:
     t0 = time.perf_counter()
     heads_cfg: HeadGridConfig = cfg.heads
     backbone = load_backbone(cfg.backbone, cfg.device)
@@ -182,8 +185,14 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
         check_finite(fs)
         return fs
 
+    if real is None and cfg.data.real is not None:
+        real = resolve_dataset(cfg.data.real, "train", cfg.data.data_root, cfg.data.image_size)
+    if real is not None:
+        label_space.check_aligned(real.label_space, what="training data",
+                                  other_what=f"real shots '{getattr(real, 'name', cfg.data.real)}'")
     t_enc = time.perf_counter()
     f_train, f_val = feats(train), feats(val)
+    f_real = feats(real) if real is not None else None
     f_test = feats(test) if test is not None else None
     encode_s = time.perf_counter() - t_enc
 
@@ -200,12 +209,17 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
         scale = float(backbone.logit_scale)
     t_fit = time.perf_counter()
     grid = train_head_grid(f_train.features, f_train.labels, f_val.features, f_val.labels, len(label_space),
-                           heads_cfg, scale=scale, init_weight=text_w, teacher=teacher, val_name=val_name, log=log)
+                           heads_cfg, scale=scale, init_weight=text_w, teacher=teacher, val_name=val_name, log=log,
+                           real=(f_real.features, f_real.labels) if f_real is not None else None)
     fit_s = time.perf_counter() - t_fit
 
     head = LinearHead(grid.weight, grid.bias, grid.scale)
     metrics: dict[str, Any] = {"mode": mode, "val_top1": grid.val_top1[grid.best], "selected_on": val_name,
                                "n_train": len(f_train.labels), "n_val": len(f_val.labels)}
+    if f_real is not None:
+        metrics["n_real"] = len(f_real.labels)
+        metrics["two_batch"] = {"synthetic": heads_cfg.batch_size, "real": heads_cfg.real_batch_size,
+                                "synthetic_weight": heads_cfg.synthetic_weight, "real_weight": heads_cfg.real_weight}
     if text_w is not None:
         metrics["zeroshot_val_top1"] = _top1(zeroshot_logits(f_val.features, text_w, teacher[1]), f_val.labels)
     if f_test is not None:
