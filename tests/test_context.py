@@ -135,3 +135,76 @@ def test_generated_metadata_nests_context_under_attributes(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     df = read_context_table(tmp_path)
     assert df["n_uncommon"].tolist() == [0, 1, 2, 0, 1, 2] and df["time"].iloc[0] == "night"
+
+
+def _focus_db(root, rows) -> None:
+    """FOCUS's annotations.db as its authors' BGVarDB writes it: table `annotations` (file_name TEXT PRIMARY KEY,
+    category, time, weather, locations (sorted, ", "-joined), humans), file names with a leading '/'."""
+    import sqlite3
+
+    con = sqlite3.connect(root / "annotations.db")
+    con.execute("CREATE TABLE if not exists annotations (file_name TEXT PRIMARY KEY, category TEXT, time TEXT, "
+                "weather TEXT, locations TEXT, humans TEXT)")
+    for file_name, category, time, weather, locations, humans in rows:
+        con.execute("REPLACE INTO annotations VALUES (?, ?, ?, ?, ?, ?)",
+                    (file_name, category, time, weather, ", ".join(sorted(locations)), humans))
+    con.commit()
+    con.close()
+
+
+def test_focus_annotations_db_is_read_directly(tmp_path):
+    from PIL import Image
+
+    rows = [("/cat/1.jpg", "cat", "day", "sunny", ["forest", "grass"], "no"),
+            ("/cat/89.jpg", "cat", "night", "foggy", ["forest"], "no"),
+            ("/dog/91.jpg", "dog", "day", "sunny", ["indoors"], "yes"),
+            ("/horse/19.jpg", "horse", "night", "none", ["grass", "water"], "no"),
+            ("/car/23.jpg", "car", "day", "cloudy", ["snow", "street"], "no"),
+            ("/plane/76.jpg", "plane", "day", "raining", ["street"], "no")]
+    _focus_db(tmp_path, rows)
+    for file_name, *_ in rows:
+        (tmp_path / file_name[1:]).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(tmp_path / file_name[1:])
+    table = read_context_table(tmp_path)  # finds annotations.db in the dataset root
+    assert list(table["file_name"]) == sorted(r[0] for r in rows)
+    by_file = table.set_index("file_name")
+    # FOCUS's own table of uncommon settings: forest is uncommon for cats (1); a cat at night in fog in a forest
+    # is uncommon in all three (3); a horse at night by water 2; a car on snow 1; a plane in rain 1; a dog indoors 0.
+    assert by_file["n_uncommon"].to_dict() == {"/car/23.jpg": 1, "/cat/1.jpg": 1, "/cat/89.jpg": 3,
+                                               "/dog/91.jpg": 0, "/horse/19.jpg": 2, "/plane/76.jpg": 1}
+    assert by_file.loc["/cat/1.jpg", "path"] == str(tmp_path / "cat" / "1.jpg")
+
+    # An ImageNet-1k model decided on FOCUS's categories, end to end from the .db file.
+    from synclone.labels import imagenet1k_space
+
+    class _AlwaysTabby(torch.nn.Module):
+        input_size = (3, 8, 8)
+        label_space = imagenet1k_space()
+
+        def forward(self, x):
+            out = torch.zeros(len(x), 1000)
+            out[:, 281] = 1.0  # tabby cat: right for the cats only
+            return out
+
+    values, counts = probe_on_folder("context", _AlwaysTabby(), folder=str(tmp_path))
+    assert {k: counts[(k, "top1")] for k in ("P0", "P1", "P2", "P3")} == {"P0": 1, "P1": 3, "P2": 1, "P3": 1}
+    # only the cats are right: the one at night in fog in a forest (P3) and one of the three P1 images
+    assert {k: values[(k, "top1")] for k in ("P0", "P1", "P2", "P3")} == pytest.approx(
+        {"P0": 0.0, "P1": 1 / 3, "P2": 0.0, "P3": 1.0})
+    from synclone.probes.context_focus import read_focus_db
+
+    assert list(read_focus_db(tmp_path / "annotations.db", humans="yes")["class_name"]) == ["dog"]
+
+
+def test_a_sqlite_file_that_is_not_focus_is_refused(tmp_path):
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "annotations.db")
+    con.execute("CREATE TABLE images (name TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(UserError, match="has no table 'annotations' \\(tables: images\\)"):
+        read_context_table(tmp_path)
+    (tmp_path / "bad.db").write_bytes(b"not a database at all" * 10)
+    with pytest.raises(UserError, match="SQLite"):
+        read_context_table(tmp_path / "bad.db")

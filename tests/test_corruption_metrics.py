@@ -11,6 +11,7 @@ import pytest
 from synclone.errors import UserError
 from synclone.probes.corruptions.metrics import (
     ALEXNET_ERRORS,
+    HELD_OUT_CORRUPTIONS,
     IMAGENET_C_CORRUPTIONS,
     corruption_error,
     error_table,
@@ -53,11 +54,12 @@ def test_hand_made_table():
         "snow": {1: 0.1, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1},  # sum 0.5 vs 1.0: CE 200
         "pixelate": {1: 0.6, 2: 0.6, 3: 0.6, 4: 0.6, 5: 0.6},  # sum 3.0 vs 2.4: CE 80
     }
-    ce = corruption_error(errs, base)
+    ce = corruption_error(errs, base, "present")
     assert ce == pytest.approx({"fog": 50.0, "snow": 200.0, "pixelate": 80.0})
     assert mce(errs, base, corruptions=["fog", "snow", "pixelate"]) == pytest.approx(110.0)
     # A ratio of sums, not a mean of per-severity ratios (which would be (50 + 112.5) / 2 = 81.25).
-    assert corruption_error({"fog": {1: 0.1, 2: 0.9}}, {"fog": {1: 0.2, 2: 0.8}})["fog"] == pytest.approx(100.0)
+    ce_fog = corruption_error({"fog": {1: 0.1, 2: 0.9}}, {"fog": {1: 0.2, 2: 0.8}}, ["fog"])["fog"]
+    assert ce_fog == pytest.approx(100.0)
 
 
 def test_mce_matches_augmix_reference():
@@ -117,10 +119,10 @@ def test_table_formats_agree():
     by_pair = {(c, s): e for c, s, e in rows}
     assert error_table(frame) == error_table(errs) == error_table(by_pair)
     base = random_table(5, corruptions=["fog", "snow"])
-    assert corruption_error(frame, base) == corruption_error(errs, base)
+    assert corruption_error(frame, base, "present") == corruption_error(errs, base, "present")
     # Per-corruption means against a per-severity baseline: the same ratio as the sums over 1-5.
     means = {c: float(np.mean(list(row.values()))) for c, row in errs.items()}
-    assert corruption_error(means, base) == pytest.approx(corruption_error(errs, base))
+    assert corruption_error(means, base, "present") == pytest.approx(corruption_error(errs, base, "present"))
 
 
 def test_bad_tables_are_user_errors():
@@ -144,3 +146,22 @@ def test_bad_tables_are_user_errors():
         error_table({"fog": 0.5, "Fog": 0.4})
     with pytest.raises(UserError, match="not above its clean error"):
         relative_mce(errs, 0.1, errs, 0.95)
+
+
+def test_corruption_error_defaults_to_the_15_and_names_the_held_out_four():
+    # A testbed-style table: all 19 corruptions. AlexNet's published errors cover only the 15, so the
+    # default must be those 15 (as mce's), with the held-out four scored only against a baseline that has them.
+    errs = random_table(11, corruptions=[*IMAGENET_C_CORRUPTIONS, *HELD_OUT_CORRUPTIONS])
+    ce = corruption_error(errs)
+    assert list(ce) == list(IMAGENET_C_CORRUPTIONS)
+    assert sum(ce.values()) / 15 == pytest.approx(mce(errs))
+    base = random_table(12, corruptions=[*IMAGENET_C_CORRUPTIONS, *HELD_OUT_CORRUPTIONS])
+    held = corruption_error(errs, base, "held_out")
+    assert list(held) == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+    row, brow = errs["spatter"], base["spatter"]
+    assert held["spatter"] == pytest.approx(100 * sum(row.values()) / sum(brow.values()))
+    assert list(corruption_error(errs, base, "all")) == [*IMAGENET_C_CORRUPTIONS, *HELD_OUT_CORRUPTIONS]
+    with pytest.raises(UserError, match="baseline_errs has no errors for corruption speckle_noise"):
+        corruption_error(errs, corruptions="held_out")
+    with pytest.raises(UserError, match="not a set name"):
+        corruption_error(errs, corruptions="heldout4")

@@ -133,3 +133,27 @@ def test_third_party_pickles_may_only_hold_arrays():
         assert path.read_bytes()[:2] == b"\x1f\x8b"
         with gzip.open(path, "rb") as f:
             assert f.read(1) == pickle.PROTO
+
+
+
+def test_calibration_is_measured_on_every_shifted_set(models, shifted, tmp_path):
+    from synclone.probes import calibration_metrics
+
+    cfg = EvaluateConfig(output=str(tmp_path / "e"), models={k: models[k] for k in ("m0", "m1")}, max_images=200,
+                         probes={"calibration": {}, "shift": {"datasets": [str(shifted)]}})
+    df = evaluate(cfg, progress=False)
+    cal = df[(df.probe == "calibration") & (df.metric == "ece")]
+    assert set(zip(cal.dataset, cal.variant, strict=True)) == {("fashion_mnist_test", "clean"),
+                                                               (shifted.name, "shifted")}
+    from synclone.data.eval_sets import load_eval_dataset
+    from synclone.models import load_model
+
+    data = load_eval_dataset(str(shifted), "test")
+    x, y = data.batch(slice(0, len(data)))
+    with torch.no_grad():
+        z = load_model(models["m0"])(x).double().numpy()
+    ref = calibration_metrics(z, y.numpy(), n_bins=15, from_logits=True)
+    got = cal[(cal.model == "m0") & (cal.variant == "shifted")].value.iloc[0]
+    assert got == pytest.approx(ref["ece"], abs=1e-6)
+    arts = json.loads((tmp_path / "e" / "artifacts.json").read_text())
+    assert {a["dataset"] for a in arts if a["kind"] == "reliability"} == {"fashion_mnist_test", shifted.name}

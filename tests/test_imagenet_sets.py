@@ -412,3 +412,31 @@ def test_fingerprint_follows_the_files(tmp_path):
     assert load_imagenet_set(root).fingerprint() != before
     assert load_imagenet_set(root, input_size=(3, 64, 64)).fingerprint() != load_imagenet_set(root).fingerprint()
     assert json.dumps(load_imagenet_set(root).extra)  # serialisable for reports
+
+
+def test_calibration_under_shift_uses_the_sets_own_classes(model, tmp_path):
+    """Calibration on ImageNet-R: the confidence is the softmax over its 200 classes, as its accuracy is masked."""
+    from synclone.probes import calibration_metrics
+
+    r = imagenet_r_indices()
+    root = tmp_path / "imagenet-r"
+    _save(root / WNIDS[TABBY] / "chelsea.png", _photo("chelsea"))
+    _save(root / WNIDS[ESPRESSO] / "coffee.png", _photo("coffee"))
+    val = _dirs(tmp_path / "val", [WNIDS[0]])
+    ctx = _ctx(model, load_eval_dataset(str(val)), tmp_path)
+    ctx.shift_datasets = [str(root)]  # what the runner sets from the shift probe's datasets
+    rows = get_probe("calibration").run(ctx, get_probe("calibration").settings())
+    got = {(x.dataset, x.variant, x.metric): x for x in rows}
+    z = ctx.logits("effnet", ctx.dataset(str(root))).double().numpy()
+    labels = ctx.dataset(str(root)).labels.numpy()
+    pos = {int(c): i for i, c in enumerate(r)}
+    ref = calibration_metrics(z[:, r], np.array([pos[int(y)] for y in labels]), n_bins=15, from_logits=True)
+    assert got[("imagenet-r", "shifted", "ece")].value == pytest.approx(ref["ece"], abs=1e-12)
+    assert got[("imagenet-r", "shifted", "nll")].value == pytest.approx(ref["nll"], abs=1e-12)
+    assert "softmax over the 200 classes" in got[("imagenet-r", "shifted", "ece")].convention
+    assert any(k[1] == "clean" and k[2] == "ece" for k in got)
+    data = ctx.dataset(str(root))
+    with torch.no_grad():
+        raw = model(data.batch(slice(0, len(data)))[0]).double().numpy()  # the model's own 1000-way softmax
+    full = calibration_metrics(raw, labels, n_bins=15, from_logits=True)
+    assert full["nll"] > ref["nll"] + 0.1  # the classes outside the 200 take probability mass: masking matters

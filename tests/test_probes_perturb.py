@@ -219,3 +219,32 @@ def test_missing_folder_and_unknown_baseline_are_user_errors(models, clean, tmp_
         run_probe("corruptions", ctx, names=["fog"], folder=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="baseline 'resnet' is not a model of this suite; choose one of real, weak"):
         run_probe("corruptions", ctx, names=["fog"], baseline="resnet")
+
+
+def test_fgsm_and_pgd_blocks_in_one_run_share_the_clean_pass(models, clean, tmp_path):
+    """Singh et al. report FGSM and PGD: two attack blocks in one probe, each row labelled with its attack, the
+    numbers identical to running each attack alone, one clean forward pass per model."""
+    eps = [1 / 255, 4 / 255]
+    ctx = EvalContext(models, clean, tmp_path / "both", progress=False)
+    rows = run_probe("adversarial", ctx, eps=eps, max_images=120,
+                     blocks=[{"attack": "fgsm"}, {"attack": "pgd_linf", "steps": 5, "name": "pgd5"}])
+    t = table(rows)
+    assert ctx.forward_passes == len(models)  # the clean logits of the 120 images, once per model
+    alone_fgsm = table(run_probe("adversarial", EvalContext(models, clean, tmp_path / "f", progress=False),
+                                 attack="fgsm", eps=eps, max_images=120))
+    alone_pgd = table(run_probe("adversarial", EvalContext(models, clean, tmp_path / "p", progress=False),
+                                steps=5, eps=eps, max_images=120))
+    for m in models:
+        assert {r.variant for r in rows if r.model == m} == {
+            "fgsm eps=0.003922", "fgsm eps=0.01569", "pgd5 eps=0.003922", "pgd5 eps=0.01569", "clean"}
+        for e in eps:
+            assert t[m, f"fgsm eps={e:.4g}", "robust_top1"] == alone_fgsm[m, f"eps={e:.4g}", "robust_top1"]
+            assert t[m, f"pgd5 eps={e:.4g}", "robust_top1"] == alone_pgd[m, f"eps={e:.4g}", "robust_top1"]
+        # PGD is the stronger attack at the same budget
+        assert t[m, "pgd5 eps=0.01569", "robust_top1"] <= t[m, "fgsm eps=0.01569", "robust_top1"] + 1e-9
+    curves = [a["data"]["attack"] for a in ctx.artifacts if a["kind"] == "robust_curve" and a["model"] == "real"]
+    assert curves == ["fgsm", "pgd5"]
+    with pytest.raises(UserError, match="two blocks are both 'fgsm'"):
+        run_probe("adversarial", ctx, blocks=[{"attack": "fgsm"}, {"attack": "fgsm", "eps": [0.1]}])
+    with pytest.raises(UserError, match=r"blocks\[0\]\.steps"):
+        run_probe("adversarial", ctx, blocks=[{"attack": "pgd_linf", "steps": 0}])

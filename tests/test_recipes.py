@@ -49,11 +49,16 @@ MISSING = {
     "he2023_clip_tuning": [
         "generator 'CompVis/stable-diffusion-v1-4'", "label file", "nodata/eurosat/classes.txt",
         "nodata/eurosat/shots' does not exist", "open_clip 'ViT-B-16' ('openai')", "nodata/eurosat/test"],
-    "singh2024_robustness_benchmark": [
-        "resnet50.tv_in1k", "resnet50_synthetic.safetensors", "vit_base_patch14_dinov2.lvd142m",
-        "synclr_vit_b16.safetensors", "synclip_vit_b16.safetensors' does not exist", "open_clip 'ViT-B-16' ('openai')",
-        "imagenet-a folder", "imagenet-c' does not exist", "cue-conflict' does not exist",
-        "bg_challenge' does not exist", "focus' does not exist", "ood/textures"],
+    "singh2024_robustness_benchmark": [  # all 14 model families of the paper, and every dataset
+        "resnet50.a1_in1k", "vit_base_patch16_224.augreg_in1k", "deit3_large_patch16_224.fb_in1k",
+        "swin_base_patch4_window7_224.ms_in1k", "convnext_base.fb_in22k_ft_in1k", "imagenet_1k_sd.pth",
+        "classname/16M.pt", "dinov2_vitb14_reg4_pretrain.pth", "dinov2_vitb14_reg4_linear_head.pth",
+        "mae_lp_e90.pth", "mocov3_linear.tar", "synclr/linear_best.pt", "open_clip 'ViT-B-16' ('openai')",
+        "Synthetic/371M.pt", "synthclip/open_clip' does not exist", "nodata/imagenet/train", "imagenet-val folder",
+        "imagenet-v2 folder", "imagenet-sketch folder", "imagenet-r folder", "imagenet-a folder", "objectnet folder",
+        "baselines.imagenet-r: table", "robustness_top1s.csv' does not exist", "imagenet-c' does not exist",
+        "ood/inaturalist", "ood/sun", "ood/places", "cue-conflict' does not exist", "bg_challenge' does not exist",
+        "focus' does not exist"],
 }
 
 

@@ -55,7 +55,8 @@ def _done(path: object) -> None:
 @app.command()
 def train(
     args: ArgsT = None,
-    kind: Annotated[str, typer.Option(help="supervised | classifier-tuning | linear-probe | fewshot")] = "supervised",
+    kind: Annotated[str, typer.Option(
+        help="supervised | classifier-tuning | linear-probe | fewshot | pretrained")] = "supervised",
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its last checkpoint")] = False,
     output: Annotated[str | None, typer.Option(help="run folder (same as output=...)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -85,8 +86,39 @@ def train(
         spread = "" if res["std"] is None else f" +- {100 * res['std']:.2f}"  # one seed has no spread
         typer.echo(f"top-1 over {res['n']} seed(s): {100 * res['mean']:.2f}{spread} %", err=True)
         _done(Path(_load(TrainConfig, args, extra).output) / "fewshot.json")
+    elif kind == "pretrained":
+        _done(_import_checkpoint(args, extra))
     else:
-        raise UserError(f"unknown --kind '{kind}': use supervised, classifier-tuning, linear-probe or fewshot")
+        raise UserError(f"unknown --kind '{kind}': use supervised, classifier-tuning, linear-probe, fewshot or "
+                        "pretrained")
+
+
+def _import_checkpoint(args: list[str] | None, extra: list[str]) -> Path:
+    from synclone.models.pretrained import PretrainedConfig, import_timm
+
+    return import_timm(_load(PretrainedConfig, args, extra))
+
+
+@app.command("import")
+def import_(
+    args: ArgsT = None,
+    output: Annotated[str | None, typer.Option(help="run folder (same as output=...)")] = None,
+) -> None:
+    """Import a trained classifier (timm arch + checkpoint file or timm's weights) as a synclone model folder.
+
+    ``synclone import arch=tf_efficientnet_lite0 pretrained=weights.pth key_map=auto output=runs/lite0``;
+    released checkpoints of other layouts are converted (``convert``: auto, synclr, stablerep, mae, mocov3,
+    dinov2, imagenet_sd, synthclip) and a released linear head file is used as the classifier (``head``).
+    """
+    import warnings
+
+    extra = [f"output={output}"] if output else []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        folder = _import_checkpoint(args, extra)
+    for w in caught:  # the preprocessing doubts, one line each, before the folder
+        typer.echo(f"warning: {w.message}", err=True)
+    _done(folder)
 
 
 @app.command()
@@ -204,6 +236,46 @@ def run(
     from synclone.recipe import load_recipe, run_recipe
 
     _done(run_recipe(load_recipe(recipe, overrides or []), dry_run=dry_run))
+
+
+@app.command("er")
+def er(
+    table: Annotated[str, typer.Argument(help="CSV of accuracies: one row per model, one column per test set")],
+    id_col: Annotated[str, typer.Option("--id", help="in-distribution accuracy column (e.g. val)")],
+    shift_col: Annotated[str, typer.Option("--shift", help="shifted accuracy column (e.g. imagenet-r)")],
+    models: Annotated[str | None, typer.Option(help="comma-separated rows to score (default: every row)")] = None,
+    baselines: Annotated[str | None, typer.Option(
+        help="comma-separated rows (shell patterns) that form the trend (default: every row not in --models)")] = None,
+    filter_: Annotated[list[str] | None, typer.Option(
+        "--filter", help="keep rows with COLUMN=VALUE (repeatable; e.g. the testbed's model type)")] = None,
+    scale: Annotated[str, typer.Option(help="auto | percent | fraction")] = "auto",
+    model_column: Annotated[str | None, typer.Option(help="column naming the rows (default: model/name)")] = None,
+    types: Annotated[str | None, typer.Option(
+        help="model types (CSV model,type or JSON) joined as column 'type', e.g. --filter type=STANDARD")] = None,
+) -> None:
+    """Effective robustness from accuracies alone: the logit-linear fit over baseline rows and each model's ER."""
+    from synclone.probes.shift import er_from_table
+
+    if scale not in ("auto", "percent", "fraction"):
+        raise UserError(f"--scale '{scale}': use auto, percent or fraction")
+    filters: dict[str, list[str]] = {}
+    for f in filter_ or []:
+        col, sep, value = f.partition("=")
+        if not sep or not col:
+            raise UserError(f"--filter '{f}': write COLUMN=VALUE")
+        filters.setdefault(col.strip(), []).append(value.strip())
+    split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)  # noqa: E731
+    res = er_from_table(table, id_col, shift_col, models=split(models), baselines=split(baselines),
+                        filter=filters, scale=scale, model_column=model_column, types=types)
+    fit = res.fit
+    typer.echo(f"fit: logit({shift_col}) = {fit.a:.6g} * logit({id_col}) + {fit.b:.6g}   R^2 = {fit.r2:.6g}   "
+               f"n = {fit.n} baselines   (accuracies read as {res.scale}"
+               + (f"; {res.dropped_blank} rows blank in either column left out" if res.dropped_blank else "") + ")")
+    width = max(len(m) for m in res.er)
+    typer.echo(f"{'model':<{width}}  {id_col:>10}  {shift_col:>10}  {'ER (pp)':>9}")
+    for m, value in res.er.items():
+        a_id, a_shift = res.acc[m]
+        typer.echo(f"{m:<{width}}  {100 * a_id:>10.2f}  {100 * a_shift:>10.2f}  {value:>+9.2f}")
 
 
 @app.command()

@@ -72,6 +72,8 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
                       batch_size=cfg.batch_size, data_root=cfg.data_root, max_images=cfg.max_images,
                       seed=cfg.seed, progress=progress, image_size=cfg.image_size)
     ctx.clean = ctx.cap(clean)
+    # Probes that also report on the shifted sets (calibration under shift) read them from here.
+    ctx.shift_datasets = [d for n, st in probes if n == "shift" for d in st.datasets]
     rows: list[Row] = []
     timings = {}
     bar = tqdm(probes, desc="evaluate", disable=not progress, unit="probe")

@@ -41,6 +41,13 @@ class BackboneConfig(StrictModel):
     seed: int = 0
     # L2-normalise features; None = yes for CLIP (cosine similarity is what its heads expect), no otherwise.
     normalize: bool | None = None
+    # open_clip with a checkpoint file: was it trained with QuickGELU? None = read it from the checkpoint's
+    # metadata, and refuse when it records nothing (synclone.models.convert.open_clip_variant).
+    quick_gelu: bool | None = None
+    # timm with a checkpoint file of another layout (SynCLR, MoCo v3, MAE, DINOv2 ...): its converter and how keys
+    # are matched (synclone.models.convert).
+    convert: str = "auto"
+    key_map: str = "auto"
 
 
 # --- preprocessing on batches --------------------------------------------------------------------------
@@ -165,8 +172,11 @@ class ImageEncoder(nn.Module):
 
     def cache_key(self) -> str:
         """Weights + preprocessing + output normalisation: what decides the features of an image."""
-        spec = json.dumps({"weights": self.weights_hash(), "pre": self.preprocess.to_dict(),
-                           "normalize": self.normalize, "format": CACHE_FORMAT}, sort_keys=True)
+        spec = {"weights": self.weights_hash(), "pre": self.preprocess.to_dict(), "normalize": self.normalize,
+                "format": CACHE_FORMAT}
+        if getattr(self, "variant", ""):  # same weights, other function (QuickGELU): other features
+            spec["variant"] = self.variant
+        spec = json.dumps(spec, sort_keys=True)
         return hashlib.sha1(spec.encode()).hexdigest()[:20]
 
 
@@ -239,6 +249,10 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
     elif name not in open_clip.list_models():
         raise UserError(f"unknown open_clip model '{name}': use a name from open_clip.list_models(), "
                         "'local-dir:PATH', or the path of a model-config .json file")
+    if pretrained and not name.startswith("local-dir:") and not name.endswith(".json"):
+        from synclone.models.convert import open_clip_variant
+
+        name = tokenizer_name = open_clip_variant(name, pretrained, cfg.quick_gelu)
     if pretrained and not name.startswith("local-dir:"):
         is_file = Path(pretrained).is_file()
         if not is_file and pretrained not in open_clip.list_pretrained_tags_by_model(name):
@@ -259,6 +273,8 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
         else int(model.visual.output_dim)
     encoder = ImageEncoder(model.visual, lambda trunk, x: trunk(x), pre, dim,
                            True if cfg.normalize is None else cfg.normalize, f"open_clip:{cfg.name}")
+    if name.endswith("-quickgelu"):
+        encoder.variant = "quickgelu"
     tokenizer = open_clip.get_tokenizer(tokenizer_name)
     return Backbone(cfg, encoder, clip_model=model, tokenizer=tokenizer,
                     logit_scale=float(model.logit_scale.detach().exp()))
@@ -337,21 +353,21 @@ def _load_timm(cfg: BackboneConfig) -> Backbone:
     from timm.data import resolve_data_config
 
     kwargs: dict[str, Any] = {"num_classes": 0}
-    pretrained = False
-    if cfg.pretrained == "default":
-        pretrained = True
-    elif cfg.pretrained:
-        if not Path(cfg.pretrained).is_file():
-            raise UserError(f"timm checkpoint '{cfg.pretrained}' does not exist (use a file path, or 'default' for "
-                            "timm's own weights)")
-        pretrained = True
-        kwargs["pretrained_cfg_overlay"] = {"file": str(cfg.pretrained)}
+    pretrained = cfg.pretrained == "default"
+    if cfg.pretrained and not pretrained and not Path(cfg.pretrained).is_file():
+        raise UserError(f"timm checkpoint '{cfg.pretrained}' does not exist (use a file path, or 'default' for "
+                        "timm's own weights)")
     try:
         net = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise UserError(f"unknown timm model '{cfg.name}': use a name from timm.list_models()") from None
         raise
+    if cfg.pretrained and not pretrained:
+        from synclone.models.convert import load_backbone_weights
+
+        # Released checkpoints (SynCLR, MoCo v3, MAE, DINOv2 ...) are converted and matched as an import's are.
+        load_backbone_weights(net, cfg.pretrained, cfg.name, cfg.convert, cfg.key_map)
     dc = resolve_data_config({}, model=net)
     _, h, w = dc["input_size"]
     pre = Preprocess(size=(int(h), int(w)), mean=tuple(dc["mean"]), std=tuple(dc["std"]),

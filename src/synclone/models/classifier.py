@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import synclone.models.small_cnn  # noqa: F401  (registers the small CNNs in timm)
+import synclone.models.token_avg  # noqa: F401  (registers the DINOv2-style readout in timm)
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 

@@ -41,16 +41,16 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from synclone.config import StrictModel
+from synclone.config import StrictModel, format_validation_error
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
 from synclone.probes.base import EvalContext, Row, check_models, progress, register_probe, source_hash, top1
@@ -608,6 +608,11 @@ class AdversarialSettings(StrictModel):
     attacks: list[str] | None = None
     n_iter: int | None = Field(default=None, ge=1)
     n_queries: int | None = Field(default=None, ge=1)
+    # Several attacks in one run (Singh et al.: FGSM and PGD), each a mapping of the settings above that
+    # differ from these (e.g. [{attack: fgsm}, {attack: pgd_linf, steps: 20}]); all attack the same images,
+    # whose clean logits are computed once. ``name`` labels a block's rows (default: its attack).
+    blocks: list[dict[str, Any]] | None = None
+    name: str | None = None
 
     @field_validator("eps")
     @classmethod
@@ -630,6 +635,33 @@ class AdversarialSettings(StrictModel):
         if self.attack.startswith("pgd") and self.restarts > 1 and not self.random_start:
             raise ValueError("restarts > 1 needs random_start: true (without it every restart is the same attack)")
         return self
+
+    def attack_blocks(self) -> list[AdversarialSettings]:
+        """The attacks to run: the blocks (each completed from these settings), or these settings alone."""
+        if not self.blocks:
+            return [self]
+        base = self.model_dump(exclude={"blocks", "name"}, exclude_unset=True)
+        out = []
+        for i, block in enumerate(self.blocks):
+            if "blocks" in block or "max_images" in block:
+                raise UserError(f"probes.adversarial.blocks[{i}]: 'blocks' and 'max_images' belong to the probe, "
+                                "not to a block (every block attacks the same images)")
+            merged = {**base, **block}
+            if block.get("attack") and block["attack"] != self.attack and "norm" not in block:
+                merged.pop("norm", None)  # the block's attack implies its own norm
+            try:
+                out.append(AdversarialSettings.model_validate(merged))
+            except ValidationError as err:
+                raise UserError(format_validation_error(err, prefix=f"probes.adversarial.blocks[{i}].")) from None
+        names = [b.label for b in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise UserError(f"probes.adversarial.blocks: two blocks are both '{dup[0]}'; give each a distinct 'name'")
+        return out
+
+    @property
+    def label(self) -> str:
+        return self.name or self.attack
 
     @property
     def resolved_norm(self) -> str:
@@ -682,34 +714,44 @@ def _float_batches(data: TensorImageSet, size: int) -> Iterator[tuple[torch.Tens
 def adversarial_probe(ctx: EvalContext, s: AdversarialSettings) -> list[Row]:
     """Robust top-1 accuracy per eps under FGSM, PGD (L-inf / L2) or AutoAttack, with the clean top-1 beside it."""
     check_models(ctx, "adversarial")
+    blocks = s.attack_blocks()
     data = ctx.cap(ctx.clean, s.max_images)
-    eps_list, convention = s.resolved_eps, s.convention()
     rows: list[Row] = []
-    for m in progress(ctx, list(ctx.models), f"adversarial ({s.attack})"):
-        clean = ctx.logits(m, data)
+    for m in progress(ctx, list(ctx.models), "adversarial (" + ", ".join(b.label for b in blocks) + ")"):
+        clean = ctx.logits(m, data)  # one clean pass per model, shared by every attack block
         clean_top1 = top1(clean, data.labels)
-        flags: dict[float, torch.Tensor] = {}
-        for eps in eps_list:
-            path = _adv_cache(ctx, m, data, s, eps)
-            if path.is_file():
-                flags[eps] = load_file(str(path))["robust"].bool()
-        todo = [e for e in eps_list if e not in flags]
-        if todo:
-            module = ctx.models[m].module
-            out = robust_flags(module, _float_batches(data, ctx.batch_size), None, s.attack, todo,
-                               seed=s.seed, clean=clean, **s.attack_kwargs())
-            for k, eps in enumerate(todo):
-                flags[eps] = out[k]
-                path = _adv_cache(ctx, m, data, s, eps)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path) as tmp:
-                    save_file({"robust": out[k].to(torch.uint8).contiguous()}, str(tmp))
-        robust = [float(flags[e].float().mean()) for e in eps_list]
-        for eps, value in zip(eps_list, robust, strict=True):
-            rows.append(Row(m, "adversarial", data.name, f"eps={eps:.4g}", "robust_top1", value, len(data), convention))
+        for b in blocks:
+            robust = _robust_accuracies(ctx, m, data, b, clean)
+            prefix = f"{b.label} " if s.blocks else ""
+            for eps, value in zip(b.resolved_eps, robust, strict=True):
+                rows.append(Row(m, "adversarial", data.name, f"{prefix}eps={eps:.4g}", "robust_top1", value,
+                                len(data), b.convention()))
+            ctx.add_artifact(m, "adversarial", data.name, "robust_curve",
+                             {"eps": b.resolved_eps, "robust_top1": robust, "clean_top1": clean_top1,
+                              "attack": b.label, "norm": b.resolved_norm, "convention": b.convention()})
         rows.append(Row(m, "adversarial", data.name, "clean", "clean_top1", clean_top1, len(data),
                         "shared clean logits of the same images"))
-        ctx.add_artifact(m, "adversarial", data.name, "robust_curve",
-                         {"eps": eps_list, "robust_top1": robust, "clean_top1": clean_top1, "attack": s.attack,
-                          "norm": s.resolved_norm, "convention": convention})
     return rows
+
+
+def _robust_accuracies(ctx: EvalContext, m: str, data: TensorImageSet, s: AdversarialSettings,
+                       clean: torch.Tensor) -> list[float]:
+    """Robust top-1 per eps of one attack, from the per-image cache where present."""
+    eps_list = s.resolved_eps
+    flags: dict[float, torch.Tensor] = {}
+    for eps in eps_list:
+        path = _adv_cache(ctx, m, data, s, eps)
+        if path.is_file():
+            flags[eps] = load_file(str(path))["robust"].bool()
+    todo = [e for e in eps_list if e not in flags]
+    if todo:
+        module = ctx.models[m].module
+        out = robust_flags(module, _float_batches(data, ctx.batch_size), None, s.attack, todo,
+                           seed=s.seed, clean=clean, **s.attack_kwargs())
+        for k, eps in enumerate(todo):
+            flags[eps] = out[k]
+            path = _adv_cache(ctx, m, data, s, eps)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file({"robust": out[k].to(torch.uint8).contiguous()}, str(tmp))
+    return [float(flags[e].float().mean()) for e in eps_list]

@@ -86,6 +86,7 @@ class EvalContext:
         self.seed = seed
         self.progress = progress
         self.artifacts: list[dict] = []
+        self.shift_datasets: list[str] = []  # the shift probe's sets, for probes that also report under shift
         self.forward_passes = 0  # counted so tests can check that probes share outputs
         self._memo: dict[str, torch.Tensor] = {}
         self._datasets: dict[str, ImageSet] = {}

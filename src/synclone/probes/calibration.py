@@ -249,22 +249,41 @@ def calibration_metrics(probs_or_logits, labels, *, n_bins: int = DEFAULT_BINS, 
 
 class CalibrationSettings(StrictModel):
     n_bins: int = Field(15, ge=1)
+    # Calibration under shift (Singh et al.'s headline finding is on ImageNet-R and -A): also every shifted set
+    # the shift probe of this run scores, and any sets listed here.
+    shifted: bool = True
+    datasets: list[str] = Field(default_factory=list, description="more test sets to measure calibration on")
 
 
 @register_probe("calibration", CalibrationSettings)
 def calibration_probe(ctx: EvalContext, s: CalibrationSettings) -> list[Row]:
-    """ECE, MCE, adaptive and classwise ECE, NLL and Brier on the clean test set, plus reliability data."""
+    """ECE, MCE, adaptive and classwise ECE, NLL and Brier on the clean test set and on every shifted set the
+    run scores (variant 'shifted'), plus reliability data per set."""
     rows = []
-    data = ctx.clean
-    for name in ctx.models:
-        logits = ctx.logits(name, data).double().numpy()
-        m = calibration_metrics(logits, data.labels.numpy(), n_bins=s.n_bins, from_logits=True)
-        conv = convention({"bins": m["conventions"]["n_bins"], "binning": "equal-width", "temperature": 1.0,
-                      "confidence": "max softmax"})
-        for key in ("ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier"):
-            rows.append(Row(name, "calibration", data.name, "clean", key, m[key], m["n"], conv))
-        d = reliability_diagram(logits, data.labels.numpy(), s.n_bins, from_logits=True)
-        ctx.add_artifact(name, "calibration", data.name, "reliability",
-                         {"edges": d.edges, "conf": [None if np.isnan(v) else float(v) for v in d.conf],
-                          "acc": [None if np.isnan(v) else float(v) for v in d.acc], "count": d.count})
+    specs = list(dict.fromkeys([*(ctx.shift_datasets if s.shifted else []), *s.datasets]))
+    sets = [(ctx.clean, "clean")] + [(ctx.dataset(spec, "test"), "shifted") for spec in specs]
+    for data, variant in sets:
+        subset = (getattr(data, "extra", None) or {}).get("class_subset")
+        labels = data.labels.numpy()
+        for name in ctx.models:
+            logits = ctx.logits(name, data).double().numpy()
+            extra = {}
+            if subset is not None:
+                # ImageNet-R/A style: the model answers among the set's classes, so its confidence is the softmax
+                # over those logits (the same mask the shift probe's accuracy uses).
+                idx = np.asarray(subset)
+                pos = {int(c): i for i, c in enumerate(idx)}
+                logits, labels_used = logits[:, idx], np.array([pos[int(y)] for y in labels])
+                extra = {"classes": f"softmax over the {len(idx)} classes of {data.name}"}
+            else:
+                labels_used = labels
+            m = calibration_metrics(logits, labels_used, n_bins=s.n_bins, from_logits=True)
+            conv = convention({"bins": m["conventions"]["n_bins"], "binning": "equal-width", "temperature": 1.0,
+                               "confidence": "max softmax", **extra})
+            for key in ("ece", "mce", "adaptive_ece", "classwise_ece", "nll", "brier"):
+                rows.append(Row(name, "calibration", data.name, variant, key, m[key], m["n"], conv))
+            d = reliability_diagram(logits, labels_used, s.n_bins, from_logits=True)
+            ctx.add_artifact(name, "calibration", data.name, "reliability",
+                             {"edges": d.edges, "conf": [None if np.isnan(v) else float(v) for v in d.conf],
+                              "acc": [None if np.isnan(v) else float(v) for v in d.acc], "count": d.count})
     return rows

@@ -4,7 +4,8 @@ Every image carries its class and three context attributes (time of day, weather
 flagged common or uncommon for that class. P_k is the accuracy on the images with exactly k uncommon
 attributes; the ratios P_k / P0 say how much accuracy survives unusual contexts (1 = none lost).
 
-Annotated tables (CSV, JSON lines or parquet; a dataset folder's ``metadata.jsonl`` works) need, per
+FOCUS's released ``annotations.db`` (SQLite) is read as it is. Other annotated tables (CSV, JSON lines or
+parquet; a dataset folder's ``metadata.jsonl`` works) need, per
 image, ``file_name`` (relative to the table's folder) or ``path``; ``class_name`` or ``label``; and one
 of: ``n_uncommon``; the flags ``time_uncommon``, ``weather_uncommon``, ``location_uncommon``; or FOCUS's
 raw attributes ``time``, ``weather``, ``location`` (or ``locations``, comma-separated) for the 10
@@ -35,7 +36,8 @@ from synclone.probes.built import check_folder, class_index, read_images
 from synclone.prompts.contexts import ATTRIBUTES, contexts_table
 
 FLAG_COLUMNS = tuple(f"{a}_uncommon" for a in ATTRIBUTES)
-TABLE_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet", "annotations.csv", "annotations.jsonl")
+TABLE_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet", "annotations.csv", "annotations.jsonl",
+               "annotations.db")  # the last: FOCUS's released SQLite file (synclone.probes.context_focus)
 
 
 # --- the metric ---------------------------------------------------------------------------------------
@@ -137,7 +139,11 @@ def read_context_table(path: str | Path) -> pd.DataFrame:
     """An annotated context probe as a table with columns ``path``, ``class_name`` / ``label`` and ``n_uncommon``."""
     table = _find_table(Path(path))
     try:
-        if table.suffix == ".jsonl":
+        if table.suffix in (".db", ".sqlite", ".sqlite3"):
+            from synclone.probes.context_focus import read_focus_db
+
+            df = read_focus_db(table)
+        elif table.suffix == ".jsonl":
             df = pd.read_json(table, lines=True)
         elif table.suffix == ".parquet":
             df = pd.read_parquet(table)

@@ -18,9 +18,11 @@ Conventions:
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -193,6 +195,181 @@ def read_baselines_csv(path, scale: str = "auto") -> Baselines:
     return Baselines(values["acc_id"], values["acc_shift"], models, scale, str(path))
 
 
+# --- published accuracy tables as baselines ---------------------------------------------------------
+#
+# The field's standard table (the imagenet-testbed's results: ~200 models x ~200 evaluation settings, one
+# column per setting, accuracies in percent, blanks where a model was not run) holds every baseline a
+# shifted set needs: its ID accuracy column (``val``, or ``val-on-imagenet-r-classes`` for ImageNet-R's 200
+# classes) and its shifted column (``imagenetv2-matched-frequency-format-val``, ``imagenet-r``, ...).
+# :class:`BaselineTable` names the two columns and which rows count as baselines; :func:`read_baseline_table`
+# turns it into :class:`Baselines`; :func:`er_from_table` fits the trend and scores models of the same table
+# (what ``synclone er`` prints).
+
+
+class BaselineTable(StrictModel):
+    """Which rows and columns of a published accuracy table are the baselines of one shifted set."""
+
+    csv: str
+    id_column: str = Field("acc_id", description="in-distribution accuracy column (e.g. 'val')")
+    shift_column: str = Field("acc_shift", description="shifted accuracy column (e.g. 'imagenet-r')")
+    model_column: str | None = Field(None, description="row names (default: a 'model' or 'name' column)")
+    # Rows kept: every {column: value or [values]} must hold (e.g. the testbed's model type: {type: STANDARD}).
+    filter: dict[str, Any] = Field(default_factory=dict)
+    models: list[str] | None = Field(None, description="row names to keep (shell patterns), default all")
+    exclude: list[str] = Field(default_factory=list, description="row names to drop (shell patterns)")
+    scale: Literal["auto", "fraction", "percent"] = "auto"
+    # The testbed keeps model types outside its results table: a CSV (model,type) or JSON {model: type} joined
+    # as the column 'type', so that filter: {type: STANDARD} selects its standard models.
+    types: str | None = None
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """Named accuracy pairs read from a table (fractions), and how they were read."""
+
+    names: tuple[str, ...]
+    acc_id: np.ndarray
+    acc_shift: np.ndarray
+    scale: str
+    dropped_blank: int
+
+
+def _columns_hint(columns: list[str]) -> str:
+    shown = ", ".join(columns[:60])
+    return shown + (f", ... ({len(columns)} columns)" if len(columns) > 60 else "")
+
+
+def read_types(path: str | Path) -> dict[str, str]:
+    """Model name -> type from a CSV with columns (model, type) or a JSON object {model: type}."""
+    import json
+
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model-type file '{path}' does not exist")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"model-type file '{path}' is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"model-type file '{path}' must be a JSON object {{model: type}}")
+        return {str(k): str(v) for k, v in data.items()}
+    df = pd.read_csv(path, skipinitialspace=True)
+    df.columns = [str(c).strip() for c in df.columns]
+    if not {"model", "type"} <= set(df.columns):
+        raise UserError(f"model-type file '{path}' needs columns model,type; it has {', '.join(df.columns)}")
+    return dict(zip(df["model"].astype(str), df["type"].astype(str), strict=True))
+
+
+def read_table_rows(csv: str | Path, id_column: str, shift_column: str, *, model_column: str | None = None,
+                    filter: dict[str, Any] | None = None, scale: str = "auto",  # noqa: A002
+                    types: str | Path | None = None) -> TableRows:
+    """The (model, acc_id, acc_shift) rows of ``csv``; rows blank in either column are left out and counted."""
+    import pandas as pd
+
+    path = Path(csv)
+    if not path.is_file():
+        raise UserError(f"accuracy table '{path}' does not exist")
+    try:
+        df = pd.read_csv(path, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"accuracy table '{path}' could not be parsed: {err}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    cols = list(df.columns)
+    name_col = model_column or next((c for c in ("model", "name", "model_name") if c in cols), None)
+    if types is not None:
+        if name_col is None or name_col not in cols:
+            raise UserError(f"accuracy table '{path}' has no model column to join the model types on; its columns: "
+                            f"{_columns_hint(cols)}")
+        kinds = read_types(types)
+        df["type"] = df[name_col].astype(str).map(kinds).fillna("unknown")
+        cols = list(df.columns)
+    wanted = [id_column, shift_column, *([model_column] if model_column else []), *(filter or {})]
+    missing = [c for c in dict.fromkeys(wanted) if c not in cols]
+    if missing:
+        raise UserError(f"accuracy table '{path}' has no column {', '.join(map(repr, missing))}; its columns: "
+                        f"{_columns_hint(cols)}")
+    for col, value in (filter or {}).items():
+        values = value if isinstance(value, list) else [value]
+        df = df[df[col].astype(str).isin([str(v) for v in values])]
+    ids = pd.to_numeric(df[id_column], errors="coerce")
+    shifts = pd.to_numeric(df[shift_column], errors="coerce")
+    ok = ids.notna() & shifts.notna()
+    names = (df[name_col].astype(str) if name_col else pd.Series([f"row{i + 2}" for i in df.index], index=df.index))
+    x, y = ids[ok].to_numpy(np.float64), shifts[ok].to_numpy(np.float64)
+    both = np.concatenate([x, y])
+    if both.size and (both.min() < 0 or both.max() > 100):
+        raise UserError(f"accuracy table '{path}': accuracies must lie in [0, 1] or [0, 100], got "
+                        f"[{both.min():g}, {both.max():g}] in columns {id_column!r}, {shift_column!r}")
+    if scale == "auto":
+        scale = "percent" if both.size and both.max() > 1.0 else "fraction"
+    if scale == "percent":
+        x, y = x / 100.0, y / 100.0
+    elif both.size and both.max() > 1.0:
+        raise UserError(f"accuracy table '{path}': scale 'fraction' but values go up to {both.max():g}; "
+                        "use scale: percent")
+    return TableRows(tuple(names[ok]), x, y, scale, int((~ok).sum()))
+
+
+def _select(names: tuple[str, ...], include: list[str] | None, exclude: list[str]) -> np.ndarray:
+    keep = np.array([include is None or any(fnmatch.fnmatchcase(n, p) for p in include) for n in names], dtype=bool)
+    drop = np.array([any(fnmatch.fnmatchcase(n, p) for p in exclude) for n in names], dtype=bool)
+    return keep & ~drop if len(names) else np.zeros(0, dtype=bool)
+
+
+def read_baseline_table(table: BaselineTable, base_dir: str | Path | None = None) -> Baselines:
+    """The baseline accuracies (fractions) that ``table`` selects."""
+    csv = Path(table.csv)
+    if base_dir is not None and not csv.is_absolute():
+        csv = Path(base_dir) / csv
+    rows = read_table_rows(csv, table.id_column, table.shift_column, model_column=table.model_column,
+                           filter=table.filter, scale=table.scale, types=table.types)
+    sel = _select(rows.names, table.models, table.exclude)
+    names = tuple(n for n, k in zip(rows.names, sel, strict=True) if k)
+    return Baselines(rows.acc_id[sel], rows.acc_shift[sel], names, rows.scale,
+                     f"{csv}[{table.id_column} -> {table.shift_column}]")
+
+
+@dataclass(frozen=True)
+class TableER:
+    """A fit over a table's baseline rows and the ER of the scored rows (percentage points)."""
+
+    fit: BaselineFit
+    baselines: tuple[str, ...]
+    er: dict[str, float]
+    acc: dict[str, tuple[float, float]]
+    dropped_blank: int
+    scale: str
+
+
+def er_from_table(csv: str | Path, id_column: str, shift_column: str, models: list[str] | None = None,
+                  baselines: list[str] | None = None, filter: dict[str, Any] | None = None,  # noqa: A002
+                  scale: str = "auto", model_column: str | None = None, types: str | None = None) -> TableER:
+    """Effective robustness from accuracies alone: fit over ``baselines`` rows (patterns; default every row not
+    in ``models``), then ER of the ``models`` rows (names; default every row)."""
+    rows = read_table_rows(csv, id_column, shift_column, model_column=model_column, filter=filter, scale=scale,
+                           types=types)
+    index = {n: i for i, n in enumerate(rows.names)}
+    if models:
+        unknown = [m for m in models if m not in index]
+        if unknown:
+            raise UserError(f"no row named {', '.join(map(repr, unknown))} in '{csv}' with both {id_column!r} and "
+                            f"{shift_column!r} (rows: {', '.join(list(rows.names)[:10])}"
+                            f"{', ...' if len(rows.names) > 10 else ''})")
+    scored = list(models) if models else list(rows.names)
+    if baselines:
+        base = _select(rows.names, baselines, [])
+    else:
+        base = np.array([not models or n not in models for n in rows.names], dtype=bool)
+    fit = fit_baseline(rows.acc_id[base], rows.acc_shift[base])
+    er = {m: float(effective_robustness(fit, rows.acc_id[index[m]], rows.acc_shift[index[m]])) for m in scored}
+    acc = {m: (float(rows.acc_id[index[m]]), float(rows.acc_shift[index[m]])) for m in scored}
+    return TableER(fit, tuple(n for n, k in zip(rows.names, base, strict=True) if k), er, acc, rows.dropped_blank,
+                   rows.scale)
+
+
 # --- accuracy on class subsets -------------------------------------------------------------------
 
 
@@ -249,6 +426,9 @@ class ShiftSettings(StrictModel):
     baseline_models: list[str] | None = Field(
         None, description="models of this run that form the baseline trend (default: all models)")
     baselines_csv: str | None = Field(None, description="CSV of acc_id,acc_shift rows (one shifted set)")
+    # Published tables per shifted set: {dataset (its spec, name or layout): table or CSV path}. A listed
+    # dataset without a table gets no ER (and a note), never another dataset's trend.
+    baselines: dict[str, BaselineTable | str] | None = None
 
 
 @register_probe("shift", ShiftSettings)
@@ -261,6 +441,13 @@ def shift_probe(ctx: EvalContext, s: ShiftSettings) -> list[Row]:
     if unknown:
         raise UserError(f"probes.shift.baseline_models: {', '.join(unknown)} not among the evaluated models "
                         f"({', '.join(ctx.models)})")
+    if s.baselines_csv is not None and len(s.datasets) > 1:
+        raise UserError(f"probes.shift.baselines_csv holds one shifted set's accuracies but datasets lists "
+                        f"{len(s.datasets)}; give a table per set: baselines: {{dataset: {{csv, id_column, "
+                        "shift_column}}}}")
+    if s.baselines_csv is not None and s.baselines is not None:
+        raise UserError("probes.shift: give baselines_csv or baselines, not both")
+    tables = _tables_by_dataset(s)
     rows = []
     clean_acc = {m: top1(ctx.logits(m, ctx.clean), ctx.clean.labels) for m in ctx.models}
     for spec in s.datasets:
@@ -281,8 +468,35 @@ def shift_probe(ctx: EvalContext, s: ShiftSettings) -> list[Row]:
             rows.append(Row(name, "shift", data.name, "shifted", "top1_drop", id_acc[name] - acc[name],
                             len(data), conv + "; drop = clean top1 - shifted top1"))
         if not any(np.isnan(v) for v in id_acc.values()):
-            rows += _effective_robustness(ctx, s, data.name, id_acc, acc)
+            table = tables.get(spec) if tables is not None else None
+            if tables is not None and table is None:
+                table = tables.get(data.name) or tables.get(spec.partition(":")[0])
+            if tables is not None and table is None:
+                warnings.warn(f"no baseline table for shifted set '{data.name}' in probes.shift.baselines: no "
+                              "effective robustness for it (a table of another set would score it against the "
+                              "wrong trend)", stacklevel=2)
+                ctx.add_artifact("*", "shift", data.name, "er_note", {"note": "no baseline table for this set"})
+                continue
+            rows += _effective_robustness(ctx, s, data.name, id_acc, acc, table)
     return rows
+
+
+def _tables_by_dataset(s: ShiftSettings) -> dict[str, BaselineTable] | None:
+    """``baselines`` as {key: table}; every key must name a listed dataset (spec, name or layout prefix)."""
+    if s.baselines is None:
+        return None
+    out = {k: (BaselineTable(csv=v) if isinstance(v, str) else v) for k, v in s.baselines.items()}
+    known = set(s.datasets) | {d.partition(":")[0] for d in s.datasets} | {Path(d.partition(":")[2] or d).name
+                                                                            for d in s.datasets}
+    unknown = [k for k in out if k not in known]
+    if unknown:
+        raise UserError(f"probes.shift.baselines names {', '.join(map(repr, unknown))}, which is not among "
+                        f"probes.shift.datasets ({', '.join(s.datasets)})")
+    for d in s.datasets:  # a folder's name is a key too (the dataset's name)
+        name = Path(d.partition(":")[2] or d).name
+        if name in out and d not in out:
+            out[d] = out[name]
+    return out
 
 
 def _restricted_accuracy(ctx: EvalContext, subset: list[int], dataset: str) -> dict[str, float]:
@@ -294,9 +508,13 @@ def _restricted_accuracy(ctx: EvalContext, subset: list[int], dataset: str) -> d
         return {m: float("nan") for m in ctx.models}
 
 
-def _effective_robustness(ctx: EvalContext, s: ShiftSettings, dataset: str, clean_acc: dict, acc: dict) -> list[Row]:
-    explicit = s.baselines_csv is not None or s.baseline_models is not None
-    if s.baselines_csv is not None:
+def _effective_robustness(ctx: EvalContext, s: ShiftSettings, dataset: str, clean_acc: dict, acc: dict,
+                          table: BaselineTable | None = None) -> list[Row]:
+    explicit = s.baselines_csv is not None or s.baseline_models is not None or table is not None
+    if table is not None:
+        b = read_baseline_table(table)
+        x, y, names, source = b.acc_id, b.acc_shift, list(b.models), f"table:{b.source}"
+    elif s.baselines_csv is not None:
         b = read_baselines_csv(s.baselines_csv)
         x, y, names, source = b.acc_id, b.acc_shift, list(b.models), f"csv:{s.baselines_csv}"
     else:
@@ -314,7 +532,7 @@ def _effective_robustness(ctx: EvalContext, s: ShiftSettings, dataset: str, clea
     rows = [Row(m, "shift", dataset, "shifted", "effective_robustness",
                 effective_robustness(fit, clean_acc[m], acc[m]), None, conv) for m in ctx.models]
     points = [{"model": m, "acc_id": clean_acc[m], "acc_shift": acc[m], "baseline": m in names} for m in ctx.models]
-    if s.baselines_csv is not None:
+    if s.baselines_csv is not None or table is not None:
         points += [{"model": n, "acc_id": float(a), "acc_shift": float(b_), "baseline": True}
                    for n, a, b_ in zip(names, x, y, strict=True)]
     ctx.add_artifact("*", "shift", dataset, "er_fit", {"dataset": dataset, "slope": fit.a, "intercept": fit.b,

@@ -262,6 +262,10 @@ def check(stages: list[Any], problems: Problems, planned: set[str] | frozenset[s
                     check_timm_weights(cfg.arch, f"{s.name}.pretrained")
                 elif not Path(cfg.pretrained).is_file():
                     raise MissingResource(f"{s.name}.pretrained: checkpoint '{cfg.pretrained}' does not exist")
+            if cfg.head:
+                with problems.catch(s.name):
+                    if not Path(cfg.head).is_file():
+                        raise MissingResource(f"{s.name}.head: linear head file '{cfg.head}' does not exist")
             with problems.catch(s.name):
                 spaces[str(Path(cfg.output) / "model")] = get_label_space(cfg.labels)
         elif isinstance(cfg, ClassifierTuningConfig | LinearProbeConfig):
@@ -343,6 +347,11 @@ def _check_evaluate(cfg: Any, spaces: dict[str, Any], problems: Problems) -> Non
             with problems.catch(f"evaluate.probes.{name}.{key}"):
                 if value and not Path(value).exists():
                     raise MissingResource(f"evaluate.probes.{name}.{key}: '{value}' does not exist")
+        for key, table in (getattr(settings, "baselines", None) or {}).items():  # published tables per shifted set
+            csv = table if isinstance(table, str) else table.csv
+            with problems.catch(f"evaluate.probes.{name}.baselines"):
+                if not Path(csv).is_file():
+                    raise MissingResource(f"evaluate.probes.{name}.baselines.{key}: table '{csv}' does not exist")
         for spec in getattr(settings, "datasets", None) or []:
             with problems.catch(f"evaluate.probes.{name}.datasets"):
                 if name == "shift":

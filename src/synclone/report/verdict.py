@@ -36,7 +36,7 @@ HEADLINES: tuple[Headline, ...] = (
              exclude=("id", "acc_id", "in_distribution")),
     Headline("effective_robustness", "Effective robustness", ("shift", "effective_robustness"),
              ("effective_robustness",)),
-    Headline("ece", "ECE", ("calibration",), ("ece",)),
+    Headline("ece", "ECE", ("calibration",), ("ece",), variants=("clean",)),  # shifted sets: in the section
     Headline("ood_auroc", "OOD AUROC (MSP)", ("ood",), ("auroc",), variants=("msp",)),
     Headline("corruption_top1", "Corruption top-1", ("corruptions", "corruption"), ("top1", "accuracy"),
              exclude=("clean",)),

@@ -152,7 +152,8 @@ def _means(name: str, row: dict, other: dict, what: str, other_what: str) -> flo
 def _paired_sums(name: str, model: _Table, base: _Table, shift: float, base_shift: float) -> tuple[float, float]:
     """Numerator and denominator of (relative) CE for one corruption, paired by severity."""
     if name not in model:
-        raise UserError(f"errs has no errors for corruption {name}; have {', '.join(sorted(model))}.")
+        raise UserError(f"errs has no errors for corruption {name}; have {', '.join(sorted(model))} (name the "
+                        "corruptions to score, or pass corruptions='present').")
     if name not in base:
         raise UserError(f"baseline_errs has no errors for corruption {name}; have {', '.join(sorted(base))}.")
     row, base_row = model[name], base[name]
@@ -178,8 +179,34 @@ def _ratio(name: str, num: float, den: float, relative: bool) -> float:
     return 100.0 * num / den
 
 
-def _names(corruptions: Iterable[str] | None, model: _Table) -> list[str]:
-    names = list(model) if corruptions is None else [normalise_name(c) for c in corruptions]
+# Named corruption sets for the ``corruptions`` argument of the CE functions.
+CORRUPTION_SETS: dict[str, tuple[str, ...]] = {
+    "imagenet_c": IMAGENET_C_CORRUPTIONS,
+    "held_out": HELD_OUT_CORRUPTIONS,
+    "all": IMAGENET_C_CORRUPTIONS + HELD_OUT_CORRUPTIONS,
+}
+
+
+def _names(corruptions: Iterable[str] | str | None, model: _Table) -> list[str]:
+    """The corruptions to score: a list of names, a set name of :data:`CORRUPTION_SETS`, or "present".
+
+    None means the 15 ImageNet-C corruptions, the set mCE is defined over; the 4 held-out ones
+    (speckle_noise, gaussian_blur, spatter, saturate) only when asked for ("held_out" or "all"),
+    since AlexNet's published errors do not cover them.
+    """
+    if corruptions is None:
+        corruptions = "imagenet_c"
+    if isinstance(corruptions, str):
+        key = normalise_name(corruptions)
+        if key == "present":
+            names = list(model)
+        elif key in CORRUPTION_SETS:
+            names = list(CORRUPTION_SETS[key])
+        else:
+            raise UserError(f"corruptions '{corruptions}' is not a set name: use a list of corruption names, "
+                            f"'present' or one of {', '.join(CORRUPTION_SETS)}.")
+    else:
+        names = [normalise_name(c) for c in corruptions]
     if not names:
         raise UserError("corruptions is empty.")
     if len(set(names)) != len(names):
@@ -187,8 +214,11 @@ def _names(corruptions: Iterable[str] | None, model: _Table) -> list[str]:
     return names
 
 
-def corruption_error(errs, baseline_errs=ALEXNET_ERRORS, corruptions: Iterable[str] | None = None) -> dict[str, float]:
-    """CE_c in % for each corruption in ``corruptions`` (default: every corruption in ``errs``).
+def corruption_error(errs, baseline_errs=ALEXNET_ERRORS,
+                     corruptions: Iterable[str] | str | None = None) -> dict[str, float]:
+    """CE_c in % for each corruption in ``corruptions``: by default the 15 ImageNet-C corruptions, as
+    :func:`mce`; ``"held_out"`` for the 4 held-out ones, ``"all"`` for the 19, ``"present"`` for every
+    corruption in ``errs``, or a list of names.
 
     CE_c = 100 * sum_s err(c, s) / sum_s err_base(c, s), paired by name and severity. The default
     baseline is AlexNet's published ImageNet-C errors; for other datasets pass the errors of a
@@ -206,9 +236,11 @@ def mce(errs, baseline_errs=ALEXNET_ERRORS, corruptions: Iterable[str] = IMAGENE
 
 
 def relative_corruption_error(
-    errs, clean_err: float, baseline_errs, baseline_clean_err: float, corruptions: Iterable[str] | None = None
+    errs, clean_err: float, baseline_errs, baseline_clean_err: float, corruptions: Iterable[str] | str | None = None
 ) -> dict[str, float]:
     """Relative CE_c in %: 100 * sum_s (err(c, s) - clean_err) / sum_s (err_base(c, s) - baseline_clean_err).
+
+    ``corruptions`` as in :func:`corruption_error` (default the 15 ImageNet-C corruptions).
 
     It measures how much accuracy a corruption costs relative to the baseline's loss, not the
     absolute error. ``clean_err`` and ``baseline_clean_err`` are the uncorrupted test errors.
