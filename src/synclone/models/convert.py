@@ -397,7 +397,6 @@ def match_keys(net: torch.nn.Module, state: dict[str, torch.Tensor], key_map: st
         if shared * 2 >= len(expected):
             # Mostly the same names: the layout is timm's own, so what differs is the architecture's settings
             # (pooling, depth, classes), and pairing the rest by order would hide that.
-            from synclone.models.io import state_mismatch
 
             raise UserError(f"checkpoint uses timm's names for '{arch}' but does not fit it: "
                             f"{state_mismatch(expected, state, f'timm {arch!r}')} (check arch_kwargs and labels)")
@@ -422,7 +421,6 @@ def _by_file(expected: dict, state: dict, path: Path, arch: str, head_bias: str 
         if dst is not None:
             out[str(dst)] = v
     out = _fill_defaults(expected, out, head_bias, notes)
-    from synclone.models.io import state_mismatch
 
     problem = state_mismatch(expected, out, f"timm '{arch}'")
     if problem:
@@ -696,3 +694,23 @@ def load_backbone_weights(net: torch.nn.Module, path: str | Path, arch: str, con
     km = match_keys(net, state, key_map, arch)
     net.load_state_dict(km.state)
     return conv.notes + km.notes + ([f"keys matched by {km.how}"] if km.how != "exact" else [])
+
+
+def state_mismatch(expected: dict, state: dict, needs: str) -> str | None:
+    """How the tensors of ``state`` fail to fit ``expected`` (a module's state dict), or None when they fit.
+
+    ``needs`` names the receiving side in the message (e.g. "the config's architecture").
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if wrong:
+        k = wrong[0]
+        parts.append(f"'{k}' has shape {tuple(state[k].shape)}, {needs} needs {tuple(expected[k].shape)}"
+                     + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (e.g. '{unexpected[0]}')")
+    return "; ".join(parts) or None

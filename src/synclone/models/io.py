@@ -13,6 +13,7 @@ from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.models.backbones import Backbone, BackboneConfig, ImageEncoder, Preprocess, register_backbone_loader
 from synclone.models.classifier import Classifier, create_classifier
+from synclone.models.convert import state_mismatch
 from synclone.models.feature_classifier import is_feature_classifier, load_feature_classifier
 from synclone.util.files import atomic_path, write_text_atomic
 
@@ -49,26 +50,6 @@ def read_model_config(folder: str | Path) -> dict:
         if key not in cfg:
             raise UserError(f"'{cfg_path}' lacks the key '{key}'; re-save the model with synclone")
     return cfg
-
-
-def state_mismatch(expected: dict, state: dict, needs: str) -> str | None:
-    """How the tensors of ``state`` fail to fit ``expected`` (a module's state dict), or None when they fit.
-
-    ``needs`` names the receiving side in the message (e.g. "the config's architecture").
-    """
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    parts = []
-    if wrong:
-        k = wrong[0]
-        parts.append(f"'{k}' has shape {tuple(state[k].shape)}, {needs} needs {tuple(expected[k].shape)}"
-                     + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
-    if missing:
-        parts.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected tensors (e.g. '{unexpected[0]}')")
-    return "; ".join(parts) or None
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

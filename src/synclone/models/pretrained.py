@@ -34,8 +34,9 @@ from synclone.models.convert import (
     read_checkpoint,
     read_head,
     recorded_preprocessing,
+    state_mismatch,
 )
-from synclone.models.io import save_model, state_mismatch
+from synclone.models.io import save_model
 
 
 class PretrainedConfig(StrictModel):
