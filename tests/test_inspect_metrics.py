@@ -56,10 +56,14 @@ def test_frechet_distance_of_a_shifted_copy_is_the_squared_shift():
     assert math.isnan(frechet_distance(real[:1], real))
 
 
-@pytest.mark.parametrize("subset_size", [40, 90])
-def test_kid_equals_torchmetrics_kid_with_the_same_seed(subset_size):
+@pytest.mark.parametrize(("subset_size", "whole"), [(40, True), (90, True), (40, False)])
+def test_kid_equals_torchmetrics_kid_with_the_same_seed(subset_size, whole, monkeypatch):
     from torchmetrics.image.kid import KernelInceptionDistance
 
+    import synclone.inspect.metrics as M
+
+    if not whole:  # the large-set path: kernels per subset instead of gathered from the full matrices
+        monkeypatch.setattr(M, "_KID_WHOLE", 0)
     real, fake = _clouds(2)
     kid = KernelInceptionDistance(feature=_Identity(real.shape[1]), subsets=7, subset_size=subset_size,
                                   normalize=True)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 _BLOCK = 2048  # rows per block of a distance computation: 2048 x 10k float64 = 160 MB at most
+_KID_WHOLE = 12_000_000  # KID keeps the three full kernel matrices when they hold at most this many entries
 
 
 def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -73,12 +74,8 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     return float(diff @ diff + np.trace(s_r) + np.trace(s_f) - 2.0 * tr_sqrt)
 
 
-def _poly_mmd(x: torch.Tensor, y: torch.Tensor, degree: int, gamma: float | None, coef: float) -> float:
-    g = 1.0 / x.shape[1] if gamma is None else gamma
-    k_xx = (x @ x.T * g + coef) ** degree
-    k_yy = (y @ y.T * g + coef) ** degree
-    k_xy = (x @ y.T * g + coef) ** degree
-    m = x.shape[0]
+def _mmd(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor) -> float:
+    m = k_xx.shape[0]
     within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
     return float(within - 2.0 * k_xy.sum() / m**2)
 
@@ -95,22 +92,53 @@ def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, subsets: int =
     size = min(int(subset_size), len(r), len(f))
     if size < 2:
         return math.nan, math.nan, size
+    gam = 1.0 / r.shape[1] if gamma is None else gamma
+
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b.T * gam + coef) ** degree
+
+    # Small sets: the three kernel matrices once, then each subset is a gather instead of three products.
+    whole = len(r) ** 2 + len(f) ** 2 + len(r) * len(f) <= _KID_WHOLE
+    if whole:
+        k_rr, k_ff, k_rf = kernel(r, r), kernel(f, f), kernel(r, f)
     g = torch.Generator().manual_seed(int(seed))
     scores = []
     for _ in range(int(subsets)):
         pr = torch.randperm(len(r), generator=g)[:size]
         pf = torch.randperm(len(f), generator=g)[:size]
-        scores.append(_poly_mmd(r[pr], f[pf], degree, gamma, coef))
+        if whole:
+            scores.append(_mmd(k_rr[pr][:, pr], k_ff[pf][:, pf], k_rf[pr][:, pf]))
+        else:
+            x, y = r[pr], f[pf]
+            scores.append(_mmd(kernel(x, x), kernel(y, y), kernel(x, y)))
     s = np.asarray(scores)
     return float(s.mean()), float(s.std()), size
 
 
 def _kth_neighbour_radii(x: torch.Tensor, k: int) -> torch.Tensor:
     """Distance of every row to its k-th nearest other row (the row itself is the 0-th)."""
-    out = torch.empty(len(x), dtype=torch.float64)
-    for i in range(0, len(x), _BLOCK):
-        out[i:i + _BLOCK] = _self_block(x, i).kthvalue(k + 1, dim=1).values
-    return out
+    return self_distances(x, (k,))[0][k]
+
+
+def self_distances(x: np.ndarray | torch.Tensor, ks: tuple[int, ...] = (1,)) -> tuple[dict[int, torch.Tensor], float]:
+    """One pass over the distances within ``x``: per k in ``ks`` each row's distance to its k-th nearest other
+    row, and the mean distance over pairs i != j (NaN below 2 rows). Diversity, k-NN radii and near-duplicate
+    distances of a set all come from this one pass."""
+    t = _t(x)
+    n = len(t)
+    kmax = max(ks)
+    radii = {k: torch.full((n,), torch.inf, dtype=torch.float64) for k in ks}
+    total = 0.0
+    for i in range(0, n, _BLOCK):
+        d = _self_block(t, i)
+        total += float(d.sum())
+        top = min(kmax, n - 1)
+        if top >= 1:
+            near = d.topk(top + 1, dim=1, largest=False).values  # ascending; column 0 is the row itself
+            for k in ks:
+                if k <= top:
+                    radii[k][i:i + _BLOCK] = near[:, k]
+    return radii, (total / (n * (n - 1)) if n >= 2 else math.nan)
 
 
 @dataclass
@@ -129,18 +157,20 @@ class PRDC:
     real_radius: np.ndarray
 
 
-def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> PRDC:
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, real_radii: torch.Tensor | None = None,
+         fake_radii: torch.Tensor | None = None) -> PRDC:
     """Improved precision/recall and density/coverage of ``fake`` against ``real`` with ``k``-NN balls.
 
-    Needs more than ``k`` points in each set; with fewer, the four values are NaN.
+    Needs more than ``k`` points in each set; with fewer, the four values are NaN. ``real_radii`` /
+    ``fake_radii``: the k-NN radii when :func:`self_distances` already computed them.
     """
     r, f = _t(real), _t(fake)
     nan = PRDC(math.nan, math.nan, math.nan, math.nan, k, np.full(len(r), np.nan), np.full(len(r), -1),
                np.full(len(r), np.nan))
     if len(r) <= k or len(f) <= k:
         return nan
-    r_rad = _kth_neighbour_radii(r, k)
-    f_rad = _kth_neighbour_radii(f, k)
+    r_rad = _kth_neighbour_radii(r, k) if real_radii is None else real_radii
+    f_rad = _kth_neighbour_radii(f, k) if fake_radii is None else fake_radii
     in_any = 0
     balls = 0
     for i in range(0, len(f), _BLOCK):
@@ -166,19 +196,9 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5) -> PRDC:
 
 def mean_pairwise_distance(x: np.ndarray) -> float:
     """Mean Euclidean distance over ordered pairs i != j of the rows of ``x`` (NaN below 2 rows)."""
-    t = _t(x)
-    n = len(t)
-    if n < 2:
-        return math.nan
-    total = 0.0
-    for i in range(0, n, _BLOCK):
-        total += float(_self_block(t, i).sum())
-    return total / (n * (n - 1))
+    return self_distances(x)[1]
 
 
 def nearest_neighbour_distances(x: np.ndarray) -> np.ndarray:
     """Each row's distance to its nearest other row (inf for a single row)."""
-    t = _t(x)
-    if len(t) < 2:
-        return np.full(len(t), np.inf)
-    return _kth_neighbour_radii(t, 1).numpy()
+    return self_distances(x, (1,))[0][1].numpy()

@@ -132,22 +132,27 @@ def _class_stats(fs: np.ndarray, fr: np.ndarray, cfg: InspectConfig, seed: int) 
     conv = f"poly3 unbiased MMD2, {cfg.kid_subsets} subsets of {size}"
     out["kid"] = (kid, n_s, conv)
     out["kid_std"] = (kid_std, n_s, conv)
-    p = M.prdc(fr, fs, cfg.k)
+    # One pass over each set's own distances gives its k-NN radii, nearest-neighbour distances and diversity.
+    rad_s, div_s = M.self_distances(fs, (1, cfg.k))
+    rad_r, div_r = M.self_distances(fr, (1, cfg.k))
+    p = M.prdc(fr, fs, cfg.k, real_radii=rad_r[cfg.k], fake_radii=rad_s[cfg.k])
     for name in ("precision", "recall", "density", "coverage"):
         out[name] = (getattr(p, name), n_s, f"k={cfg.k}, n_real={n_r}")
-    div_s, div_r = M.mean_pairwise_distance(fs), M.mean_pairwise_distance(fr)
     out["diversity_synthetic"] = (div_s, n_s, "mean pairwise Euclidean distance")
     out["diversity_real"] = (div_r, n_r, "mean pairwise Euclidean distance")
     out["diversity_ratio"] = (div_s / div_r if div_r > 0 else float("nan"), n_s, "synthetic / real")
     # Near duplicates, judged against real images at the synthetic set's density: nearest-neighbour distances
     # shrink as a set grows, so the real threshold is measured on as many real images as there are synthetic.
-    rng = np.random.default_rng(seed)
-    fr_eq = fr[rng.choice(n_r, n_s, replace=False)] if n_r > n_s else fr
-    nn_r = M.nearest_neighbour_distances(fr_eq)
+    if n_r > n_s:
+        rng = np.random.default_rng(seed)
+        fr_eq = fr[np.sort(rng.choice(n_r, n_s, replace=False))]
+        nn_r = M.nearest_neighbour_distances(fr_eq)
+    else:
+        fr_eq, nn_r = fr, rad_r[1].numpy()
     conv = f"nn distance < q{cfg.near_duplicate_quantile:g} of real nn distances (n_real={len(fr_eq)})"
     if len(fr_eq) >= 2 and n_s >= 2:
         thr = float(np.quantile(nn_r, cfg.near_duplicate_quantile))
-        out["near_duplicate_rate"] = (float((M.nearest_neighbour_distances(fs) < thr).mean()), n_s, conv)
+        out["near_duplicate_rate"] = (float((rad_s[1].numpy() < thr).mean()), n_s, conv)
         out["near_duplicate_rate_real"] = (float((nn_r < thr).mean()), len(fr_eq), conv)
     return out, p
 

@@ -1,0 +1,168 @@
+"""synclone inspect on real Fashion-MNIST: real-vs-real near the ideal values, noise far from them, the cache,
+the files it writes, and bad input as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from _probe_helpers import fit_tiny, one_thread
+from synclone.cli import main
+from synclone.data.fashion_mnist import load_fashion_mnist
+from synclone.inspect import InspectConfig, inspect_dataset
+from synclone.labels import FASHION_MNIST, LabelSpace
+from synclone.models import save_model
+
+PER_CLASS = 60
+FAST = {"max_per_class": PER_CLASS, "kid_subsets": 10, "grid_examples": 4, "worst_covered": 3}
+
+
+def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor, space=FASHION_MNIST) -> Path:
+    """A synclone dataset folder (dataset.json + train/<slug>/<id>.png + train/metadata.jsonl)."""
+    (root / "train").mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"label_space": space.to_dict()}), encoding="utf-8")
+    rows = []
+    for i, (im, y) in enumerate(zip(images, labels.tolist(), strict=True)):
+        rel = f"{space.slugs[y]}/{i:05d}.png"
+        (root / "train" / space.slugs[y]).mkdir(exist_ok=True)
+        Image.fromarray(im[0].numpy(), "L").save(root / "train" / rel)
+        rows.append({"file_name": rel, "id": f"img{i:05d}", "label": y, "class_name": space.classes[y]})
+    (root / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():  # small matrices on a shared 2-core machine: one thread is faster
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    train = load_fashion_mnist("train")
+    model = fit_tiny(train.per_class_subset(200, seed=1), 100, seed=0)
+    save_model(model, root / "real" / "model")
+    real = train.per_class_subset(PER_CLASS, seed=2)  # real training images posing as a "synthetic" set
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, real.images.shape, generator=g, dtype=torch.uint8)
+    return {"root": root, "model": root / "real" / "model",
+            "real": write_folder(root / "real_set", real.images, real.labels),
+            "noise": write_folder(root / "noise_set", noise, real.labels)}
+
+
+def _all(df: pd.DataFrame) -> dict[str, float]:
+    return dict(df.loc[df["class"] == "all", ["metric", "value"]].itertuples(index=False))
+
+
+@pytest.fixture(scope="module")
+def real_run(setup):
+    cfg = InspectConfig(dataset=str(setup["real"]), reference="fashion_mnist:test", features=str(setup["model"]),
+                        output=str(setup["root"] / "out_real"), **FAST)
+    return cfg, inspect_dataset(cfg)
+
+
+def test_real_training_images_against_real_test_images_are_near_ideal(setup, real_run):
+    _, df = real_run
+    noise = inspect_dataset(InspectConfig(dataset=str(setup["noise"]), reference="fashion_mnist:test",
+                                          features=str(setup["model"]), output=str(setup["root"] / "out_noise"),
+                                          **FAST))
+    r, n = _all(df), _all(noise)
+    for m in ("precision", "recall", "coverage"):
+        assert r[m] > 0.8, (m, r[m])
+        assert n[m] < 0.05, (m, n[m])
+    assert 0.75 < r["density"] < 1.3 and n["density"] < 0.05
+    assert 0.85 < r["diversity_ratio"] < 1.15
+    assert n["frechet_distance"] > 20 * r["frechet_distance"]
+    assert n["kid"] > 20 * max(r["kid"], 1e-4)
+    # The classifier is as right on these real images as on the real test images; noise is one mush class.
+    assert abs(r["classifiability"] - r["classifier_top1_real"]) < 0.08 and r["classifiability"] > 0.6
+    assert n["classifiability"] < 0.2
+    assert r["near_duplicate_rate"] < 0.05 and r["exact_duplicate_rate"] == 0.0
+    # Per class too: every class of the real set covers most of its real test images.
+    per_class = df[(df["metric"] == "coverage") & (df["class"] != "all")]
+    assert len(per_class) == 10 and (per_class["value"] > 0.6).all()
+
+
+def test_inspect_writes_the_long_table_grids_and_csvs(setup, real_run):
+    cfg, df = real_run
+    out = Path(cfg.output)
+    assert list(pd.read_csv(out / "results.csv").columns) == ["dataset", "reference", "features", "class", "metric",
+                                                              "value", "n", "convention"]
+    assert pd.read_parquet(out / "results.parquet").equals(df)
+    assert set(df["class"]) == {*FASHION_MNIST.classes, "all"}
+    assert (df[df["metric"] == "n_synthetic"].set_index("class")["value"].drop("all") == PER_CLASS).all()
+    for slug in FASHION_MNIST.slugs:
+        assert Image.open(out / "grids" / f"{slug}.png").size[0] > 200
+    worst = pd.read_csv(out / "worst_covered.csv")
+    assert len(worst) == 3 * 10 and worst["real_id"].str.startswith("fashion_mnist_test[").all()
+    assert worst["nearest_synthetic_id"].str.startswith("img").all()
+    # Worst first, and a real test image listed is the one the reference holds at that index.
+    assert (worst.groupby("class")["gap"].apply(lambda g: g.is_monotonic_decreasing)).all()
+    conf = pd.read_csv(out / "confusion.csv")
+    assert conf.groupby("set")["count"].sum().to_dict() == {"real": 10 * PER_CLASS, "synthetic": 10 * PER_CLASS}
+    info = json.loads((out / "inspect.json").read_text())
+    assert info["classifier"] == "model:real" and {f["file"] for f in info["figures"]} == {"grid.png",
+                                                                                          "worst_covered.png"}
+
+
+def test_a_second_run_computes_no_features(setup, real_run, monkeypatch):
+    cfg, first = real_run
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was loaded although every feature is cached")
+
+    monkeypatch.setattr("synclone.models.load_model", no_model)
+    again = inspect_dataset(cfg)
+    info = json.loads((Path(cfg.output) / "inspect.json").read_text())
+    assert info["cache"] == {"hits": 2, "misses": 0, "forward_batches": 0}
+    pd.testing.assert_frame_equal(again, first)
+
+
+def test_cli_inspect_and_its_bad_inputs(setup, capsys):
+    out = setup["root"] / "out_cli"
+    code = main(["inspect", str(setup["real"]), "--reference", "fashion_mnist:test", "--features", "pixels:8",
+                 "--output", str(out), "--set", "max_per_class=20", "--set", "kid_subsets=2",
+                 "--set", "grid_examples=0"])
+    assert code == 0 and capsys.readouterr().out.strip() == str(out)
+    df = pd.read_parquet(out / "results.parquet")
+    assert set(df["features"]) == {"pixels:8"} and "classifiability" not in set(df["metric"])
+
+    other = write_folder(setup["root"] / "two_classes", torch.zeros(4, 1, 28, 28, dtype=torch.uint8),
+                         torch.tensor([0, 0, 1, 1]), LabelSpace.from_names(["cat", "dog"], name="pets"))
+    cases = {
+        "label spaces don't align": [str(other), "--reference", "fashion_mnist:test", "--features", "pixels"],
+        "offline default is --features MODEL_FOLDER": [str(setup["real"]), "--reference", "fashion_mnist:test"],
+        "cannot load CLIP weights": [str(setup["real"]), "--reference", "fashion_mnist:test", "--features", "clip"],
+        "neither an existing model folder": [str(setup["real"]), "--reference", "fashion_mnist:test",
+                                             "--features", "no/such/model"],
+    }
+    for needle, argv in cases.items():
+        code = main(["inspect", *argv, "--output", str(setup["root"] / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (needle, err)
+        assert len(err.splitlines()) == 1 and needle in err, err
+        if "clip" in argv or "no/such/model" in argv:
+            assert "offline default is --features MODEL_FOLDER" in err  # the way out, named
+
+
+def test_exact_duplicates_count_once_per_copy(setup):
+    real = load_fashion_mnist("test").per_class_subset(12, seed=0)
+    images = real.images.clone()
+    images[1::2] = images[0::2]  # every second image a copy of the one before it (same class by construction)
+    labels = real.labels.clone()
+    labels[1::2] = labels[0::2]
+    folder = write_folder(setup["root"] / "dups", images, labels)
+    df = inspect_dataset(InspectConfig(dataset=str(folder), reference="fashion_mnist:test", features="pixels:8",
+                                       output=str(setup["root"] / "out_dups"), kid_subsets=2, max_per_class=40,
+                                       grid_examples=0))
+    a = _all(df)
+    assert a["exact_duplicate_rate"] == pytest.approx(0.5)
+    assert a["near_duplicate_rate"] >= 0.5  # a copy's nearest neighbour is at distance 0
+    assert np.isfinite(a["frechet_distance"])
