@@ -166,3 +166,31 @@ def test_exact_duplicates_count_once_per_copy(setup):
     assert a["exact_duplicate_rate"] == pytest.approx(0.5)
     assert a["near_duplicate_rate"] >= 0.5  # a copy's nearest neighbour is at distance 0
     assert np.isfinite(a["frechet_distance"])
+
+
+def test_report_gets_a_dataset_section_from_the_files(setup, real_run, tmp_path):
+    import shutil
+
+    from synclone.report import build_report
+    from test_report import _browser_check, _chromium, parse, write_eval_folder
+
+    cfg, df = real_run
+    # The default place, inside the dataset folder, is found from the datasets the report shows.
+    shutil.copytree(cfg.output, setup["real"] / "inspect", dirs_exist_ok=True)
+    ev = write_eval_folder(tmp_path / "eval", probes=("clean",))
+    html = build_report(ev, tmp_path / "out", datasets=[setup["real"]]).read_text()
+    p = parse(html)
+    sec = p.sections["dataset"]
+    header = [c[0] for c in sec["tables"][0][0]]
+    assert header[:4] == ["class", "synthetic images", "Fréchet dist.", "KID"] and "coverage" in header
+    body = sec["tables"][0][1:]
+    assert [r[0][0] for r in body] == [*FASHION_MNIST.classes, "all"]
+    cov = float(body[-1][header.index("coverage")][0])
+    assert cov == pytest.approx(_all(df)["coverage"], abs=5e-4)  # the number on the page is the file's
+    assert len(sec["imgs"]) == 2  # the synthetic | real grid and the worst-covered images
+    assert "datasets" in p.sections  # the generated-data section (sample grid) stays as it was
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Dataset diagnostics" in md and "| Sandal |" in md
+    if _chromium() is not None:
+        check = _browser_check(html, tmp_path)
+        assert check["broken"] == 0 and check["empty"] == [] and not check["overflow"], check

@@ -129,11 +129,14 @@ def report(
     results: Annotated[list[str], typer.Argument(help="evaluation folders (written by synclone evaluate)")],
     output: Annotated[str, typer.Option(help="folder for report.html and report.md")] = "runs/report",
     title: Annotated[str, typer.Option(help="report title")] = "synclone report",
+    inspect: Annotated[list[str] | None, typer.Option("--inspect", help="synclone inspect output folder "
+                                                                          "(repeatable): a dataset section")] = None,
 ) -> None:
     """Turn evaluation results into report.html (self-contained) and report.md."""
     from synclone.report import build_report
 
-    _done(build_report([Path(r) for r in results], Path(output), title=title))
+    _done(build_report([Path(r) for r in results], Path(output), title=title,
+                       inspections=[Path(p) for p in inspect or []]))
 
 
 @app.command()
