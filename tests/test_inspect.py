@@ -128,11 +128,12 @@ def test_a_second_run_computes_no_features(setup, real_run, monkeypatch):
 def test_cli_inspect_and_its_bad_inputs(setup, capsys):
     out = setup["root"] / "out_cli"
     code = main(["inspect", str(setup["real"]), "--reference", "fashion_mnist:test", "--features", "pixels:8",
-                 "--output", str(out), "--set", "max_per_class=20", "--set", "kid_subsets=2",
-                 "--set", "grid_examples=0"])
+                 "--classifier", str(setup["model"]), "--output", str(out), "--set", "max_per_class=20",
+                 "--set", "kid_subsets=2", "--set", "grid_examples=0"])
     assert code == 0 and capsys.readouterr().out.strip() == str(out)
     df = pd.read_parquet(out / "results.parquet")
-    assert set(df["features"]) == {"pixels:8"} and "classifiability" not in set(df["metric"])
+    assert set(df["features"]) == {"pixels:8"}  # pixel features, the real model's logits for classifiability
+    assert _all(df)["classifiability"] > 0.6
 
     other = write_folder(setup["root"] / "two_classes", torch.zeros(4, 1, 28, 28, dtype=torch.uint8),
                          torch.tensor([0, 0, 1, 1]), LabelSpace.from_names(["cat", "dog"], name="pets"))
@@ -140,6 +141,8 @@ def test_cli_inspect_and_its_bad_inputs(setup, capsys):
         "label spaces don't align": [str(other), "--reference", "fashion_mnist:test", "--features", "pixels"],
         "offline default is --features MODEL_FOLDER": [str(setup["real"]), "--reference", "fashion_mnist:test"],
         "cannot load CLIP weights": [str(setup["real"]), "--reference", "fashion_mnist:test", "--features", "clip"],
+        "cannot load timm weights for --features dinov2": [str(setup["real"]), "--reference", "fashion_mnist:test",
+                                                           "--features", "dinov2"],
         "neither an existing model folder": [str(setup["real"]), "--reference", "fashion_mnist:test",
                                              "--features", "no/such/model"],
     }
@@ -148,7 +151,7 @@ def test_cli_inspect_and_its_bad_inputs(setup, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2, (needle, err)
         assert len(err.splitlines()) == 1 and needle in err, err
-        if "clip" in argv or "no/such/model" in argv:
+        if {"clip", "dinov2", "no/such/model"} & set(argv):
             assert "offline default is --features MODEL_FOLDER" in err  # the way out, named
 
 
@@ -164,6 +167,7 @@ def test_exact_duplicates_count_once_per_copy(setup):
                                        grid_examples=0))
     a = _all(df)
     assert a["exact_duplicate_rate"] == pytest.approx(0.5)
+    assert "classifiability" not in a  # pixels give no logits, and no classifier was named
     assert a["near_duplicate_rate"] >= 0.5  # a copy's nearest neighbour is at distance 0
     assert np.isfinite(a["frechet_distance"])
 
@@ -194,3 +198,19 @@ def test_report_gets_a_dataset_section_from_the_files(setup, real_run, tmp_path)
     if _chromium() is not None:
         check = _browser_check(html, tmp_path)
         assert check["broken"] == 0 and check["empty"] == [] and not check["overflow"], check
+
+
+def test_a_dataset_of_some_classes_is_compared_on_those(setup):
+    test = load_fashion_mnist("test")
+    picks = torch.cat([(test.labels == 1).nonzero()[:15, 0], (test.labels == 8).nonzero()[:15, 0]])
+    space = LabelSpace.from_names(["Trouser", "Bag"], name="two")
+    labels = (test.labels[picks] == 8).long()  # Trouser -> 0, Bag -> 1 in the folder's own space
+    folder = write_folder(setup["root"] / "some_classes", test.images[picks], labels, space)
+    df = inspect_dataset(InspectConfig(dataset=str(folder), reference="fashion_mnist:test", features="pixels:8",
+                                       output=str(setup["root"] / "out_some"), max_per_class=30, kid_subsets=2,
+                                       grid_examples=0, worst_covered=0))
+    n = df[df["metric"] == "n_synthetic"].set_index("class")["value"]
+    assert n["Trouser"] == 15 and n["Bag"] == 15 and n["Coat"] == 0 and n["all"] == 30
+    cov = df[df["metric"] == "coverage"].set_index("class")["value"]
+    assert set(cov.index) == {"Trouser", "Bag", "all"}
+    assert cov["all"] < 0.5 < cov["Bag"]  # 8 of the 10 real classes have no synthetic image near them

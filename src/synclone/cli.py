@@ -173,13 +173,16 @@ def inspect(
                                                       "| dinov2 | timm:NAME[@CKPT] | pixels[:SIZE]")] = None,
     output: Annotated[str | None, typer.Option(help="folder for the table and grids (default <dataset>/inspect)")]
     = None,
+    classifier: Annotated[str | None, typer.Option(help="model folder for classifiability (default: the "
+                                                        "features' model when it is a classifier)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="dotted override key=value, e.g. k=3")] = None,
 ) -> None:
     """Dataset diagnostics: fidelity, diversity, coverage, classifiability per class, against real images."""
     from synclone.config import apply_overrides, validate
     from synclone.inspect import InspectConfig, inspect_dataset
 
-    raw = {"dataset": dataset, "reference": reference, "features": features, "output": output}
+    raw = {"dataset": dataset, "reference": reference, "features": features, "output": output,
+           "classifier": classifier}
     cfg = validate(InspectConfig, apply_overrides(raw, set_ or []), source="inspect")
     inspect_dataset(cfg)
     from synclone.inspect.run import default_output

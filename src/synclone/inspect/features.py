@@ -47,6 +47,12 @@ def _file_sha(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _first_sentence(err: Exception) -> str:
+    """The first sentence of an exception's message (library errors can run for paragraphs)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text.split(". ")[0].rstrip(".")[:200]
+
+
 def _spec_id(kind: str, spec: dict) -> str:
     return f"{kind}-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]}"
 
@@ -194,8 +200,7 @@ class OpenClipExtractor(Extractor):
         try:
             model = open_clip.create_model(self.model_name, pretrained=self.pretrained)
         except Exception as err:  # noqa: BLE001 - hub, file and config errors all mean "weights not here"
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"cannot load CLIP weights for --features {self.spec} ({first[:160]}); "
+            raise UserError(f"cannot load CLIP weights for --features {self.spec} ({_first_sentence(err)}); "
                             f"{OFFLINE_DEFAULT}") from None
         self.model = model.eval()
         cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -239,8 +244,7 @@ class TimmExtractor(Extractor):
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - offline hub errors come in many types
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(f"cannot load timm weights for --features {self.spec} ({first[:160]}); "
+            raise UserError(f"cannot load timm weights for --features {self.spec} ({_first_sentence(err)}); "
                             f"{OFFLINE_DEFAULT}") from None
         self.model = net.eval()
         cfg = timm.data.resolve_data_config({}, model=net)

@@ -87,7 +87,7 @@ def _load(spec: str, split: str, data_root: str | None) -> tuple[TensorImageSet,
     if path.is_dir():
         from synclone.curate.folder import read_dataset_folder
 
-        records, _ = read_dataset_folder(path, split)
+        records, _ = read_dataset_folder(path)  # the split the folder loader read
         skipped = set(data.extra.get("skipped", ()))
         ids = [r.id for r in records if r.id not in skipped]
     else:
@@ -95,6 +95,16 @@ def _load(spec: str, split: str, data_root: str | None) -> tuple[TensorImageSet,
     if len(ids) != len(data):  # cannot happen with the readers above; a mismatch would mislabel every id
         raise UserError(f"'{spec}': {len(ids)} ids for {len(data)} images")
     return data, ids
+
+
+def _into_space(syn: TensorImageSet, space) -> TensorImageSet:
+    """``syn`` with labels in the reference's label space: the same classes, or a subset of them (a dataset
+    generated for some classes only); any other difference is an error naming it."""
+    if syn.label_space.classes == space.classes or not set(syn.label_space.classes) < set(space.classes):
+        syn.label_space.check_aligned(space, "dataset", "reference")
+        return syn
+    remap = torch.tensor([space.index(c) for c in syn.label_space.classes], dtype=torch.int64)
+    return TensorImageSet(syn.images, remap[syn.labels], space, syn.name, syn.source, syn.extra)
 
 
 def _cap(labels: np.ndarray, classes: int, per_class: int, seed: int) -> np.ndarray:
@@ -174,7 +184,7 @@ def inspect_dataset(cfg: InspectConfig, progress: bool = False) -> pd.DataFrame:
     extractor = create_extractor(cfg.features)
     syn, syn_ids = _load(cfg.dataset, "train", cfg.data_root)
     ref, ref_ids = _load(cfg.reference, "test", cfg.data_root)
-    syn.label_space.check_aligned(ref.label_space, "dataset", "reference")
+    syn = _into_space(syn, ref.label_space)
     space = ref.label_space
     classifier: Extractor | None = extractor if extractor.label_space() is not None else None
     if cfg.classifier:
