@@ -140,8 +140,9 @@ def test_cli_inspect_and_its_bad_inputs(setup, capsys):
     cases = {
         "label spaces don't align": [str(other), "--reference", "fashion_mnist:test", "--features", "pixels"],
         "offline default is --features MODEL_FOLDER": [str(setup["real"]), "--reference", "fashion_mnist:test"],
-        "cannot load CLIP weights": [str(setup["real"]), "--reference", "fashion_mnist:test", "--features", "clip"],
-        "cannot load timm weights for --features dinov2": [str(setup["real"]), "--reference", "fashion_mnist:test",
+        "cannot load the weights for --features clip": [str(setup["real"]), "--reference", "fashion_mnist:test",
+                                                        "--features", "clip"],
+        "cannot load the weights for --features dinov2": [str(setup["real"]), "--reference", "fashion_mnist:test",
                                                            "--features", "dinov2"],
         "neither an existing model folder": [str(setup["real"]), "--reference", "fashion_mnist:test",
                                              "--features", "no/such/model"],
@@ -214,3 +215,21 @@ def test_a_dataset_of_some_classes_is_compared_on_those(setup):
     cov = df[df["metric"] == "coverage"].set_index("class")["value"]
     assert set(cov.index) == {"Trouser", "Bag", "all"}
     assert cov["all"] < 0.5 < cov["Bag"]  # 8 of the 10 real classes have no synthetic image near them
+
+
+def test_clip_features_from_an_open_clip_folder(setup):
+    from _tiny_openclip import build_tiny_openclip
+
+    clip = build_tiny_openclip(setup["root"] / "tiny_clip", train_steps=0)["local_dir"]
+    out = setup["root"] / "out_clip"
+    cfg = InspectConfig(dataset=str(setup["real"]), reference="fashion_mnist:test", features=f"clip:{clip}",
+                        output=str(out), max_per_class=20, kid_subsets=2, grid_examples=0, worst_covered=0)
+    df = inspect_dataset(cfg)
+    assert set(df["features"]) == {f"clip:{clip}"} and "classifiability" not in set(df["metric"])
+    info = json.loads((out / "inspect.json").read_text())
+    assert info["cache"]["misses"] == 2 and info["extractor_id"].startswith("clip-")
+    (feats,) = [f for f in (out / "cache" / info["extractor_id"]).iterdir() if f.name.startswith(
+        info["fingerprints"]["dataset"])]
+    from safetensors.numpy import load_file
+
+    assert load_file(str(feats))["features"].shape == (200, 32)  # 10 classes x 20, the tiny model's embed_dim

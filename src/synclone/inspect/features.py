@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
+from synclone.util.files import atomic_path, file_sha256
 
 OFFLINE_DEFAULT = ("the offline default is --features MODEL_FOLDER, a synclone classifier trained on the real data "
                    "(its penultimate features; e.g. the 'real' model of a recipe run)")
@@ -40,11 +40,7 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _first_sentence(err: Exception) -> str:
@@ -168,6 +164,18 @@ class ModelFolderExtractor(Extractor):
         return m.features(x), m(x)
 
 
+def _load_backbone(spec: str, **cfg) -> torch.nn.Module:
+    """The project's frozen encoder (:mod:`synclone.models.backbones`: its preprocessing, raw embeddings); weights
+    that are not on this machine end as one line that names the offline default."""
+    from synclone.models.backbones import BackboneConfig, load_backbone
+
+    try:
+        return load_backbone(BackboneConfig(normalize=False, **cfg)).encoder
+    except Exception as err:  # noqa: BLE001 - hub and file errors of several libraries mean "weights not here"
+        raise UserError(f"cannot load the weights for --features {spec} ({_first_sentence(err)}); "
+                        f"{OFFLINE_DEFAULT}") from None
+
+
 class OpenClipExtractor(Extractor):
     """CLIP image embeddings (not normalised) through open_clip."""
 
@@ -192,26 +200,10 @@ class OpenClipExtractor(Extractor):
         return _spec_id("clip", spec)
 
     def load(self) -> None:
-        import open_clip
-
-        if self.local is None and self.model_name not in open_clip.list_models():
-            raise UserError(f"unknown open_clip model '{self.model_name}' in --features {self.spec}: use a name from "
-                            "open_clip.list_models() or a folder with open_clip_config.json")
-        try:
-            model = open_clip.create_model(self.model_name, pretrained=self.pretrained)
-        except Exception as err:  # noqa: BLE001 - hub, file and config errors all mean "weights not here"
-            raise UserError(f"cannot load CLIP weights for --features {self.spec} ({_first_sentence(err)}); "
-                            f"{OFFLINE_DEFAULT}") from None
-        self.model = model.eval()
-        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-        size = model.visual.image_size
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1)
+        self.model = _load_backbone(self.spec, kind="open_clip", name=self.model_name, pretrained=self.pretrained)
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = _to_input(x, 3, self.size, mode="bicubic")
-        return self.model.encode_image((x - self.mean) / self.std), None
+        return self.model(x), None
 
 
 class TimmExtractor(Extractor):
@@ -231,31 +223,10 @@ class TimmExtractor(Extractor):
                                  "weights": _file_sha(Path(ckpt)) if ckpt and Path(ckpt).is_file() else ckpt})
 
     def load(self) -> None:
-        import timm
-
-        try:
-            if self.checkpoint:
-                if not Path(self.checkpoint).is_file():
-                    raise UserError(f"--features {self.spec}: checkpoint '{self.checkpoint}' does not exist")
-                net = timm.create_model(self.arch, pretrained=True, num_classes=0,
-                                        pretrained_cfg_overlay={"file": str(self.checkpoint)})
-            else:
-                net = timm.create_model(self.arch, pretrained=True, num_classes=0)
-        except UserError:
-            raise
-        except Exception as err:  # noqa: BLE001 - offline hub errors come in many types
-            raise UserError(f"cannot load timm weights for --features {self.spec} ({_first_sentence(err)}); "
-                            f"{OFFLINE_DEFAULT}") from None
-        self.model = net.eval()
-        cfg = timm.data.resolve_data_config({}, model=net)
-        c, h, w = cfg["input_size"]
-        self.input = (int(c), (int(h), int(w)))
-        self.mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
-        self.std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+        self.model = _load_backbone(self.spec, kind="timm", name=self.arch, pretrained=self.checkpoint or "default")
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = _to_input(x, self.input[0], self.input[1], mode="bicubic")
-        return self.model((x - self.mean) / self.std), None
+        return self.model(x), None
 
 
 class PixelExtractor(Extractor):
@@ -328,10 +299,9 @@ class FeatureCache:
         arrays = extractor.encode(data, batch_size)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(tmp),
-                      metadata={"extractor": extractor.name, "dataset": data.name})
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(tmp),
+                          metadata={"extractor": extractor.name, "dataset": data.name})
         except OSError as err:
             raise UserError(f"cannot write the feature cache '{path.parent}' ({err.strerror}); "
                             "set --cache-dir to a writable folder") from None

@@ -25,7 +25,6 @@ coverage near 1, density near 1, diversity ratio near 1, duplicate rates at the 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from synclone.errors import UserError
 from synclone.inspect import metrics as M
 from synclone.inspect.features import Extractor, FeatureCache, create_extractor
 from synclone.inspect.grids import class_grid, overview_grid, worst_covered_grid
+from synclone.util.files import atomic_path, write_json_atomic
 
 COLUMNS = ("dataset", "reference", "features", "class", "metric", "value", "n", "convention")
 RESULTS = "results.parquet"
@@ -85,7 +85,7 @@ def _load(spec: str, split: str, data_root: str | None) -> tuple[TensorImageSet,
                         "small images or built-ins): point it at such a folder")
     path = Path(spec)
     if path.is_dir():
-        from synclone.curate.folder import read_dataset_folder
+        from synclone.data.folder import read_dataset_folder
 
         records, _ = read_dataset_folder(path)  # the split the folder loader read
         skipped = set(data.extra.get("skipped", ()))
@@ -122,7 +122,7 @@ def _funnel(spec: str) -> pd.DataFrame | None:
     p = Path(spec)
     if not (p.is_dir() and (p / "dataset.json").is_file()):
         return None
-    from synclone.curate.folder import load_curated, read_dataset_json
+    from synclone.data.folder import load_curated, read_dataset_json
 
     if "curation" not in read_dataset_json(p):
         return None
@@ -260,9 +260,8 @@ def inspect_dataset(cfg: InspectConfig, progress: bool = False) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df["n"] = df["n"].astype("Int64")
     write_run_info(out, cfg)
-    tmp = out / (RESULTS + ".tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out / RESULTS)
+    with atomic_path(out / RESULTS) as tmp:
+        df.to_parquet(tmp, index=False)
     df.to_csv(out / "results.csv", index=False)
     _write_confusion(out, space, ls, lr, logits_s, logits_r)
     pd.DataFrame([{k: v for k, v in w.items() if k != "_pos"} for w in worst],
@@ -278,7 +277,7 @@ def inspect_dataset(cfg: InspectConfig, progress: bool = False) -> pd.DataFrame:
                       "forward_batches": extractor.batches + (classifier.batches if classifier and
                                                               classifier is not extractor else 0)},
             "figures": figures, "seconds": round(time.perf_counter() - t0, 2)}
-    (out / "inspect.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "inspect.json", info)
     return df
 
 
