@@ -168,3 +168,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     real_top1 = df[(df.model == "real") & (df.probe == "clean") & (df.metric == "top1")].value.iloc[0]
     assert f"{100 * real_top1:.1f}" in html
     assert "effective_robustness" in set(df.metric)
+    # Dataset diagnostics of the generated and the curated sets, in the real model's features, in the report.
+    for name in ("generated/train", "curated"):
+        ins = pd.read_parquet(demo / name / "inspect" / "results.parquet")
+        assert set(ins.features) == {"model:real"} and "coverage" in set(ins.metric)
+    assert 'id="dataset"' in html and "Dataset diagnostics" in html

@@ -1,4 +1,4 @@
-"""The ``synclone`` command line: generate, curate, train, evaluate, report, run, demo.
+"""The ``synclone`` command line: generate, curate, train, evaluate, report, run, demo, inspect.
 
 Every command takes an optional YAML config plus dotted ``key=value`` overrides, e.g.
 ``synclone train recipes/train_real.yaml optim.epochs=3 output=runs/real``. Bad input the user can
@@ -162,11 +162,14 @@ def report(
     results: Annotated[list[str], typer.Argument(help="evaluation folders (written by synclone evaluate)")],
     output: Annotated[str, typer.Option(help="folder for report.html and report.md")] = "runs/report",
     title: Annotated[str, typer.Option(help="report title")] = "synclone report",
+    inspect: Annotated[list[str] | None, typer.Option("--inspect", help="synclone inspect output folder "
+                                                                          "(repeatable): a dataset section")] = None,
 ) -> None:
     """Turn evaluation results into report.html (self-contained) and report.md."""
     from synclone.report import build_report
 
-    _done(build_report([Path(r) for r in results], Path(output), title=title))
+    _done(build_report([Path(r) for r in results], Path(output), title=title,
+                       inspections=[Path(p) for p in inspect or []]))
 
 
 @app.command()
@@ -208,6 +211,31 @@ def shard(
 
     out = output or f"{str(folder).rstrip('/')}-shards"
     _done(shard_dataset(folder, out, shard_size, split))
+
+
+@app.command()
+def inspect(
+    dataset: Annotated[str, typer.Argument(help="synthetic dataset folder (or a built-in name:split)")],
+    reference: Annotated[str, typer.Option(help="real set with the same classes, e.g. fashion_mnist:test")],
+    features: Annotated[str | None, typer.Option(help="MODEL_FOLDER (offline default) | clip[:NAME[@PRETRAINED]] "
+                                                      "| dinov2 | timm:NAME[@CKPT] | pixels[:SIZE]")] = None,
+    output: Annotated[str | None, typer.Option(help="folder for the table and grids (default <dataset>/inspect)")]
+    = None,
+    classifier: Annotated[str | None, typer.Option(help="model folder for classifiability (default: the "
+                                                        "features' model when it is a classifier)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="dotted override key=value, e.g. k=3")] = None,
+) -> None:
+    """Dataset diagnostics: fidelity, diversity, coverage, classifiability per class, against real images."""
+    from synclone.config import apply_overrides, validate
+    from synclone.inspect import InspectConfig, inspect_dataset
+
+    raw = {"dataset": dataset, "reference": reference, "features": features, "output": output,
+           "classifier": classifier}
+    cfg = validate(InspectConfig, apply_overrides(raw, set_ or []), source="inspect")
+    inspect_dataset(cfg)
+    from synclone.inspect.run import default_output
+
+    _done(cfg.output or default_output(cfg.dataset))
 
 
 @generator_app.command("train")

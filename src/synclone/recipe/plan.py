@@ -84,6 +84,9 @@ class Recipe(StrictModel):
     train: dict[str, dict[str, Any]] = Field(default_factory=dict, description="model name -> train config")
     evaluate: dict[str, Any] = Field(default_factory=dict, description="evaluate config (models are added)")
     report: dict[str, Any] = Field(default_factory=dict, description="report options (title)")
+    inspect: dict[str, Any] | None = Field(None, description="dataset diagnostics (synclone inspect settings, e.g. "
+                                           "features: '@train.real'); 'datasets' defaults to every generated and "
+                                           "the curated set")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -272,6 +275,9 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
     for name, raw in recipe.train.items():
         with problems.catch():
             stages.append(_train_stage(name, refs.resolve(raw, f"train.{name}"), out / "train" / name))
+    if recipe.inspect is not None:
+        with problems.catch():
+            stages += _inspect_stages(recipe, refs, [s.hash for s in stages])
     if recipe.train:
         with problems.catch():
             raw = refs.resolve(recipe.evaluate, "evaluate")
@@ -282,7 +288,7 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
             cfg.probe_settings()
             # The evaluation hash also covers the models' training stages, so a retrained model is re-evaluated.
             stages.append(Stage("evaluate", out / "eval", cfg, _run_evaluate, derived=True, estimate_s=120.0,
-                                upstream=[s.hash for s in stages]))
+                                upstream=[s.hash for s in stages if not s.name.startswith("inspect.")]))
             report_cfg = ReportStage(output=str(out), title=recipe.report.get("title", recipe.title),
                                      eval_dir=str(out / "eval"),
                                      curation=str(out / "curated") if recipe.curate is not None else None,
@@ -294,6 +300,29 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
                                      upstream=_hash([s.hash for s in stages]))
             stages.append(Stage("report", out / "report", report_cfg, _run_report, derived=True, estimate_s=15.0))
     return stages
+
+
+def _inspect_stages(recipe: Recipe, refs: _Refs, upstream: list[str]) -> list[Stage]:
+    """One ``synclone inspect`` per dataset, written into ``<dataset>/inspect`` where the report finds it."""
+    from synclone.inspect import InspectConfig
+
+    raw = dict(recipe.inspect or {})
+    targets = raw.pop("datasets", None) or [*(f"@generated.{n}" for n in recipe.generate),
+                                            *(["@curated"] if recipe.curate is not None else [])]
+    stages = []
+    for i, ref in enumerate(targets):
+        folder = Path(refs.resolve(ref, f"inspect.datasets[{i}]"))
+        cfg = validate(InspectConfig, {"reference": "fashion_mnist:test", **refs.resolve(raw, "inspect"),
+                                       "dataset": str(folder), "output": str(folder / "inspect")}, "recipe inspect")
+        stages.append(Stage(f"inspect.{folder.name}", folder / "inspect", cfg, _run_inspect, derived=True,
+                            estimate_s=30.0, upstream=upstream))
+    return stages
+
+
+def _run_inspect(cfg: Any, resume: bool) -> None:
+    from synclone.inspect import inspect_dataset
+
+    inspect_dataset(cfg)
 
 
 def _train_stage(name: str, raw: dict, folder: Path) -> Stage:

@@ -9,6 +9,7 @@ from pathlib import Path
 from synclone.errors import UserError
 from synclone.report import figures as F
 from synclone.report.inputs import read_curation, read_dataset, read_train_run
+from synclone.report.inspection import find_inspection, inspection_section, read_inspection
 from synclone.report.load import Evaluations, load_evaluations
 from synclone.report.metrics import best_flags, fmt, metric_info
 from synclone.report.render import render_html, render_markdown, write_figures
@@ -61,14 +62,15 @@ def summary_text(ev: Evaluations) -> str:
 
 def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "synclone report",
                  curation: Path | None = None, datasets: list[Path] | None = None,
-                 train_runs: dict[str, Path] | None = None) -> Path:
+                 train_runs: dict[str, Path] | None = None, inspections: list[Path] | None = None) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` and ``figures/*.png`` into ``output``.
 
     ``eval_dirs``: one or more output folders of ``synclone evaluate`` (later folders win on rows
     measured twice). ``curation``: a curated dataset folder (sample grids of kept and dropped images);
     ``datasets``: generated dataset folders (sample grids); ``train_runs``: model name -> training run
-    folder (``metrics.json``: which split chose the checkpoint, training curves). Sections without data
-    are left out. Returns the path of ``report.html``. Bad input raises :class:`UserError`.
+    folder (``metrics.json``: which split chose the checkpoint, training curves); ``inspections``: output
+    folders of ``synclone inspect`` (a dataset folder's own ``inspect/`` is found without being named).
+    Sections without data are left out. Returns the path of ``report.html``. Bad input raises :class:`UserError`.
     """
     ev = load_evaluations(eval_dirs)
     output = Path(output)
@@ -86,6 +88,9 @@ def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "sy
         sections.append(Section("verdict", "Verdict", "Headline metrics per model; the best value of each column is "
                                                       "marked (★ in HTML, bold in Markdown).", tables=[table]))
     sections += dataset_sections(data, cur)
+    found = [p for d in [*(datasets or []), *([curation] if curation else [])] if (p := find_inspection(d))]
+    if (sec := inspection_section([read_inspection(p) for p in dict.fromkeys([*(inspections or []), *found])])):
+        sections.append(sec)
     if (sec := training_section(runs, style)) is not None:
         sections.append(sec)
     sections += probe_sections(ev, style)
