@@ -56,7 +56,7 @@ def _done(path: object) -> None:
 def train(
     args: ArgsT = None,
     kind: Annotated[str, typer.Option(
-        help="supervised | classifier-tuning | linear-probe | fewshot | pretrained")] = "supervised",
+        help="supervised | pretrain | classifier-tuning | linear-probe | knn | fewshot | pretrained")] = "supervised",
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its last checkpoint")] = False,
     output: Annotated[str | None, typer.Option(help="run folder (same as output=...)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -70,6 +70,14 @@ def train(
         from synclone.train import train as run_train
 
         _done(run_train(_load(TrainConfig, args, extra), resume=resume, progress=not quiet))
+    elif kind == "pretrain":
+        from synclone.train.pretrain import PretrainConfig, pretrain
+
+        _done(pretrain(_load(PretrainConfig, args, extra), resume=resume, progress=not quiet))
+    elif kind == "knn":
+        from synclone.train.knn import KnnConfig, knn_classifier
+
+        _done(knn_classifier(_load(KnnConfig, args, extra)))
     elif kind in ("classifier-tuning", "linear-probe"):
         from synclone.train.probe import ClassifierTuningConfig, LinearProbeConfig, classifier_tuning, linear_probe
 
@@ -89,8 +97,8 @@ def train(
     elif kind == "pretrained":
         _done(_import_checkpoint(args, extra))
     else:
-        raise UserError(f"unknown --kind '{kind}': use supervised, classifier-tuning, linear-probe, fewshot or "
-                        "pretrained")
+        raise UserError(f"unknown --kind '{kind}': use supervised, pretrain, classifier-tuning, linear-probe, knn, "
+                        "fewshot or pretrained")
 
 
 def _import_checkpoint(args: list[str] | None, extra: list[str]) -> Path:
@@ -259,11 +267,12 @@ def run(
     recipe: Annotated[str, typer.Argument(help="recipe YAML: generate -> curate -> train -> evaluate -> report")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(help="validate the recipe and print the plan only")] = False,
+    quick: Annotated[bool, typer.Option(help="apply the recipe's own 'quick:' overrides (a miniature run)")] = False,
 ) -> None:
     """Run a whole experiment from one recipe; finished stages are skipped, interrupted ones resumed."""
     from synclone.recipe import load_recipe, run_recipe
 
-    _done(run_recipe(load_recipe(recipe, overrides or []), dry_run=dry_run))
+    _done(run_recipe(load_recipe(recipe, overrides or [], quick=quick), dry_run=dry_run))
 
 
 @app.command("er")

@@ -52,15 +52,25 @@ def read_model_config(folder: str | Path) -> dict:
     return cfg
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(folder: str | Path, device: str | torch.device = "cpu", allow_backbone: bool = False) -> torch.nn.Module:
     """Load a model folder into an eval-mode module: pixels in [0, 1] in, logits out, normalisation inside.
 
     Supervised models come back as a :class:`Classifier`; CLIP classifier-tuning and linear-probe
-    folders as a ``FeatureClassifier`` (frozen encoder + head). Both carry ``label_space`` and ``input_size``.
+    folders as a ``FeatureClassifier`` (frozen encoder + head), kNN folders as a ``KnnClassifier``. All carry
+    ``label_space`` and ``input_size``. A pre-trained backbone without a trained head (self-supervised
+    pre-training) loads only with ``allow_backbone`` (feature extraction, fine-tuning).
     """
+    from synclone.models.knn import is_knn_classifier, load_knn_classifier
+
     if is_feature_classifier(folder):
         return load_feature_classifier(folder, device)
+    if is_knn_classifier(folder):
+        return load_knn_classifier(folder, device)
     cfg = read_model_config(folder)
+    if cfg.get("training", {}).get("backbone_only") and not allow_backbone:
+        raise UserError(f"'{folder}' is a pre-trained backbone without a trained classifier head: evaluate it "
+                        "through a kNN classifier (synclone train --kind knn) or a linear probe (--kind linear-probe, "
+                        "backbone kind synclone), or fine-tune it (model.init with model.init_head=new)")
     pre = cfg["preprocessing"]
     model = create_classifier(cfg["arch"], LabelSpace.from_dict(cfg["label_space"]), tuple(cfg["input_size"]),
                               pre.get("mean"), pre.get("std"), **cfg.get("arch_kwargs", {}))
@@ -78,7 +88,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> torch.
 def _synclone_backbone(cfg: BackboneConfig) -> Backbone:
     if cfg.pretrained:
         raise UserError("backbone.pretrained is not used with kind 'synclone': the weights come from the folder")
-    model = load_model(cfg.name)
+    model = load_model(cfg.name, allow_backbone=True)
     c, h, w = model.input_size
     # The classifier normalises inside, so preprocessing here is only the resize to its input size.
     pre = Preprocess(size=(h, w), mean=(0.0,) * c, std=(1.0,) * c, interpolation="bilinear", resize_mode="squash")

@@ -222,7 +222,9 @@ def check(stages: list[Any], problems: Problems, planned: set[str] | frozenset[s
     """
     from synclone.labels import get_label_space
     from synclone.models.pretrained import PretrainedConfig
+    from synclone.train.knn import KnnConfig
     from synclone.train.probe import ClassifierTuningConfig, LinearProbeConfig
+    from synclone.train.transfer_eval import TransferConfig
 
     if any("fashion_mnist" in json.dumps(s.cfg.model_dump(mode="json")) for s in stages):
         from synclone.data.fashion_mnist import locate
@@ -268,7 +270,15 @@ def check(stages: list[Any], problems: Problems, planned: set[str] | frozenset[s
                         raise MissingResource(f"{s.name}.head: linear head file '{cfg.head}' does not exist")
             with problems.catch(s.name):
                 spaces[str(Path(cfg.output) / "model")] = get_label_space(cfg.labels)
-        elif isinstance(cfg, ClassifierTuningConfig | LinearProbeConfig):
+        elif isinstance(cfg, TransferConfig):
+            for name, folder in cfg.encoders.items():
+                if folder and folder not in spaces:
+                    with problems.catch(s.name):
+                        _check_model_folder(folder, f"{s.name}.encoders.{name}")
+            with problems.catch(s.name):
+                _aligned(data_space(cfg.data, spaces, f"{s.name}.data"), data_space(cfg.test, spaces, f"{s.name}.test"),
+                         f"{s.name}'s data", f"its test data '{cfg.test}'")
+        elif isinstance(cfg, ClassifierTuningConfig | LinearProbeConfig | KnnConfig):
             with problems.catch(s.name):
                 check_backbone(cfg.backbone, f"{s.name}.backbone")
             d = cfg.data

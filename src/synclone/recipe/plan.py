@@ -87,11 +87,19 @@ class Recipe(StrictModel):
     inspect: dict[str, Any] | None = Field(None, description="dataset diagnostics (synclone inspect settings, e.g. "
                                            "features: '@train.real'); 'datasets' defaults to every generated and "
                                            "the curated set")
+    quick: list[str] = Field(default_factory=list, description="overrides applied by --quick (a miniature run)")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """A recipe from YAML with dotted overrides (``train.real.optim.steps=100``) and ``${var}`` substitution."""
-    raw = apply_overrides(load_yaml(path), overrides or [])
+def load_recipe(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> Recipe:
+    """A recipe from YAML with dotted overrides (``train.real.optim.steps=100``) and ``${var}`` substitution.
+
+    ``quick`` applies the recipe's own ``quick:`` overrides first (a minutes-long version of it)."""
+    raw = load_yaml(path)
+    if quick:
+        if not raw.get("quick"):
+            raise UserError(f"{path}: --quick needs a 'quick:' list of overrides in the recipe; this one has none")
+        raw = apply_overrides(raw, [str(o) for o in raw["quick"]])
+    raw = apply_overrides(raw, overrides or [])
     return validate(Recipe, substitute_vars(raw, str(path)), source=str(path))
 
 
@@ -145,7 +153,15 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-TRAIN_KINDS = ("supervised", "classifier-tuning", "linear-probe", "fewshot", "pretrained")
+TRAIN_KINDS = ("supervised", "classifier-tuning", "linear-probe", "fewshot", "pretrained", "pretrain", "knn",
+               "transfer")
+# Entries whose output is not a classifier to evaluate: a pre-trained backbone, a transfer table.
+_NOT_EVALUATED = ("pretrain", "transfer")
+
+
+def _evaluated(raw: dict) -> bool:
+    return raw.get("kind", "supervised") not in _NOT_EVALUATED or raw.get("method") == "supervised"
+_FEWSHOT_KEYS = ("shots", "seeds", "eval_data")
 _FEWSHOT_KEYS = ("shots", "seeds", "eval_data")
 
 
@@ -278,10 +294,10 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
     if recipe.inspect is not None:
         with problems.catch():
             stages += _inspect_stages(recipe, refs, [s.hash for s in stages])
-    if recipe.train:
+    if any(_evaluated(r) for r in recipe.train.values()):
         with problems.catch():
             raw = refs.resolve(recipe.evaluate, "evaluate")
-            models = {n + suffix: str(folder) for n, r in recipe.train.items()
+            models = {n + suffix: str(folder) for n, r in recipe.train.items() if _evaluated(r)
                       for suffix, folder in model_folders(out / "train" / n, r)}
             cfg = validate(EvaluateConfig, {**raw, "models": {**models, **raw.get("models", {})},
                                             "output": str(out / "eval")}, "recipe evaluate")
@@ -297,6 +313,8 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
                                      train_runs={n + sfx: str(f.parent) for n, r in recipe.train.items()
                                                  if r.get("kind", "supervised") in ("supervised", "fewshot")
                                                  for sfx, f in model_folders(out / "train" / n, r)},
+                                     transfer=[str(out / "train" / n) for n, r in recipe.train.items()
+                                               if r.get("kind") == "transfer"],
                                      upstream=_hash([s.hash for s in stages]))
             stages.append(Stage("report", out / "report", report_cfg, _run_report, derived=True, estimate_s=15.0))
     return stages
@@ -344,6 +362,24 @@ def _train_stage(name: str, raw: dict, folder: Path) -> Stage:
     if kind == "pretrained":
         cfg = validate(PretrainedConfig, {**raw, "output": str(folder)}, where)
         return Stage(f"train.{name}", folder, cfg, _run_import, estimate_s=30.0)
+    if kind == "pretrain":
+        from synclone.train.pretrain import PretrainConfig
+
+        cfg = validate(PretrainConfig, {**raw, "output": str(folder)}, where)
+        return Stage(f"train.{name}", folder, cfg, _run_pretrain,
+                     estimate_s=(1 if cfg.method == "supervised" else 2) * _train_estimate(cfg))
+    if kind == "knn":
+        from synclone.train.knn import KnnConfig
+
+        cfg = validate(KnnConfig, {**raw, "output": str(folder / "model")}, where)
+        return Stage(f"train.{name}", folder, cfg, _run_knn, estimate_s=60.0)
+    if kind == "transfer":
+        from synclone.train.transfer_eval import TransferConfig
+
+        cfg = validate(TransferConfig, {**raw, "output": str(folder)}, where)
+        jobs = len(cfg.encoders) * len(cfg.shots) * len(cfg.seeds)
+        est = jobs * (("finetune" in cfg.measures) * cfg.finetune.steps * cfg.finetune.batch_size / 2500.0 + 10.0)
+        return Stage(f"train.{name}", folder, cfg, _run_transfer, estimate_s=est)
     if kind == "fewshot":
         extra = {k: raw.pop(k) for k in _FEWSHOT_KEYS if k in raw}
         train_cfg = validate(TrainConfig, {**raw, "output": str(folder)}, where)
@@ -361,6 +397,7 @@ class ReportStage(StrictModel):
     curation: str | None = None
     datasets: list[str] = Field(default_factory=list)
     train_runs: dict[str, str] = Field(default_factory=dict)
+    transfer: list[str] = Field(default_factory=list)
     upstream: str = ""
 
 
@@ -430,6 +467,25 @@ def _run_probe(cfg: Any, resume: bool) -> None:
     (classifier_tuning if isinstance(cfg, ClassifierTuningConfig) else linear_probe)(cfg)
 
 
+def _run_pretrain(cfg: Any, resume: bool) -> None:
+    from synclone.train.pretrain import pretrain
+
+    pretrain(cfg, resume=resume or (Path(cfg.output) / "checkpoints").is_dir(), progress=True)
+
+
+def _run_knn(cfg: Any, resume: bool) -> None:
+    from synclone.train.knn import knn_classifier
+
+    knn_classifier(cfg)
+
+
+def _run_transfer(cfg: Any, resume: bool) -> None:
+    from synclone.train.transfer_eval import run_transfer
+
+    res = run_transfer(cfg)
+    print((Path(cfg.output) / "table.md").read_text(encoding="utf-8") if res["rows"] else "", flush=True)
+
+
 def _run_import(cfg: Any, resume: bool) -> None:
     from synclone.models.pretrained import import_timm
 
@@ -459,4 +515,5 @@ def _run_report(cfg: ReportStage, resume: bool) -> None:
 
     build_report([Path(cfg.eval_dir)], Path(cfg.output), title=cfg.title,
                  curation=Path(cfg.curation) if cfg.curation else None,
-                 datasets=[Path(d) for d in cfg.datasets], train_runs={k: Path(v) for k, v in cfg.train_runs.items()})
+                 datasets=[Path(d) for d in cfg.datasets], train_runs={k: Path(v) for k, v in cfg.train_runs.items()},
+                 transfer=[Path(t) for t in cfg.transfer])

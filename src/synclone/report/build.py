@@ -62,15 +62,17 @@ def summary_text(ev: Evaluations) -> str:
 
 def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "synclone report",
                  curation: Path | None = None, datasets: list[Path] | None = None,
-                 train_runs: dict[str, Path] | None = None, inspections: list[Path] | None = None) -> Path:
+                 train_runs: dict[str, Path] | None = None, inspections: list[Path] | None = None,
+                 transfer: list[Path] | None = None) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` and ``figures/*.png`` into ``output``.
 
     ``eval_dirs``: one or more output folders of ``synclone evaluate`` (later folders win on rows
     measured twice). ``curation``: a curated dataset folder (sample grids of kept and dropped images);
     ``datasets``: generated dataset folders (sample grids); ``train_runs``: model name -> training run
     folder (``metrics.json``: which split chose the checkpoint, training curves); ``inspections``: output
-    folders of ``synclone inspect`` (a dataset folder's own ``inspect/`` is found without being named).
-    Sections without data are left out. Returns the path of ``report.html``. Bad input raises :class:`UserError`.
+    folders of ``synclone inspect`` (a dataset folder's own ``inspect/`` is found without being named);
+    ``transfer``: folders of ``kind: transfer`` stages (the "Pre-training" section). Sections without data
+    are left out. Returns the path of ``report.html``. Bad input raises :class:`UserError`.
     """
     ev = load_evaluations(eval_dirs)
     output = Path(output)
@@ -92,6 +94,10 @@ def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "sy
     if (sec := inspection_section([read_inspection(p) for p in dict.fromkeys([*(inspections or []), *found])])):
         sections.append(sec)
     if (sec := training_section(runs, style)) is not None:
+        sections.append(sec)
+    from synclone.report.pretraining import pretraining_section
+
+    if (sec := pretraining_section(list(transfer or []))) is not None:
         sections.append(sec)
     sections += probe_sections(ev, style)
     sections.append(provenance_section(ev, runs))

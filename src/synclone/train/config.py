@@ -14,6 +14,9 @@ class ModelConfig(StrictModel):
     arch: str = "synclone_cnn_small"
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     init: str | None = Field(None, description="a synclone model folder to start from (fine-tuning)")
+    init_head: Literal["keep", "new"] = Field(
+        "keep", description="new: a fresh head for the training data's classes on model.init's backbone (transfer)")
+    freeze_steps: int = Field(0, ge=0, description="fine-tuning: steps at the start with the backbone frozen (lr 0)")
     mean: list[float] | None = None
     std: list[float] | None = None
 
@@ -71,6 +74,7 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(100, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay (fine-tuning), timm's")
 
 
 class ProgressiveConfig(StrictModel):

@@ -45,11 +45,11 @@ class Sources:
     val_desc: str
 
 
-def load_sources(cfg: TrainConfig) -> Sources:
+def load_sources(cfg: TrainConfig, resolve=resolve_dataset) -> Sources:  # noqa: ANN001
     """Load, align, subset and split the training data; every problem is reported before training starts."""
     d = cfg.data
-    real = resolve_dataset(d.real, "train", d.data_root, d.image_size) if d.real else None
-    syn = resolve_dataset(d.synthetic, "train", d.data_root, d.image_size) if d.synthetic else None
+    real = resolve(d.real, "train", d.data_root, d.image_size) if d.real else None
+    syn = resolve(d.synthetic, "train", d.data_root, d.image_size) if d.synthetic else None
     if real is not None and syn is not None:
         real.label_space.check_aligned(syn.label_space, "real data", "synthetic data")
         if real.image_shape != syn.image_shape:
@@ -109,23 +109,25 @@ def _config_key(cfg: TrainConfig) -> str:
     return json.dumps(cfg.budget_key(), sort_keys=True)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, task=None) -> Path:  # noqa: ANN001
     """Train the model ``cfg`` describes; returns the model folder (``<output>/model``).
 
     With ``resume=True`` an interrupted run continues from its last checkpoint; on the CPU the
     result equals an uninterrupted run's weights (everything random is a function of seed and step).
+    ``task`` (:class:`synclone.train.pretrain.SSLTask`) replaces the supervised module, batches, loss,
+    validation and export by a self-supervised objective's; everything else is this loop.
     """
     # cfg.threads is process-wide in torch; put it back so a library caller (or a test) is not left changed.
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, resume, progress)
+        return _train(cfg, resume, progress, task)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
+def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  # noqa: ANN001
     from accelerate import Accelerator
 
     out = Path(cfg.output)
@@ -144,7 +146,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
                 raise UserError(f"cannot resume from '{ckpt_path}': it was written with another config "
                                 f"({diff}); use the same config or another output folder")
 
-    src = load_sources(cfg)
+    src = load_sources(cfg) if task is None else load_sources(cfg, task.resolve)
     first = src.real if src.real is not None else src.synthetic
     assert first is not None
     label_space, input_size = first.label_space, first.image_shape
@@ -159,9 +161,20 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     if cfg.log_with != "none":
         accelerator.init_trackers("synclone")
 
-    if cfg.model.init:
+    if task is not None:
+        from synclone.train.pretrain import build_ssl_module
+
+        model = build_ssl_module(cfg, label_space, input_size)
+    elif cfg.model.init and cfg.model.init_head == "new":
+        from synclone.train.transfer import transfer_model
+
+        model = transfer_model(cfg.model.init, label_space, input_size, mix_seed(cfg.seed, 0x1417))
+    elif cfg.model.init:
         model = load_model(cfg.model.init)
-        model.label_space.check_aligned(label_space, "initial model", "training data")
+        try:
+            model.label_space.check_aligned(label_space, "initial model", "training data")
+        except UserError as err:
+            raise UserError(f"{err}; to fine-tune on another label space set model.init_head=new") from None
     else:
         # The initial weights are a function of the seed: a run (or a crashed and resumed one) is reproducible
         # from its config alone, and seeds of a few-shot sweep differ in their initialisation too.
@@ -181,7 +194,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     # Once per epoch, but at most ~50 validations per run: a few-shot set smaller than one batch would
     # otherwise validate after every step.
     eval_every = cfg.eval_every or max(steps_per_epoch, total_steps // 50)
-    optimizer = timm.optim.create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
+    if cfg.model.freeze_steps or o.layer_decay is not None:
+        from synclone.train.transfer import transfer_param_groups
+
+        params = transfer_param_groups(model, o.weight_decay, o.layer_decay, frozen=step_frozen(cfg, 0))
+        optimizer = timm.optim.create_optimizer_v2(params, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        optimizer = timm.optim.create_optimizer_v2(model, opt=o.opt, lr=o.lr, weight_decay=o.weight_decay)
     # Steps are the scheduler's "epochs": the schedule then depends on the step budget alone.
     if o.sched == "cyclic":
         # FFCV's (and Bansal & Grover's) "cyclic" schedule: linear from 1e-4 x lr to lr over the warm-up, then
@@ -215,7 +234,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             return ShardLocalSampler(ds.shard_ids, per_step, cfg.seed, source_id)
         return CyclingSampler(len(ds), per_step, cfg.seed, source_id)
 
-    if d.mix == "ratio":
+    if task is not None:
+        task.prepare(src, world)
+        samplers = []
+    elif d.mix == "ratio":
         n_syn = round(o.batch_size * d.synthetic_ratio)
         samplers = [(src.real, sampler(src.real, o.batch_size - n_syn, 0)),
                     (src.synthetic, sampler(src.synthetic, n_syn, 1))]
@@ -282,26 +304,36 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
                 x, y, parts[-1] = x[:-1], y[:-1], parts[-1] - 1  # a skipped image left the batch odd
             x = x if x.is_floating_point() else x.float().div_(255.0)
         torch.manual_seed(step_seed)
-        if batches is None:
-            xs, ys, parts = [], [], []
-            for ds, sampler_ in samplers:
-                idx = sampler_.indices(step)[rank::world]
-                xb, yb = ds.batch(idx)
-                xs.append(xb)
-                ys.append(yb)
-                parts.append(len(yb))
-            x, y = torch.cat(xs), torch.cat(ys)
-        if not aug.per_image:
-            x = augment(x, mix_seed(step_seed, 1), cfg.aug.hflip, cfg.aug.crop_pad)
-        target = None
-        if mixer is not None:
-            x, target = mixer(x, y, mix_seed(step_seed, 2))
-            target = target.to(device)
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device, non_blocking=True)
+        if task is not None:
+            batch = task.batch(step, rank, world)
+            x = batch["x"] = batch["x"].to(device).contiguous(memory_format=torch.channels_last)
+            target = None
+        else:
+            if batches is None:
+                xs, ys, parts = [], [], []
+                for ds, sampler_ in samplers:
+                    idx = sampler_.indices(step)[rank::world]
+                    xb, yb = ds.batch(idx)
+                    xs.append(xb)
+                    ys.append(yb)
+                    parts.append(len(yb))
+                x, y = torch.cat(xs), torch.cat(ys)
+            if not aug.per_image:
+                x = augment(x, mix_seed(step_seed, 1), cfg.aug.hflip, cfg.aug.crop_pad)
+            target = None
+            if mixer is not None:
+                x, target = mixer(x, y, mix_seed(step_seed, 2))
+                target = target.to(device)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
         with accelerator.autocast():
-            logits = model(x)
-            if target is not None:
+            if task is not None:
+                loss = task.loss(model, raw_model, batch, accelerator)
+            else:
+                logits = model(x)
+            if task is not None:
+                pass
+            elif target is not None:
                 loss = augs.soft_target_loss(logits, target)
             elif d.real_loss_weight is not None and len(parts) == 2:
                 lr_, ls_ = F.cross_entropy(logits[: parts[0]], y[: parts[0]], label_smoothing=aug.label_smoothing), \
@@ -319,7 +351,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
         if o.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
         optimizer.step()
+        if task is not None:
+            task.after_step(raw_model)
         step += 1
+        if cfg.model.freeze_steps:
+            from synclone.train.transfer import set_frozen
+
+            set_frozen(optimizer, step_frozen(cfg, step))  # before the scheduler sets the next step's rates
         scheduler.step(step)
         loss_value = loss.item()
         bar.update(1)
@@ -334,14 +372,18 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
             raise UserError(f"weights became non-finite ('{bad}') at step {step}; training stopped and {kept}. "
                             "Lower optim.lr or check the data")
         if step % eval_every == 0 or step == total_steps:
-            val_acc, val_loss = _validate(raw_model, src.val, device)
+            val_acc, val_loss = (_validate(raw_model, src.val, device) if task is None
+                                 else task.validate(raw_model, src.val, device))
             history.append({"step": step, "loss": loss_value, "val_acc": val_acc, "val_loss": val_loss,
                             "time_s": time.time() - t0})
             accelerator.log({"loss": loss_value, "val_acc": val_acc, "val_loss": val_loss}, step=step)
             # Ties on accuracy go to the lower validation loss: on an easy validation split (synthetic images
             # are often classified perfectly) the first step to reach 100% is a noisy early peak, not the model
             # the rest of training makes.
-            if (val_acc > best_val or (val_acc == best_val and val_loss < best_loss)) and main:
+            if task is not None and main:  # self-supervised: no labels choose, the end of the budget is the model
+                best_val, best_loss, best_step = val_acc, val_loss, step
+                save_model(task.export(raw_model), out / "model", extra=task.model_note(cfg, src, step, val_acc))
+            elif (val_acc > best_val or (val_acc == best_val and val_loss < best_loss)) and main:
                 best_val, best_loss, best_step = val_acc, val_loss, step
                 save_model(raw_model, out / "model", extra=_model_note(cfg, src, best_step, best_val))
             model.train()
@@ -351,16 +393,23 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
     if main:
-        save_model(raw_model, out / "model_last", extra=_model_note(cfg, src, step, history[-1]["val_acc"]))
+        if task is None:
+            save_model(raw_model, out / "model_last", extra=_model_note(cfg, src, step, history[-1]["val_acc"]))
         summary = {"best_val_acc": best_val, "best_val_loss": best_loss, "best_step": best_step,
-                   "total_steps": total_steps, "selected_by": "validation",
-                   "selection_rule": "highest validation top-1; ties broken by the lower validation loss",
+                   "total_steps": total_steps, "selected_by": "validation" if task is None else "last",
+                   "selection_rule": "highest validation top-1; ties broken by the lower validation loss"
+                   if task is None else "the last step (val_acc is a kNN monitor, never used to choose)",
                    "validation": src.val_desc, "history": history,
                    "train_images": n_train, "data": _data_record(src), "processes": world,
                    "skipped_images": len(skipped.entries)}
         write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     accelerator.end_training()
     return out / "model"
+
+
+def step_frozen(cfg: TrainConfig, step: int) -> bool:
+    """Whether the backbone is frozen at ``step`` (fine-tuning's warm-up of the new head)."""
+    return step < cfg.model.freeze_steps
 
 
 def _data_record(src: Sources) -> dict:
