@@ -46,6 +46,13 @@ def _load(cls, args: list[str] | None, extra: list[str] = ()):  # noqa: ANN001, 
     return load_config(cls, config, [*extra, *overrides])
 
 
+def _locked(folder: str, command: str, args: list[str] | None = None):  # noqa: ANN202
+    """The output-folder lock (one writer per folder; a second is refused naming the holder)."""
+    from synclone.util.lock import output_lock
+
+    return output_lock(folder, " ".join(["synclone", command, *(args or [])]))
+
+
 def _done(path: object) -> None:
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
         typer.echo(str(path))
@@ -67,20 +74,26 @@ def train(
         from synclone.train import TrainConfig
         from synclone.train import train as run_train
 
-        _done(run_train(_load(TrainConfig, args, extra), resume=resume, progress=not quiet))
+        cfg = _load(TrainConfig, args, extra)
+        with _locked(cfg.output, "train", args):
+            _done(run_train(cfg, resume=resume, progress=not quiet))
     elif kind in ("classifier-tuning", "linear-probe"):
         from synclone.train.probe import ClassifierTuningConfig, LinearProbeConfig, classifier_tuning, linear_probe
 
         cls, fn = ((ClassifierTuningConfig, classifier_tuning) if kind == "classifier-tuning"
                    else (LinearProbeConfig, linear_probe))
-        res = fn(_load(cls, args, extra))
+        cfg = _load(cls, args, extra)
+        with _locked(cfg.output, "train", args):
+            res = fn(cfg)
         _done(getattr(res, "folder", res))
     elif kind == "fewshot":
         from synclone.train import TrainConfig
         from synclone.train.fewshot import fewshot
 
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        res = fewshot(_load(TrainConfig, args, extra), shots=shots, seeds=seed_list)
+        cfg = _load(TrainConfig, args, extra)
+        with _locked(cfg.output, "train", args):
+            res = fewshot(cfg, shots=shots, seeds=seed_list)
         spread = "" if res["std"] is None else f" +- {100 * res['std']:.2f}"  # one seed has no spread
         typer.echo(f"top-1 over {res['n']} seed(s): {100 * res['mean']:.2f}{spread} %", err=True)
         _done(Path(_load(TrainConfig, args, extra).output) / "fewshot.json")
@@ -117,7 +130,8 @@ def evaluate(
         if value is not None:
             raw[key] = value
     cfg = validate(EvaluateConfig, apply_overrides(raw, set_ or []), source=config or "evaluate")
-    df = run_evaluate(cfg, progress=not quiet)
+    with _locked(cfg.output, "evaluate", models):
+        df = run_evaluate(cfg, progress=not quiet)
     head = df[df.metric == "top1"][["model", "probe", "dataset", "value"]]
     if len(head) and not quiet:
         typer.echo(yaml.safe_dump(head.head(20).to_dict("records"), sort_keys=False).rstrip(), err=True)
@@ -150,7 +164,8 @@ def generate(
     from synclone.generate import generate as run_generate
 
     cfg = _load(GenerateConfig, args)
-    _done(run_generate(cfg, dry_run=dry_run))
+    with _locked(cfg.output, "generate", args):
+        _done(run_generate(cfg, dry_run=dry_run))
 
 
 @app.command()
@@ -159,7 +174,9 @@ def curate(args: ArgsT = None) -> None:
     from synclone.curate import CurateConfig
     from synclone.curate import curate as run_curate
 
-    _done(run_curate(_load(CurateConfig, args)))
+    cfg = _load(CurateConfig, args)
+    with _locked(cfg.output, "curate", args):
+        _done(run_curate(cfg))
 
 
 @generator_app.command("train")
@@ -179,7 +196,12 @@ def run(
     """Run a whole experiment from one recipe; finished stages are skipped, interrupted ones resumed."""
     from synclone.recipe import load_recipe, run_recipe
 
-    _done(run_recipe(load_recipe(recipe, overrides or []), dry_run=dry_run))
+    cfg = load_recipe(recipe, overrides or [])
+    if dry_run:  # writes nothing
+        _done(run_recipe(cfg, dry_run=True))
+        return
+    with _locked(cfg.output, "run", [recipe, *(overrides or [])]):
+        _done(run_recipe(cfg))
 
 
 @app.command()

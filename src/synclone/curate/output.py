@@ -30,6 +30,7 @@ from synclone.data.folder import ALL_ROWS, DATASET_JSON, METADATA, ImageRecord, 
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.util.files import atomic_path, write_text_atomic
+from synclone.util.lock import LOCK_NAME
 
 FORMAT = "synclone-dataset/1"
 SCORE_COLUMNS = ("p_label", "top1", "margin", "class_sim", "prompt_sim")
@@ -47,7 +48,7 @@ def prepare_output(out: Path, source: Path, overwrite: bool) -> None:
                         "folder (e.g. output: data/curated)")
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         earlier = "curation" in (read_dataset_json(out) if (out / DATASET_JSON).is_file() else {})
         # A refill interrupted before the first dataset.json leaves only refill/ (kept: it holds the rounds).
         earlier = earlier or (out / REFILL_DIR / REFILL_STATE).is_file()
