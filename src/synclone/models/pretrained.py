@@ -24,6 +24,7 @@ from synclone.errors import UserError
 from synclone.labels import get_label_space
 from synclone.models.classifier import Classifier
 from synclone.models.io import save_model, state_mismatch
+from synclone.util.checkpoints import load_tensors
 
 
 class PretrainedConfig(StrictModel):
@@ -73,19 +74,12 @@ def import_timm(cfg: PretrainedConfig) -> Path:
 def _load_checkpoint(net: torch.nn.Module, path: Path, arch: str) -> None:
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:  # weights_only: a checkpoint from elsewhere must not run code when read
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises several types for foreign pickles
-            raise UserError(f"cannot read '{path}' as plain tensors (weights_only=True): {err}; convert it to "
-                            "safetensors") from None
+    state = load_tensors(path)  # safetensors, or weights_only: a checkpoint from elsewhere must not run code
     for key in ("state_dict", "model", "module"):  # common wrappers of training scripts
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise UserError(f"checkpoint '{path}' does not hold a state dict of tensors; export the model's state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     problem = state_mismatch(net.state_dict(), state, f"timm '{arch}'")
     if problem:
