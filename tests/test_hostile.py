@@ -364,3 +364,29 @@ def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path, capsys, damage
     warning = next(ln for ln in err.splitlines() if ln.startswith("warning:"))
     assert str(last) in warning and str(prev) in warning and "weights_only" not in warning
     assert snapshot(out / "model").keys() == before.keys()
+
+
+# --- 3. one broken model never sinks the others --------------------------------------------------------------
+
+def test_model_with_non_finite_outputs_is_marked_and_others_scored(tmp_path, tiny_model, capsys):
+    import pandas as pd
+    import torch
+
+    from synclone.models import load_model, save_model
+
+    broken = load_model(tiny_model)
+    with torch.no_grad():
+        broken.net.get_classifier().bias.fill_(float("nan"))
+    broken_dir = save_model(broken, tmp_path / "broken" / "model")
+    out = tmp_path / "eval"
+    code, err = run_cli(capsys, "evaluate", f"good={tiny_model}", f"broken={broken_dir}", "--output", out,
+                        "--probes", "clean,calibration,ood", "--max-images", "16", "--quiet")
+    assert code == 0, err
+    assert "Traceback" not in err
+    warnings_ = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert warnings_ and all("model 'broken'" in w and "fashion_mnist" in w for w in warnings_)
+    df = pd.read_parquet(out / "results.parquet")
+    good, bad = df[df.model == "good"], df[df.model == "broken"]
+    assert set(good.probe) == {"clean", "calibration", "ood"} and good.value.notna().all()
+    assert set(bad.metric) == {"non_finite_outputs"} and set(bad.probe) == {"clean", "calibration", "ood"}
+    assert (bad.convention == "status: non-finite outputs").all() and (bad.value == bad.n).all()
