@@ -390,3 +390,98 @@ def test_model_with_non_finite_outputs_is_marked_and_others_scored(tmp_path, tin
     assert set(good.probe) == {"clean", "calibration", "ood"} and good.value.notna().all()
     assert set(bad.metric) == {"non_finite_outputs"} and set(bad.probe) == {"clean", "calibration", "ood"}
     assert (bad.convention == "status: non-finite outputs").all() and (bad.value == bad.n).all()
+
+
+# --- 4. curate killed between its metadata and dataset.json ------------------------------------------------
+
+def test_curate_killed_before_dataset_json_resumes_byte_identical(tmp_path, capsys):
+    from _tiny_clip import fashion_mnist_mixture, one_thread, shared_teacher
+
+    dataset, _ = fashion_mnist_mixture(tmp_path / "generated")
+    out = tmp_path / "curated"
+    cfg = {"input": str(dataset), "output": str(out), "cache_dir": str(tmp_path / "cache"),
+           "scorer": {"kind": "teacher", "model": str(shared_teacher())}, "progress": False,
+           "stats": {"examples_per_class": 2}}
+    (tmp_path / "curate.yaml").write_text(yaml.safe_dump(cfg))
+    with one_thread():
+        code, err = run_cli(capsys, "curate", tmp_path / "curate.yaml")
+        assert code == 0, err
+        whole = {k: v for k, v in snapshot(out).items() if k not in ("run.json", "dataset.json")}
+        info = _without_run_record(out / "dataset.json")
+        # The state a kill right after train/metadata.jsonl (and the all-images table) leaves behind:
+        for name in ("dataset.json", "config.yaml", "run.json"):
+            (out / name).unlink()
+        import shutil
+
+        shutil.rmtree(out / "stats")
+        assert (out / "train" / "metadata.jsonl").is_file() and not (out / "dataset.json").exists()
+        code, err = run_cli(capsys, "curate", tmp_path / "curate.yaml")
+        assert code == 0, err
+    # Every file byte for byte, apart from what describes the run rather than the data: run.json (the time) and
+    # dataset.json's curation.scoring.encoded_now / model_loaded (the resumed run found every score in the cache).
+    assert {k: v for k, v in snapshot(out).items() if k not in ("run.json", "dataset.json")} == whole
+    assert _without_run_record(out / "dataset.json") == info
+
+
+def _without_run_record(path: Path) -> dict:
+    info = json.loads(path.read_text())
+    for k in ("encoded_now", "model_loaded"):
+        info["curation"]["scoring"].pop(k)
+    return info
+
+
+def test_curate_still_refuses_a_foreign_folder(tmp_path, capsys):
+    from _tiny_clip import fashion_mnist_mixture, shared_teacher
+
+    dataset, _ = fashion_mnist_mixture(tmp_path / "generated")
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "label": 0}) + "\n")
+    before = snapshot(out)
+    code, err = run_cli(capsys, "curate", f"input={dataset}", f"output={out}", "scorer.kind=teacher",
+                        f"scorer.model={shared_teacher()}", "progress=false")
+    assert code == 2 and "not an earlier curate output" in assert_one_line(err, out)
+    assert snapshot(out) == before
+
+
+# --- 5. a shifted set made by the model's own generator is in-distribution for it -----------------------------
+
+def _rows(model, dataset, metric, value, probe="shift", variant="shifted"):
+    return {"model": model, "probe": probe, "dataset": dataset, "variant": variant, "metric": metric,
+            "value": value, "n": 100, "convention": "c"}
+
+
+def test_verdict_leaves_in_distribution_sets_out_of_the_shift_headlines():
+    import pandas as pd
+
+    from synclone.report.verdict import verdict_columns
+
+    rows = [_rows(m, "clean", "top1", v, probe="clean", variant="all") for m, v in (("real", .9), ("clone", .7))]
+    for m, acc, er in (("real", .5, -0.02), ("clone", .69, 0.051)):
+        rows += [_rows(m, "synthetic_shift", "top1", acc), _rows(m, "synthetic_shift", "effective_robustness", er)]
+    rows.append(_rows("clone", "synthetic_shift", "in_distribution", 1.0))
+    cols = {c.headline.key: c for c in verdict_columns(pd.DataFrame(rows), [])}
+    er = cols["effective_robustness"]
+    assert er.values == {"real": -0.02} and "clone on synthetic_shift" in er.note and "in-distribution" in er.note
+    assert cols["shift_top1"].values == {"real": 0.5}
+    assert cols["clean_top1"].values == {"real": 0.9, "clone": 0.7}
+
+
+def test_shift_probe_knows_the_generator_of_a_models_training_data(tmp_path):
+    from synclone.probes.shift import _generator_of, _training_generator
+
+    gen = {"backend": "diffusers", "generator": "tiny-sd", "generator_revision": "local:abc", "steps": 2}
+    space = {"classes": ["a", "b"]}
+    for name, g in (("train_set", gen), ("shift_set", {**gen, "steps": 4}), ("other", {**gen, "generator": "x"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dataset.json").write_text(json.dumps({"generator": g, "label_space": space}))
+    curated = tmp_path / "curated"
+    curated.mkdir()
+    (curated / "dataset.json").write_text(json.dumps({"label_space": space, "source": {
+        "dataset": {"generator": gen, "label_space": space}}}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"training": {"data": {"synthetic": str(curated)}}}))
+    assert _training_generator(model) == _generator_of(tmp_path / "shift_set") == _generator_of(tmp_path / "train_set")
+    assert _generator_of(tmp_path / "other") != _training_generator(model)
+    assert _generator_of(tmp_path / "missing") is None
