@@ -487,3 +487,27 @@ def test_shift_probe_knows_the_generator_of_a_models_training_data(tmp_path):
     assert _training_generator(model) == _generator_of(tmp_path / "shift_set") == _generator_of(tmp_path / "train_set")
     assert _generator_of(tmp_path / "other") != _training_generator(model)
     assert _generator_of(tmp_path / "missing") is None
+
+
+# --- 6. disk full ------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_train_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        out = mnt / "run"
+        code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY)
+        assert code == 2
+        assert "disk is full" in assert_one_line(err, out)
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # partial files removed
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
+        code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY, "--resume")
+        assert code == 0, err
+        assert (out / "model" / "model.safetensors").is_file()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -8,6 +8,7 @@ caches) is kept, so re-running the corrected command resumes.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -223,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, standalone_mode=False)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
+        return UserError.exit_code
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" writing '{err.filename}'" if err.filename else ""
+        typer.echo(f"error: the disk is full ({err.strerror or 'No space left on device'}){where}; free some space "
+                   "(or choose an output folder on another disk) and re-run the same command: finished work is kept "
+                   "and the run resumes", err=True)
         return UserError.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)

@@ -108,7 +108,15 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as "enforce fail ... write failed"
+            import errno
+            import shutil
+
+            if shutil.disk_usage(path.parent).free < (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
         if path.is_file():
             os.replace(path, path.with_name(PREVIOUS))
 
