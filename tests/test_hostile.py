@@ -512,3 +512,20 @@ def test_train_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
         assert (out / "model" / "model.safetensors").is_file()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_curate_openclip_scorer_refuses_a_pickled_checkpoint(tmp_path, capsys):
+    from _tiny_clip import fashion_mnist_mixture
+    from _tiny_openclip import build_tiny_openclip
+
+    dataset, _ = fashion_mnist_mixture(tmp_path / "generated")
+    paths = build_tiny_openclip(tmp_path / "clip", train_steps=0)
+    evil = tmp_path / "clip.pt"
+    _evil_checkpoint(evil)
+    out = tmp_path / "curated"
+    code, err = run_cli(capsys, "curate", f"input={dataset}", f"output={out}", "scorer.kind=openclip",
+                        f"scorer.model={paths['config']}", f"scorer.pretrained={evil}", "progress=false",
+                        f"cache_dir={tmp_path / 'cache'}")
+    assert code == 2
+    line = assert_one_line(err, evil)
+    assert "pickled code" in line and "weights_only" not in line and not evil.with_suffix(".pwned").exists()

@@ -63,3 +63,12 @@ def load_tensors(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign or broken files
         raise UnreadableCheckpoint(path, _reason(err)) from None
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Read ``path`` the safe way before a library that loads it itself (open_clip, timm) does.
+
+    Those libraries load local files with their own ``torch.load`` call; reading the file first with
+    :func:`load_tensors` turns a foreign pickle or a damaged file into one line naming it, before they see it.
+    """
+    load_tensors(path)
