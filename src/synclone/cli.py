@@ -214,7 +214,11 @@ def demo(
     """The built-in Fashion-MNIST synthetic-clone experiment, end to end, offline."""
     from synclone.recipe import demo_recipe, run_recipe
 
-    _done(run_recipe(demo_recipe(output, quick=quick), dry_run=dry_run))
+    if dry_run:
+        _done(run_recipe(demo_recipe(output, quick=quick), dry_run=True))
+        return
+    with _locked(output, "demo", ["--output", output] + (["--quick"] if quick else [])):
+        _done(run_recipe(demo_recipe(output, quick=quick)))
 
 
 def main(argv: list[str] | None = None) -> int:
