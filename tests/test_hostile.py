@@ -529,3 +529,13 @@ def test_curate_openclip_scorer_refuses_a_pickled_checkpoint(tmp_path, capsys):
     assert code == 2
     line = assert_one_line(err, evil)
     assert "pickled code" in line and "weights_only" not in line and not evil.with_suffix(".pwned").exists()
+
+
+def test_streamed_folder_skips_and_records_unusable_files(hostile_folder):
+    from synclone.data.sources import streamed_folder
+
+    with pytest.warns(UserWarning, match="4 unreadable image"):
+        ds = streamed_folder(hostile_folder, "train", 8)
+    assert len(ds) == 2 and ds.extra["skipped"] == ["1", "2", "3", "4"]
+    x = next(ds.iter_batches(4))
+    assert x.shape == (2, 3, 8, 8)

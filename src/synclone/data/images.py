@@ -108,6 +108,38 @@ def _open_checked(data: bytes) -> Image.Image:
     return src
 
 
+def check_image_file(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as an image (not a regular file, empty, too large, no image header, too many
+    pixels), or None; reads only the header, so a streamed set can skip bad files before decoding starts."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file (a device, FIFO, folder or socket)"
+        if st.st_size == 0:
+            return "empty file (0 bytes)"
+        if st.st_size > MAX_IMAGE_BYTES:
+            return f"{st.st_size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte cap (SYNCLONE_MAX_IMAGE_BYTES)"
+        with os.fdopen(os.dup(fd), "rb") as f:
+            try:
+                with Image.open(f) as im:
+                    w, h = im.size
+            except Image.DecompressionBombError:
+                return f"over the {MAX_IMAGE_PIXELS:,}-pixel cap (a decompression bomb?)"
+            except Exception as err:  # noqa: BLE001 - Pillow raises many types for non-images
+                return f"{type(err).__name__}: {err}"
+        if w * h > MAX_IMAGE_PIXELS:
+            return f"{w}x{h} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel cap (a decompression bomb?)"
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    finally:
+        os.close(fd)
+    return None
+
+
 def open_image(path: str | Path) -> Image.Image:
     """The one way to open an image file: checked (see the module docstring), first frame decoded.
 
