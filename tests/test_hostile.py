@@ -395,6 +395,7 @@ def test_model_with_non_finite_outputs_is_marked_and_others_scored(tmp_path, tin
 
 # --- 4. curate killed between its metadata and dataset.json ------------------------------------------------
 
+@pytest.mark.slow  # two curate runs with a trained teacher: ~85 s on the loaded 2-core machine
 def test_curate_killed_before_dataset_json_resumes_byte_identical(tmp_path, capsys):
     from _tiny_clip import fashion_mnist_mixture, one_thread, shared_teacher
 
