@@ -8,6 +8,7 @@ caches) is kept, so re-running the corrected command resumes.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,13 @@ def _load(cls, args: list[str] | None, extra: list[str] = ()):  # noqa: ANN001, 
     return load_config(cls, config, [*extra, *overrides])
 
 
+def _locked(folder: str, command: str, args: list[str] | None = None):  # noqa: ANN202
+    """The output-folder lock (one writer per folder; a second is refused naming the holder)."""
+    from synclone.util.lock import output_lock
+
+    return output_lock(folder, " ".join(["synclone", command, *(args or [])]))
+
+
 def _done(path: object) -> None:
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process under accelerate launch
         typer.echo(str(path))
@@ -69,7 +77,9 @@ def train(
         from synclone.train import TrainConfig
         from synclone.train import train as run_train
 
-        _done(run_train(_load(TrainConfig, args, extra), resume=resume, progress=not quiet))
+        cfg = _load(TrainConfig, args, extra)
+        with _locked(cfg.output, "train", args):
+            _done(run_train(cfg, resume=resume, progress=not quiet))
     elif kind == "pretrain":
         from synclone.train.pretrain import PretrainConfig, pretrain
 
@@ -83,14 +93,18 @@ def train(
 
         cls, fn = ((ClassifierTuningConfig, classifier_tuning) if kind == "classifier-tuning"
                    else (LinearProbeConfig, linear_probe))
-        res = fn(_load(cls, args, extra))
+        cfg = _load(cls, args, extra)
+        with _locked(cfg.output, "train", args):
+            res = fn(cfg)
         _done(getattr(res, "folder", res))
     elif kind == "fewshot":
         from synclone.train import TrainConfig
         from synclone.train.fewshot import fewshot
 
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-        res = fewshot(_load(TrainConfig, args, extra), shots=shots, seeds=seed_list)
+        cfg = _load(TrainConfig, args, extra)
+        with _locked(cfg.output, "train", args):
+            res = fewshot(cfg, shots=shots, seeds=seed_list)
         spread = "" if res["std"] is None else f" +- {100 * res['std']:.2f}"  # one seed has no spread
         typer.echo(f"top-1 over {res['n']} seed(s): {100 * res['mean']:.2f}{spread} %", err=True)
         _done(Path(_load(TrainConfig, args, extra).output) / "fewshot.json")
@@ -158,7 +172,8 @@ def evaluate(
         if value is not None:
             raw[key] = value
     cfg = validate(EvaluateConfig, apply_overrides(raw, set_ or []), source=config or "evaluate")
-    df = run_evaluate(cfg, progress=not quiet)
+    with _locked(cfg.output, "evaluate", models):
+        df = run_evaluate(cfg, progress=not quiet)
     head = df[df.metric == "top1"][["model", "probe", "dataset", "value"]]
     if len(head) and not quiet:
         typer.echo(yaml.safe_dump(head.head(20).to_dict("records"), sort_keys=False).rstrip(), err=True)
@@ -194,7 +209,8 @@ def generate(
     from synclone.generate import generate as run_generate
 
     cfg = _load(GenerateConfig, args)
-    _done(run_generate(cfg, dry_run=dry_run))
+    with _locked(cfg.output, "generate", args):
+        _done(run_generate(cfg, dry_run=dry_run))
 
 
 @app.command()
@@ -203,7 +219,9 @@ def curate(args: ArgsT = None) -> None:
     from synclone.curate import CurateConfig
     from synclone.curate import curate as run_curate
 
-    _done(run_curate(_load(CurateConfig, args)))
+    cfg = _load(CurateConfig, args)
+    with _locked(cfg.output, "curate", args):
+        _done(run_curate(cfg))
 
 
 @app.command()
@@ -272,7 +290,12 @@ def run(
     """Run a whole experiment from one recipe; finished stages are skipped, interrupted ones resumed."""
     from synclone.recipe import load_recipe, run_recipe
 
-    _done(run_recipe(load_recipe(recipe, overrides or [], quick=quick), dry_run=dry_run))
+    cfg = load_recipe(recipe, overrides or [], quick=quick)
+    if dry_run:  # writes nothing
+        _done(run_recipe(cfg, dry_run=True))
+        return
+    with _locked(cfg.output, "run", [recipe, *(overrides or [])]):
+        _done(run_recipe(cfg))
 
 
 @app.command("er")
@@ -324,7 +347,11 @@ def demo(
     """The built-in Fashion-MNIST synthetic-clone experiment, end to end, offline."""
     from synclone.recipe import demo_recipe, run_recipe
 
-    _done(run_recipe(demo_recipe(output, quick=quick), dry_run=dry_run))
+    if dry_run:
+        _done(run_recipe(demo_recipe(output, quick=quick), dry_run=True))
+        return
+    with _locked(output, "demo", ["--output", output] + (["--quick"] if quick else [])):
+        _done(run_recipe(demo_recipe(output, quick=quick)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, standalone_mode=False)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
+        return UserError.exit_code
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" writing '{err.filename}'" if err.filename else ""
+        typer.echo(f"error: the disk is full ({err.strerror or 'No space left on device'}){where}; free some space "
+                   "(or choose an output folder on another disk) and re-run the same command: finished work is kept "
+                   "and the run resumes", err=True)
         return UserError.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)

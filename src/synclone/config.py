@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -77,7 +78,28 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(msgs)
 
 
+def _non_finite(data: Any, path: str = "") -> str | None:
+    """The dotted key of the first NaN / infinite float in plain config data, or None."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return path or "config"
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list | tuple):
+        items = enumerate(data)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
+
+
 def validate(cls: type[C], data: dict, source: str = "config") -> C:
+    """``data`` validated into ``cls``; any problem (unknown key, bad value, NaN / infinity) is one UserError line."""
+    bad = _non_finite(data)
+    if bad:
+        raise UserError(f"{source}: bad value for '{bad}': it is not a finite number; give a finite value")
     try:
         return cls.model_validate(data)
     except ValidationError as err:
@@ -96,12 +118,70 @@ def read_json(path: str | Path, kind: type = dict) -> Any:
     return data
 
 
+# A config is a few hundred values; anchors and aliases that expand past this many nodes are a "YAML bomb"
+# (each level of aliases multiplies the size), refused before anything copies the expanded tree.
+YAML_NODE_BUDGET = 100_000
+YAML_MAX_BYTES = 16 << 20
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], path: set[int]) -> int:
+    """How many nodes ``node`` becomes once every alias is expanded (memoised per node, cycles refused)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in path:
+        raise RecursionError
+    path.add(key)
+    total = 1
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            total += _expanded_nodes(k, memo, path) + _expanded_nodes(v, memo, path)
+            if total > YAML_NODE_BUDGET:
+                break
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            total += _expanded_nodes(v, memo, path)
+            if total > YAML_NODE_BUDGET:
+                break
+    path.discard(key)
+    memo[key] = total
+    return total
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> plain data, refusing alias expansions over :data:`YAML_NODE_BUDGET` nodes and cycles."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_nodes(node, {}, set())
+        except RecursionError:
+            raise UserError(f"{source}: its anchors and aliases refer to themselves (a cycle); write the values "
+                            "out") from None
+        if size > YAML_NODE_BUDGET:
+            raise UserError(f"{source}: its anchors and aliases expand to more than {YAML_NODE_BUDGET:,} values; "
+                            "write the config without nested aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A YAML config file as a dict; a missing file, bad encoding, bad YAML or a YAML bomb is one UserError line."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file '{p}' does not exist")
+    if p.stat().st_size > YAML_MAX_BYTES:
+        raise UserError(f"config file '{p}' is larger than {YAML_MAX_BYTES >> 20} MB; a config is a few kB")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file '{p}' is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                        "UTF-8") from None
+    try:
+        data = parse_yaml(text, f"config file '{p}'") or {}
     except yaml.YAMLError as err:
         raise UserError(f"config file '{p}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):

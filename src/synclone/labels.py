@@ -19,6 +19,8 @@ from importlib import resources
 from synclone.errors import UserError
 
 _SLUG_BAD = re.compile(r"[^a-z0-9]+")
+# A slug (ASCII, so one byte a character) is a folder name; this leaves room under the 255-byte file-name limit.
+SLUG_MAX_BYTES = 96
 
 
 def slugify(name: str) -> str:
@@ -32,6 +34,11 @@ def slugify(name: str) -> str:
     if not slug:
         # A name made only of symbols or non-Latin letters still needs a stable, unique folder.
         slug = "class_" + hashlib.sha1(str(name).encode("utf-8")).hexdigest()[:8]
+    if len(slug) > SLUG_MAX_BYTES:
+        # File names are limited to 255 bytes and a slug is a folder name that files are put under: keep a
+        # readable head and make it unique again with a hash of the whole name.
+        digest = hashlib.sha1(str(name).encode("utf-8")).hexdigest()[:10]
+        slug = slug[: SLUG_MAX_BYTES - len(digest) - 1].rstrip("_") + "_" + digest
     return slug
 
 
@@ -66,8 +73,9 @@ class LabelSpace:
         if len(set(slugs)) != len(slugs):
             raise UserError(f"label space '{self.name}': slugs are not unique")
         for s in slugs:
-            if s != slugify(s) and not re.fullmatch(r"[a-z0-9_]+", s):
-                raise UserError(f"label space '{self.name}': slug '{s}' is not filesystem-safe")
+            if (s != slugify(s) and not re.fullmatch(r"[a-z0-9_]+", s)) or len(s) > SLUG_MAX_BYTES:
+                raise UserError(f"label space '{self.name}': slug '{s[:40]}' is not filesystem-safe (lower-case "
+                                f"letters, digits and '_', at most {SLUG_MAX_BYTES} bytes)")
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "slugs", slugs)
         object.__setattr__(self, "mappings", {k: tuple(int(i) for i in v) for k, v in self.mappings.items()})
@@ -151,7 +159,7 @@ def _unique_slugs(classes: Sequence[str]) -> tuple[str, ...]:
         base = slugify(c)
         slug, k = base, 2
         while slug in used:
-            slug, k = f"{base}_{k}", k + 1
+            slug, k = f"{base[:SLUG_MAX_BYTES - len(str(k)) - 1]}_{k}", k + 1
         used.add(slug)
         out.append(slug)
     return tuple(out)

@@ -30,6 +30,7 @@ from synclone.data.folder import ALL_ROWS, DATASET_JSON, METADATA, ImageRecord, 
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.util.files import atomic_path, write_text_atomic
+from synclone.util.lock import LOCK_NAME
 
 FORMAT = "synclone-dataset/1"
 SCORE_COLUMNS = ("p_label", "top1", "margin", "class_sim", "prompt_sim")
@@ -47,10 +48,13 @@ def prepare_output(out: Path, source: Path, overwrite: bool) -> None:
                         "folder (e.g. output: data/curated)")
     if out.exists() and not out.is_dir():
         raise UserError(f"output '{out}' exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         earlier = "curation" in (read_dataset_json(out) if (out / DATASET_JSON).is_file() else {})
         # A refill interrupted before the first dataset.json leaves only refill/ (kept: it holds the rounds).
         earlier = earlier or (out / REFILL_DIR / REFILL_STATE).is_file()
+        # A run killed after its metadata but before dataset.json: only files a curate run writes, and records
+        # that only curate writes.
+        earlier = earlier or _interrupted_curate(out)
         if not earlier and not overwrite:
             raise UserError(f"output folder '{out}' is not empty and is not an earlier curate output; choose another "
                             "folder or set overwrite=true")
@@ -61,6 +65,21 @@ def prepare_output(out: Path, source: Path, overwrite: bool) -> None:
             elif p.exists():
                 p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _interrupted_curate(out: Path) -> bool:
+    """True when ``out`` holds only what a curate run writes before ``dataset.json``, with curate's records."""
+    if any(p.name not in (*_OWNED, REFILL_DIR, LOCK_NAME) for p in out.iterdir()):
+        return False
+    for rows in (out / ALL_ROWS, out / "train" / METADATA):
+        try:
+            with open(rows, encoding="utf-8") as f:
+                first = json.loads(f.readline() or "{}")
+        except (OSError, ValueError):
+            continue
+        if isinstance(first, dict) and {"source_file_name", "kept", "drop_reason"} <= first.keys():
+            return True
+    return False
 
 
 def _clean(v):

@@ -30,6 +30,7 @@ from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.models import load_model
 from synclone.models.io import CONFIG, WEIGHTS, read_model_config
+from synclone.util.checkpoints import check_checkpoint_file
 
 CACHE_FORMAT = "synclone-curate-cache/1"
 SCORERS: dict[str, type[Scorer]] = {}
@@ -214,7 +215,12 @@ class OpenClipScorer(Scorer):
     def _load(self) -> None:
         import open_clip
 
-        name, pretrained, _ = self._resolve()
+        name, pretrained, local = self._resolve()
+        files = [Path(pretrained)] if pretrained and Path(pretrained).is_file() else []
+        if local is not None and local.is_dir():  # open_clip loads a folder's pickled weights with torch.load
+            files += [p for p in local.iterdir() if p.suffix in (".bin", ".pth", ".pt")]
+        for f in files:
+            check_checkpoint_file(f)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
                                                                          device=self.device)

@@ -23,10 +23,19 @@ multi-frame        the first frame.
 
 A file that Pillow cannot open or fully decode (missing, zero bytes, truncated, corrupt) gives a
 :class:`Decoded` with ``error`` set instead of raising: curation drops it as "unreadable" and goes on.
+
+Every reader (in memory, streamed, curate, evaluate, probes, reference images) opens files through
+:func:`read_image_bytes` / :func:`open_image`, which refuse what a ``metadata.jsonl`` row can point at but is no
+image file: a device (``/dev/zero`` would be read forever), a FIFO (would block forever), a folder, a file over
+:data:`MAX_IMAGE_BYTES`, and images over :data:`MAX_IMAGE_PIXELS` pixels (decompression bombs, checked from the
+header before any pixel is decoded). Both limits can be raised with the environment variables
+``SYNCLONE_MAX_IMAGE_BYTES`` / ``SYNCLONE_MAX_IMAGE_PIXELS``.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -39,6 +48,110 @@ from synclone.errors import UserError
 # The file suffixes read as images (lower case). Pillow reads more, but these are the ones image folders use.
 # The one list of image suffixes every reader accepts (Pillow decodes all of them; a GIF is read as its first frame).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+# Caps on one image file: bytes read and decoded pixels (width x height); a 10k x 10k photo fits, a bomb does not.
+MAX_IMAGE_BYTES = int(os.environ.get("SYNCLONE_MAX_IMAGE_BYTES", 512 << 20))
+MAX_IMAGE_PIXELS = int(os.environ.get("SYNCLONE_MAX_IMAGE_PIXELS", 100_000_000))
+
+
+class UnreadableImage(UserError):
+    """An image file that cannot be used (not a regular file, too large, corrupt); the message names it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot read image '{path}': {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def read_image_bytes(path: str | Path) -> bytes:
+    """The bytes of an image file; refuses non-regular files and files over :data:`MAX_IMAGE_BYTES`."""
+    try:
+        # O_NONBLOCK: opening a FIFO for reading must not wait for a writer; the check below then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise UnreadableImage(path, f"{type(err).__name__}: {err.strerror or err}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket")
+            raise UnreadableImage(path, f"it is {kind}, not a regular file")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise UnreadableImage(path, f"{st.st_size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte cap "
+                                        "(SYNCLONE_MAX_IMAGE_BYTES)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    except OSError as err:
+        raise UnreadableImage(path, f"{type(err).__name__}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_IMAGE_BYTES:  # grew while being read
+        raise UnreadableImage(path, f"over the {MAX_IMAGE_BYTES:,}-byte cap (SYNCLONE_MAX_IMAGE_BYTES)")
+    return data
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """Pillow image of ``data``, its first frame decoded; refuses bombs from the header, before decoding."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        src = Image.open(BytesIO(data))
+    except Image.DecompressionBombError as err:  # Pillow's own limit (far above ours) hit while reading the header
+        raise ValueError(f"{str(err).split(',')[0]}: over the {MAX_IMAGE_PIXELS:,}-pixel cap (a decompression "
+                         "bomb? SYNCLONE_MAX_IMAGE_PIXELS raises it)") from None
+    w, h = src.size
+    if w * h > MAX_IMAGE_PIXELS:
+        src.close()
+        raise ValueError(f"{w}x{h} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel cap (a decompression bomb? "
+                         "SYNCLONE_MAX_IMAGE_PIXELS raises it)")
+    src.seek(0)
+    src.load()  # decode now: a truncated file fails here, not later inside a scorer
+    return src
+
+
+def check_image_file(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as an image (not a regular file, empty, too large, no image header, too many
+    pixels), or None; reads only the header, so a streamed set can skip bad files before decoding starts."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file (a device, FIFO, folder or socket)"
+        if st.st_size == 0:
+            return "empty file (0 bytes)"
+        if st.st_size > MAX_IMAGE_BYTES:
+            return f"{st.st_size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte cap (SYNCLONE_MAX_IMAGE_BYTES)"
+        with os.fdopen(os.dup(fd), "rb") as f:
+            try:
+                with Image.open(f) as im:
+                    w, h = im.size
+            except Image.DecompressionBombError:
+                return f"over the {MAX_IMAGE_PIXELS:,}-pixel cap (a decompression bomb?)"
+            except Exception as err:  # noqa: BLE001 - Pillow raises many types for non-images
+                return f"{type(err).__name__}: {err}"
+        if w * h > MAX_IMAGE_PIXELS:
+            return f"{w}x{h} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel cap (a decompression bomb?)"
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The one way to open an image file: checked (see the module docstring), first frame decoded.
+
+    Raises :class:`UnreadableImage` (a one-line ``UserError`` naming the file) for any file it cannot use.
+    """
+    data = read_image_bytes(path)
+    try:
+        return _open_checked(data)
+    except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+        raise UnreadableImage(path, f"{type(err).__name__}: {err}".strip() if not isinstance(err, ValueError)
+                              else str(err)) from None
+
 
 # Column order of the per-image pixel statistics (grey levels 0..255 after conversion, NaN share of the source).
 STAT_NAMES = ("px_min", "px_max", "px_mean", "px_std", "px_nan")
@@ -67,9 +180,7 @@ def decode_image(data: bytes, alpha_background: int = 0) -> Decoded:
     if not data:
         return _unreadable("empty file (0 bytes)")
     try:
-        with Image.open(BytesIO(data)) as src:
-            src.seek(0)
-            src.load()  # decode now: a truncated file fails here, not later inside a scorer
+        with _open_checked(data) as src:
             mode = src.mode
             image, nan_share = _to_8bit(src, alpha_background)
     except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
@@ -113,10 +224,9 @@ def _to_8bit(src: Image.Image, background: int) -> tuple[Image.Image, float]:
 def read_and_decode(path: str, alpha_background: int = 0) -> tuple[bytes | None, Decoded]:
     """Read a file and decode it; a missing or unreadable file gives an error, not an exception."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        return None, _unreadable(f"{type(err).__name__}: {err.strerror or err}")
+        data = read_image_bytes(path)
+    except UnreadableImage as err:
+        return None, _unreadable(err.reason)
     return data, decode_image(data, alpha_background)
 
 
@@ -138,12 +248,9 @@ def list_images(folder: Path) -> list[Path]:
 def load_image(path: Path, size: tuple[int, int, int]) -> np.ndarray:
     """One image file as float32 (C, H, W) in [0, 1], converted to ``size``'s channels and resized to its H x W."""
     c, h, w = size
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-    except OSError as err:
-        raise UserError(f"cannot read image '{path}': {err}") from None
+    with open_image(path) as im:
+        im = im.convert("L" if c == 1 else "RGB")
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.BILINEAR)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from synclone.data.fashion_mnist import load_fashion_mnist
 from synclone.data.folder import load_image_folder_tensors, read_dataset_folder
 from synclone.data.imagenet import LAYOUTS, detect_layout, load_imagenet_set
+from synclone.data.images import check_image_file
 from synclone.data.imageset import ImageSet
 from synclone.data.shards import ShardImageSet, is_shard_folder, parse_size, write_shards
 from synclone.data.streaming import FileImageSet
@@ -68,8 +70,18 @@ def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelS
         raise UserError(f"dataset folder '{path}' has no images")
     target = label_space or space
     remap = [target.index(c) for c in space.classes] if label_space is not None else list(range(len(space)))
+    # Files that cannot be images (a row pointing at /dev/zero or a FIFO, an empty file, a bomb's header) are
+    # skipped and recorded, as the in-memory reader does; decoding errors later still stop with one line.
+    reasons = {r.id: why for r in records if (why := check_image_file(r.path)) is not None}
+    if reasons:
+        first = next(iter(reasons))
+        warnings.warn(f"{len(reasons)} unreadable image(s) skipped in '{path}' (first: {first}: {reasons[first]})",
+                      stacklevel=2)
+        records = [r for r in records if r.id not in reasons]
+        if not records:
+            raise UserError(f"dataset folder '{path}' has no readable images")
     return FileImageSet([r.path for r in records], [remap[r.label] for r in records], target, path.name,
-                        input_size=size, source=str(path))
+                        input_size=size, source=str(path), extra={"skipped": list(reasons)})
 
 
 def shard_dataset(folder: str | Path, output: str | Path, shard_size: str | int = "1GB", split: str = "train") -> Path:

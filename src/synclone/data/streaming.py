@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from synclone.data.images import open_image
 from synclone.data.imageset import ImageSet, TensorImageSet
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
@@ -60,14 +61,11 @@ class Preprocess:
     def __call__(self, path: Path, size: Sequence[int]) -> torch.Tensor:
         """The image at ``path`` as uint8 (C, H, W) of ``size``."""
         import torchvision.transforms.functional as TF
-        from PIL import Image, ImageOps
+        from PIL import ImageOps
 
         c, h, w = (int(v) for v in size)
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if c == 1 else "RGB")
-        except OSError as err:
-            raise UserError(f"cannot read image '{path}': {err}") from None
+        with open_image(path) as im:
+            im = im.convert("L" if c == 1 else "RGB")
         if self.border:
             if min(im.size) <= 2 * self.border:
                 raise UserError(f"image '{path}' ({im.size[0]}x{im.size[1]}) is too small to remove a "

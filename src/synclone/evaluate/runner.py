@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from synclone.errors import UserError
 from synclone.evaluate.config import EvaluateConfig
 from synclone.models import load_model
 from synclone.models.io import CONFIG, WEIGHTS
-from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, Row, get_probe
+from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, NonFiniteOutputs, Row, get_probe
 from synclone.util.files import atomic_path, file_sha256, write_text_atomic
 
 RESULTS = "results.parquet"
@@ -83,10 +84,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows += get_probe(name).run(ctx, settings)
+            rows += _run_isolated(ctx, models, name, settings)
         for msg in dict.fromkeys(str(w.message) for w in caught):  # each distinct note once
             tqdm.write(f"note: {msg}")
         timings[name] = round(time.perf_counter() - t0, 2)
+    ctx.models = models
     df = pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS))
     df["n"] = df["n"].astype("Int64")
     _write_table(df, out)
@@ -94,6 +96,29 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     write_text_atomic(out / "timings.json", json.dumps({"probes_s": timings, "forward_passes": ctx.forward_passes},
                                                  indent=2) + "\n")
     return df
+
+
+NON_FINITE_METRIC = "non_finite_outputs"
+NON_FINITE_STATUS = "status: non-finite outputs"
+
+
+def _run_isolated(ctx: EvalContext, models: dict[str, ModelEntry], probe: str, settings) -> list[Row]:  # noqa: ANN001
+    """Run ``probe`` on every model; a model with non-finite outputs gets a status row instead of metrics and
+    the probe runs again on the others, so one broken model never sinks the evaluation of the rest."""
+    ctx.models = dict(models)
+    marked: list[Row] = []
+    while ctx.models:
+        try:
+            return marked + get_probe(probe).run(ctx, settings)
+        except NonFiniteOutputs as err:
+            if err.model not in ctx.models:
+                raise
+            print(f"warning: {err}; its {probe} rows are marked '{NON_FINITE_STATUS}' and the other models are "
+                  "scored", file=sys.stderr, flush=True)
+            marked.append(Row(err.model, probe, err.dataset, "clean", NON_FINITE_METRIC, float(err.count),
+                              err.total, NON_FINITE_STATUS))
+            del ctx.models[err.model]
+    return marked
 
 
 def _write_table(df: pd.DataFrame, out: Path) -> None:

@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(GenerateConfig, args.config, args.overrides)
-        out = generate(cfg, dry_run=args.dry_run)
+        from synclone.util.lock import output_lock
+
+        with output_lock(cfg.output, " ".join(["python -m synclone.generate", args.config, *args.overrides])):
+            out = generate(cfg, dry_run=args.dry_run)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return UserError.exit_code

@@ -37,12 +37,13 @@ from synclone.generate.writer import (
 from synclone.labels import LabelSpace, get_label_space
 from synclone.prompts import PromptStrategy, create_strategy
 from synclone.util.files import file_sha256, write_json_atomic
+from synclone.util.lock import LOCK_NAME
 
 FORMAT = "synclone-generated-dataset"
 FORMAT_VERSION = 1
 DRY_RUN_JSON = "dry_run.json"
 # Files a dry run leaves in the output folder; a real run may start there.
-_OWN_FILES = {PLAN_FILE, PLAN_FILE + ".tmp", DRY_RUN_JSON}
+_OWN_FILES = {PLAN_FILE, PLAN_FILE + ".tmp", DRY_RUN_JSON, LOCK_NAME}
 
 
 def resolve_labels(labels: str | list[str] | None, backend: Backend) -> LabelSpace:

@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from synclone.config import StrictModel, validate
-from synclone.data.images import IMAGE_EXTENSIONS
+from synclone.data.images import IMAGE_EXTENSIONS, open_image
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.models.hub import resolve_model
@@ -365,7 +365,7 @@ class DiffusersImg2Img(DiffusersText2Image):
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root.resolve()):
             raise UserError(f"reference '{rel}' points outside the reference folder '{self.root}'")
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im = im.convert("RGB")
             if self.height and self.width:
                 from PIL import ImageOps

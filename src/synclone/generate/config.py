@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -49,10 +50,11 @@ class GeneratorConfig(StrictModel):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "auto"
     scheduler: str | None = None
-    steps: int | None = Field(default=None, ge=1)
+    # Upper bounds: past them a run would never finish or could not allocate its batch (checked before any file).
+    steps: int | None = Field(default=None, ge=1, le=10_000)
     guidance_scale: float | None = Field(default=None, ge=0)
-    height: int | None = Field(default=None, ge=8)
-    width: int | None = Field(default=None, ge=8)
+    height: int | None = Field(default=None, ge=8, le=16_384)
+    width: int | None = Field(default=None, ge=8, le=16_384)
     safety_retries: int = Field(default=3, ge=0)
     local_files_only: bool | None = None  # None: follow HF_HUB_OFFLINE
     # A LoRA adapter folder (synclone generator finetune, or diffusers' LoRA format) and its weight; 0 = base model.
@@ -79,7 +81,7 @@ class GenerateConfig(StrictModel):
     generator: GeneratorConfig = GeneratorConfig()
     images_per_class: int = Field(default=100, ge=1, le=1_000_000)
     seed: int = 0
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, le=4096)
     output: str = "runs/generated"
     # How resume checks images already made: "size" (fast) or "sha256" (reads every file).
     resume_verify: Literal["size", "sha256"] = "size"
@@ -89,6 +91,21 @@ class GenerateConfig(StrictModel):
     # images 0 .. images_per_class-1 of every class. images_per_class still sizes the prompt pools (captions),
     # so keep the source dataset's value. Start at the source's images_per_class and no id is reused.
     extend: dict[str, ImageRange] | None = None
+
+    @model_validator(mode="after")
+    def _check_batch_memory(self) -> GenerateConfig:
+        # A batch's decoded images alone (float32 RGB, with a few working copies) must fit in this machine's
+        # memory; past that the run dies in the allocator after its plan is written.
+        h, w = self.generator.height or 512, self.generator.width or 512
+        need = self.batch_size * h * w * 3 * 4 * 4
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return self
+        if need > have:
+            raise ValueError(f"a batch of {self.batch_size} images of {h}x{w} needs ~{need / 2**30:.1f} GB of memory, "
+                             f"more than this machine's {have / 2**30:.1f} GB; lower batch_size")
+        return self
 
     def fingerprint(self) -> str:
         """A hash of every setting that shapes the dataset; resuming requires the same fingerprint."""

@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from synclone.config import StrictModel
 from synclone.errors import UserError
+from synclone.util.checkpoints import check_checkpoint_file
 
 # Part of every encoder's cache key: bump it when the meaning of cached features changes.
 CACHE_FORMAT = "synclone-features/1"
@@ -233,6 +234,9 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
         if pretrained:
             raise UserError("backbone.pretrained is ignored with 'local-dir:': the weights come from the folder; "
                             "remove backbone.pretrained")
+        for f in sorted(folder.iterdir()):  # open_clip loads a folder's pickled weights with torch.load
+            if f.suffix in (".bin", ".pth", ".pt"):
+                check_checkpoint_file(f)
     elif name.endswith(".json"):
         path = Path(name)
         if not path.is_file():
@@ -258,6 +262,8 @@ def _load_open_clip(cfg: BackboneConfig) -> Backbone:
         if not is_file and pretrained not in open_clip.list_pretrained_tags_by_model(name):
             raise UserError(f"backbone.pretrained '{pretrained}' is neither a file nor a pretrained tag of '{name}' "
                             f"(tags: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})")
+    if pretrained and Path(pretrained).is_file():
+        check_checkpoint_file(pretrained)
     try:
         model = open_clip.create_model(name, pretrained=pretrained or None)
     except (RuntimeError, ValueError, FileNotFoundError) as err:

@@ -73,8 +73,41 @@ def create_classifier(arch: str, label_space: LabelSpace, input_size: tuple[int,
             raise UserError(f"unknown architecture '{arch}': use a timm model name (timm.list_models()) "
                             "or synclone_cnn_tiny / synclone_cnn_small") from None
         raise
+    except TypeError as err:  # a keyword the constructor does not take
+        raise UserError(f"model.arch_kwargs for arch '{arch}': {err}") from None
+    _check_arch_kwargs(arch, net, arch_kwargs)
     mean = tuple(mean) if mean is not None else (0.5,) * in_chans
     std = tuple(std) if std is not None else (0.5,) * in_chans
     if len(mean) != in_chans or len(std) != in_chans:
         raise UserError(f"normalisation mean/std need {in_chans} values (one per channel), got {mean} / {std}")
     return Classifier(net, label_space, mean, std, input_size, arch, arch_kwargs)
+
+
+# Keywords timm's create_model / build_model_with_cfg consume themselves (not passed to the model class).
+_TIMM_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "features_only", "feature_cfg",
+                "feature_cls", "cache_dir", "scriptable", "exportable", "no_jit", "checkpoint_path"}
+
+
+def _check_arch_kwargs(arch: str, net: nn.Module, arch_kwargs: dict[str, Any]) -> None:
+    """Refuse ``arch_kwargs`` the model class does not name: timm constructors take ``**kwargs`` and would
+    silently ignore a misspelt or foreign option (``{nonsense: 1}``)."""
+    import inspect
+
+    if not arch_kwargs:
+        return
+    known: set[str] = set(_TIMM_KWARGS)
+    for cls in type(net).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            known |= {n for n, p in inspect.signature(init).parameters.items()
+                      if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+        except (TypeError, ValueError):
+            continue
+        if cls is nn.Module:
+            break
+    unknown = sorted(k for k in arch_kwargs if k not in known)
+    if unknown:
+        raise UserError(f"unknown model.arch_kwargs '{unknown[0]}' for arch '{arch}' (its constructor takes "
+                        f"{', '.join(sorted(known - _TIMM_KWARGS)[:12]) or 'none'}); remove it")

@@ -108,7 +108,8 @@ def is_feature_classifier(folder: str | Path) -> bool:
     if not p.is_file():
         return False
     try:
-        return json.loads(p.read_text(encoding="utf-8")).get("format") == FORMAT
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+        return isinstance(cfg, dict) and cfg.get("format") == FORMAT
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
 

@@ -46,9 +46,21 @@ def read_model_config(folder: str | Path) -> dict:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"'{cfg_path}' is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"'{cfg_path}' must hold a JSON object (a synclone model config), not a "
+                        f"{type(cfg).__name__}; re-save the model with synclone")
     for key in ("arch", "label_space", "input_size", "preprocessing"):
         if key not in cfg:
             raise UserError(f"'{cfg_path}' lacks the key '{key}'; re-save the model with synclone")
+    size = cfg["input_size"]
+    if (not isinstance(size, list) or len(size) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65536 for v in size)):
+        raise UserError(f"'{cfg_path}': 'input_size' must be [channels, height, width] (positive integers), "
+                        f"got {json.dumps(size)[:60]}")
+    for key, kind in (("arch", str), ("label_space", dict), ("preprocessing", dict), ("arch_kwargs", dict)):
+        if key in cfg and not isinstance(cfg[key], kind):
+            raise UserError(f"'{cfg_path}': '{key}' must be a JSON {'string' if kind is str else 'object'}, got "
+                            f"{type(cfg[key]).__name__}")
     return cfg
 
 

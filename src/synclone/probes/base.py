@@ -56,6 +56,23 @@ class Row:
         return d
 
 
+class NonFiniteOutputs(UserError):
+    """A model gave NaN or infinite logits on a dataset; the runner marks its rows and scores the other models."""
+
+    def __init__(self, model: str, dataset: str, count: int, total: int) -> None:
+        super().__init__(f"model '{model}' gives non-finite outputs (NaN or infinity) on dataset '{dataset}' for "
+                         f"{count} of {total} images; check its weights (a diverged training run?)")
+        self.model, self.dataset, self.count, self.total = model, dataset, count, total
+
+
+def check_finite(model: str, dataset: str, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` if every value is finite, else :class:`NonFiniteOutputs` naming the model and dataset."""
+    if logits.is_floating_point() and logits.numel() and not bool(torch.isfinite(logits).all()):
+        bad = ~torch.isfinite(logits.reshape(len(logits), -1)).all(dim=1)
+        raise NonFiniteOutputs(model, dataset, int(bad.sum()), len(logits))
+    return logits
+
+
 @dataclass
 class ModelEntry:
     """A model under evaluation: its display name, folder and a hash of its weights."""
@@ -123,21 +140,24 @@ class EvalContext:
         key = hashlib.sha256(f"{entry.fingerprint}|{data.fingerprint()}|{variant}".encode()).hexdigest()[:24]
         view = getattr(data, "logit_view", None) or (lambda z: z)
         if key in self._memo:
-            return view(self._memo[key])
+            return view(check_finite(model, data.name, self._memo[key]))
         path = self.cache_dir / f"{key}.safetensors"
         if path.is_file():
             out = load_file(str(path))["logits"]
         else:
-            out = self._stream(model, data) if hasattr(data, "iter_batches") else self.forward(model, data.images)
+            out = self._stream(model, data) if hasattr(data, "iter_batches") else self._batched(model, data.images)
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 save_file({"logits": out.contiguous()}, str(tmp), metadata={"model": model, "data": data.name,
                                                                          "variant": variant})
         self._memo[key] = out
-        return view(out)
+        return view(check_finite(model, data.name, out))
 
     def forward(self, model: str, images: torch.Tensor) -> torch.Tensor:
         """Logits of ``model`` on raw images (uint8 or float in [0, 1]); no caching (perturbed inputs)."""
+        return check_finite(model, "perturbed inputs", self._batched(model, images))
+
+    def _batched(self, model: str, images: torch.Tensor) -> torch.Tensor:
         return self._run(model, (images[s:s + self.batch_size] for s in range(0, len(images), self.batch_size)))
 
     def _stream(self, model: str, data: ImageSet) -> torch.Tensor:

@@ -467,6 +467,13 @@ def shift_probe(ctx: EvalContext, s: ShiftSettings) -> list[Row]:
             rows.append(Row(name, "shift", data.name, "shifted", "top1", acc[name], len(data), conv))
             rows.append(Row(name, "shift", data.name, "shifted", "top1_drop", id_acc[name] - acc[name],
                             len(data), conv + "; drop = clean top1 - shifted top1"))
+        shifted_gen = _generator_of(Path(spec))
+        for name, entry in ctx.models.items():
+            if shifted_gen is not None and _training_generator(entry.path) == shifted_gen:
+                # The model was trained on this generator's images: for it, the "shifted" set is its own
+                # training distribution (metrics.md), so the report leaves it out of its robustness headline.
+                rows.append(Row(name, "shift", data.name, "shifted", "in_distribution", 1.0, len(data),
+                                f"same generator as the model's training data: {shifted_gen[0]}"))
         if not any(np.isnan(v) for v in id_acc.values()):
             table = tables.get(spec) if tables is not None else None
             if tables is not None and table is None:
@@ -497,6 +504,39 @@ def _tables_by_dataset(s: ShiftSettings) -> dict[str, BaselineTable] | None:
         if name in out and d not in out:
             out[d] = out[name]
     return out
+
+
+def _generator_of(folder: Path) -> tuple[str, str] | None:
+    """(generator, label-space classes) of a generated or curated dataset folder, or None for other data."""
+    import json
+
+    try:
+        info = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    gen = info.get("generator")
+    if not isinstance(gen, dict):  # a curated folder: the generator of its source
+        src = (info.get("source") or {}).get("dataset") if isinstance(info.get("source"), dict) else None
+        gen = src.get("generator") if isinstance(src, dict) else None
+    if not isinstance(gen, dict):
+        return None
+    ident = "/".join(str(gen.get(k)) for k in ("backend", "generator", "generator_revision") if gen.get(k) is not None)
+    classes = (info.get("label_space") or {}).get("classes") if isinstance(info.get("label_space"), dict) else None
+    return (ident, "\n".join(map(str, classes or []))) if ident else None
+
+
+def _training_generator(model_folder: Path) -> tuple[str, str] | None:
+    """The generator of a model's synthetic training data (from its ``config.json``), or None."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_folder) / "config.json").read_text(encoding="utf-8"))
+        synthetic = cfg["training"]["data"]["synthetic"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return _generator_of(Path(synthetic)) if isinstance(synthetic, str) else None
 
 
 def _restricted_accuracy(ctx: EvalContext, subset: list[int], dataset: str) -> dict[str, float]:

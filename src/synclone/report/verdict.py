@@ -93,11 +93,30 @@ def _per_dataset(g: pd.DataFrame) -> tuple[float, str]:
     return float(g["value"].mean()), (f"mean of {n} variants" if n > 1 else "")
 
 
+# Headlines about shifted sets: a set made by the generator of a model's own training data is in-distribution for
+# that model (the shift probe writes an ``in_distribution`` row), so it is left out of that model's value.
+_SHIFT_HEADLINES = ("shift_top1", "effective_robustness")
+
+
+def _drop_in_distribution(results: pd.DataFrame, rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    flags = results[(results["metric"] == "in_distribution") & (results["value"] == 1.0)]
+    if flags.empty or rows.empty:
+        return rows, []
+    pairs = set(zip(flags["model"], flags["dataset"], strict=True))
+    hit = [(m, d) in pairs for m, d in zip(rows["model"], rows["dataset"], strict=True)]
+    dropped = sorted({f"{m} on {d}" for (m, d), h in zip(zip(rows["model"], rows["dataset"], strict=True), hit,
+                                                          strict=True) if h})
+    return rows[[not h for h in hit]], dropped
+
+
 def _column(results: pd.DataFrame, artifacts: list[dict], h: Headline) -> Column | None:
     rows, metric = _candidate_rows(results, h)
     label = h.label
     if h.pick == "max_eps":
         return _robust_column(rows, metric, artifacts, h)
+    dropped: list[str] = []
+    if h.key in _SHIFT_HEADLINES:
+        rows, dropped = _drop_in_distribution(results, rows)
     if rows.empty:
         return None
     values: dict[str, float] = {}
@@ -112,6 +131,9 @@ def _column(results: pd.DataFrame, artifacts: list[dict], h: Headline) -> Column
     parts.append(("mean over " if len(datasets) > 1 else "on ") + ", ".join(datasets))
     if how:
         parts.append(", ".join(sorted(how)))
+    if dropped:
+        parts.append(f"left out as in-distribution for the model (the generator of its training data made the "
+                     f"set): {', '.join(dropped)}")
     return Column(h, label, metric, probe, values, "; ".join(parts))
 
 

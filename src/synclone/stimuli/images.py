@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synclone.data.images import list_images
+from synclone.data.images import list_images, open_image
 from synclone.errors import UserError
 
 # Natural textures scikit-image ships inside its wheel (no download): grey 512 x 512 photographs.
@@ -151,7 +151,6 @@ def read_masked_folder(images_dir: str | Path, masks_dir: str | Path, channels: 
     Class indices follow the sorted class folder names. A missing mask or one of another size than
     its image stops with a :class:`UserError` naming the file.
     """
-    from PIL import Image
 
     images_dir, masks_dir = Path(images_dir), Path(masks_dir)
     for d in (images_dir, masks_dir):
@@ -169,12 +168,12 @@ def read_masked_folder(images_dir: str | Path, masks_dir: str | Path, channels: 
             if not cands:
                 raise UserError(f"no mask for image '{path}': expected '{masks_dir / cls / (path.stem + '.png')}'")
             mpath = sorted(cands)[0]
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 img = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float64) / 255.0
             if mpath.suffix == ".npy":
                 mask = np.load(mpath)
             else:
-                with Image.open(mpath) as mm:
+                with open_image(mpath) as mm:
                     mask = np.asarray(mm.convert("L"))
             if mask.shape[:2] != img.shape[:2]:
                 raise UserError(f"mask '{mpath}' is {mask.shape[0]}x{mask.shape[1]} but its image '{path}' is "

@@ -66,9 +66,10 @@ class OptimConfig(StrictModel):
     opt: str = "adamw"
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
-    epochs: int = Field(4, ge=1)
-    steps: int | None = Field(None, ge=1, description="total steps; overrides epochs (equal budgets across runs)")
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(4, ge=1, le=1_000_000)
+    steps: int | None = Field(None, ge=1, le=10**9,
+                              description="total steps; overrides epochs (equal budgets across runs)")
+    batch_size: int = Field(128, ge=1, le=65_536)
     sched: str = Field("cosine", description="a timm schedule (cosine, step, poly, ...) or cyclic (FFCV's: linear "
                        "warm-up from 1e-4 x lr, then linear to 0)")
     warmup_steps: int = Field(100, ge=0)

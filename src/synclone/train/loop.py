@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +31,12 @@ from synclone.train import augment as augs
 from synclone.train import loader as loaders
 from synclone.train.batches import CyclingSampler, ShardLocalSampler, augment
 from synclone.train.config import TrainConfig
+from synclone.util.checkpoints import UnreadableCheckpoint, load_tensors
 from synclone.util.files import atomic_path, write_text_atomic
 from synclone.util.seeds import mix_seed
 
 CKPT = "checkpoints/last.pt"
+PREVIOUS = "previous.pt"  # the checkpoint before last.pt, beside it
 
 
 @dataclass
@@ -100,9 +104,46 @@ def _validate(model: torch.nn.Module, data: ImageSet, device: torch.device) -> t
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
+    """Save ``obj`` to ``path`` atomically; the checkpoint it replaces is kept as ``previous.pt``.
+
+    Two checkpoints, so a ``last.pt`` damaged after it was written (a full disk, a bad copy) still leaves a
+    good one to resume from (:func:`_load_resume_state`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as "enforce fail ... write failed"
+            import errno
+            import shutil
+
+            if shutil.disk_usage(path.parent).free < (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+            raise
+        if path.is_file():
+            os.replace(path, path.with_name(PREVIOUS))
+
+
+def _load_resume_state(ckpt_path: Path) -> dict:
+    """``last.pt``, or when it is unreadable (corrupt, truncated, empty) ``previous.pt`` with a warning."""
+    prev = ckpt_path.with_name(PREVIOUS)
+    try:
+        state = load_tensors(ckpt_path)
+        if not isinstance(state, dict) or "step" not in state:
+            raise UnreadableCheckpoint(ckpt_path, "it is not a synclone training checkpoint")
+        return state
+    except UnreadableCheckpoint as err:
+        if not prev.is_file():
+            raise UserError(f"{err}; no previous checkpoint to fall back to: delete it and re-run with --resume to "
+                            "start over from the saved model, or choose another output folder") from None
+        first = err
+    try:
+        state = load_tensors(prev)
+    except UnreadableCheckpoint as err:
+        raise UserError(f"{first}; and {err}: start over in another output folder") from None
+    print(f"warning: {first}; resuming from the previous checkpoint '{prev}' (step {state.get('step')})",
+          file=sys.stderr, flush=True)
+    return state
 
 
 def _config_key(cfg: TrainConfig) -> str:
@@ -133,13 +174,14 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
     out = Path(cfg.output)
     ckpt_path = out / CKPT
     state = None
-    if ckpt_path.is_file() or (out / "model" / "config.json").is_file():
+    prev_path = ckpt_path.with_name(PREVIOUS)
+    if ckpt_path.is_file() or prev_path.is_file() or (out / "model" / "config.json").is_file():
         if not resume:
             raise UserError(f"'{out}' already holds a training run; pass --resume to continue it, or choose "
                             "another output folder")
-        if ckpt_path.is_file():
-            # Our own checkpoint; weights_only keeps torch.load from running arbitrary pickled code.
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt_path.is_file() or prev_path.is_file():
+            # Our own checkpoint, still read weights_only (load_tensors): no pickled code ever runs.
+            state = _load_resume_state(ckpt_path)
             if state.get("config_key") != _config_key(cfg):
                 theirs = json.loads(state.get("config_key", "{}"))
                 diff = _first_diff(theirs, cfg.budget_key())

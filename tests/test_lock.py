@@ -1,0 +1,112 @@
+"""The output-folder lock: one writer per folder, the holder named, stale locks taken over, launches as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from synclone.errors import UserError
+from synclone.util.lock import LOCK_NAME, output_lock
+
+
+def _hold_in_child(folder, ready):
+    """A child process that takes the lock of ``folder``, writes ``ready`` and sleeps until killed."""
+    code = textwrap.dedent(f"""
+        import pathlib, time
+        from synclone.util.lock import output_lock
+        with output_lock({str(folder)!r}, "synclone generate holder.yaml seed=1"):
+            pathlib.Path({str(ready)!r}).write_text("x")
+            time.sleep(60)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
+
+
+def _wait_for(path, proc):
+    import time
+
+    for _ in range(2400):  # imports take seconds on a loaded machine
+        if path.exists():
+            return
+        assert proc.poll() is None, "the holder process died"
+        time.sleep(0.05)
+    raise AssertionError("the holder never took the lock")
+
+
+def test_second_writer_refused_naming_holder(tmp_path):
+    folder, ready = tmp_path / "out", tmp_path / "ready"
+    proc = _hold_in_child(folder, ready)
+    try:
+        _wait_for(ready, proc)
+        holder = json.loads((folder / LOCK_NAME).read_text())
+        assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()
+        assert holder["command"] == "synclone generate holder.yaml seed=1"
+        with pytest.raises(UserError) as err, output_lock(folder, "second"):
+            pass
+        msg = str(err.value)
+        assert "\n" not in msg and f"pid {proc.pid}" in msg and "synclone generate holder.yaml seed=1" in msg
+        assert str(folder) in msg
+    finally:
+        proc.kill()
+        proc.wait()
+    # The kernel released the dead holder's lock; its file is left (kill -9) and is taken over with a note.
+    assert (folder / LOCK_NAME).is_file()
+    with output_lock(folder, "third"):
+        assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (folder / LOCK_NAME).exists()
+
+
+def test_stale_lock_of_dead_pid_taken_over_with_note(tmp_path, capfd):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "command": "old run",
+                                                 "started": "2026-01-01T00:00:00+00:00"}))
+    (folder / "keep.txt").write_text("earlier")
+    with output_lock(folder, "new run"):
+        pass
+    err = capfd.readouterr().err
+    assert f"taking over the lock of output folder '{folder}' left by pid {pid}" in err and "no longer running" in err
+    assert (folder / "keep.txt").read_text() == "earlier" and not (folder / LOCK_NAME).exists()
+
+
+def test_reentrant_and_leaves_no_trace(tmp_path):
+    folder = tmp_path / "new" / "out"
+    with output_lock(folder, "outer"):
+        with output_lock(folder, "inner"):  # synclone run holding the recipe folder while a stage runs
+            assert (folder / LOCK_NAME).is_file()
+        assert (folder / LOCK_NAME).is_file()
+    assert not folder.exists()  # the lock created it and the run wrote nothing: no trace
+    folder.mkdir(parents=True)
+    with pytest.raises(RuntimeError), output_lock(folder, "x"):
+        (folder / "a").write_text("1")
+        raise RuntimeError
+    assert sorted(p.name for p in folder.iterdir()) == ["a"]
+
+
+def test_ranks_of_one_launch_are_one_writer(tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("RANK", "0")
+    with output_lock(folder, "rank 0"):
+        holder = json.loads((folder / LOCK_NAME).read_text())
+        assert holder["group"].endswith(":29500")
+        monkeypatch.setenv("RANK", "1")  # the other rank of the same launch does not take the lock
+        with output_lock(folder, "rank 1"):
+            pass
+        monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE")
+
+
+def test_output_that_is_a_file(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("x")
+    with pytest.raises(UserError, match="is a file"), output_lock(f):
+        pass
