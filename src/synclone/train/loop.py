@@ -204,9 +204,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
         accelerator.init_trackers("synclone")
 
     if task is not None:
-        from synclone.train.pretrain import build_ssl_module
-
-        model = build_ssl_module(cfg, label_space, input_size)
+        model = task.build_module(label_space, input_size)
     elif cfg.model.init and cfg.model.init_head == "new":
         from synclone.train.transfer import transfer_model
 

@@ -198,6 +198,10 @@ class SSLTask:
         self._group_note = ""
         self._file_groups: dict[str, int] = {}
 
+    def build_module(self, label_space: LabelSpace, input_size: tuple[int, ...]) -> SSLModule:
+        """The module the loop trains: the encoder wrapped with its projection (and momentum) heads."""
+        return build_ssl_module(self.cfg, label_space, input_size)
+
     # -- data --
 
     def resolve(self, spec: str, split: str, data_root: str | None, image_size: int | None) -> ImageSet:
