@@ -1,0 +1,187 @@
+"""The Ray executor on a real two-node Ray cluster started in this process (``ray.cluster_utils.Cluster``).
+
+Each node has one CPU, so two workers land on two nodes. Every test compares with the local executor:
+PNG bytes and ``metadata.jsonl`` identical, curation scores and logits equal. The cluster starts once for
+the module (~20 s on two cores) and is torn down after; all tests here are slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from _tiny_pipelines import file_hashes, gen_config, tiny_sd, torch_threads  # noqa: E402
+from synclone.generate import GenerateConfig, generate  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CLASSCOND = {"backend": "classcond", "model": "builtin:fashion_mnist", "steps": 2, "guidance_scale": 2.0}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two nodes of one CPU each, no dashboard; the driver connects once for the module."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    c.add_node(num_cpus=1)
+    ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _ray(**kw) -> dict:
+    return {"kind": "ray", "workers": 2, "cpus_per_worker": 1, **kw}
+
+
+def _classcond_cfg(out: Path, **kw) -> GenerateConfig:
+    base = dict(generator=CLASSCOND, images_per_class=4, batch_size=4, seed=3, output=str(out), progress=False)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def _same_dataset(a: Path, b: Path) -> None:
+    ha, hb = file_hashes(a), file_hashes(b)
+    assert ha and ha == hb
+    assert (a / "train/metadata.jsonl").read_bytes() == (b / "train/metadata.jsonl").read_bytes()
+    assert (a / "skipped.jsonl").read_bytes() == (b / "skipped.jsonl").read_bytes()
+
+
+def test_classcond_on_ray_is_byte_identical_to_local(cluster, tmp_path):
+    with torch_threads(1):  # a Ray worker with one CPU runs one torch thread
+        local = generate(_classcond_cfg(tmp_path / "local"))
+    ray_out = generate(_classcond_cfg(tmp_path / "ray", executor=_ray()))
+    _same_dataset(local, ray_out)
+    ledgers = sorted((ray_out / "ledger").glob("ledger-*.jsonl"))
+    assert len(ledgers) == 2  # both workers made images
+    assert not (ray_out / "ray_todo").exists()
+    assert len((ray_out / "train/metadata.jsonl").read_text().splitlines()) == 40
+
+
+def test_tiny_stable_diffusion_on_ray_is_byte_identical(cluster, tmp_path):
+    model = tiny_sd()
+    with torch_threads(1):
+        local = generate(gen_config(model, tmp_path / "local"))
+    ray_out = generate(gen_config(model, tmp_path / "ray", executor=_ray()))
+    _same_dataset(local, ray_out)
+
+
+def test_resume_across_executors(cluster, tmp_path):
+    """Half made locally (a top-up of the first images), finished on Ray; and a Ray run finished locally."""
+    with torch_threads(1):
+        ref = generate(_classcond_cfg(tmp_path / "ref"))
+        # local, interrupted: keep half the ledger rows and their files, as after a kill
+        part = generate(_classcond_cfg(tmp_path / "mixed"))
+    _truncate(part, keep=17)
+    generate(_classcond_cfg(tmp_path / "mixed", executor=_ray()))
+    _same_dataset(ref, part)
+
+    back = generate(_classcond_cfg(tmp_path / "back", executor=_ray()))
+    _truncate(back, keep=9)
+    with torch_threads(1):
+        generate(_classcond_cfg(tmp_path / "back"))
+    _same_dataset(ref, back)
+
+
+def _truncate(out: Path, keep: int) -> None:
+    """Forget all but the first ``keep`` images: their ledger rows and files, and the final metadata."""
+    rows = []
+    for ledger in sorted((out / "ledger").glob("ledger-*.jsonl")):
+        rows += [json.loads(x) for x in ledger.read_text().splitlines()]
+        ledger.unlink()
+    rows.sort(key=lambda r: r["id"])
+    for r in rows[keep:]:
+        (out / "train" / r["file_name"]).unlink()
+    (out / "ledger" / "ledger-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:keep]))
+    (out / "train/metadata.jsonl").unlink()
+
+
+def _worker_pids(name: str) -> list[int]:
+    """Processes of Ray actors running ``name`` (Ray sets their title to ``ray::...``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith("ray::") and name in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+def test_worker_killed_mid_run_gives_identical_dataset(cluster, tmp_path):
+    cfg = dict(images_per_class=12, batch_size=4)
+    with torch_threads(1):
+        ref = generate(_classcond_cfg(tmp_path / "ref", **cfg))
+    out = tmp_path / "ray"
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            ledgers = list((out / "ledger").glob("ledger-*.jsonl")) if (out / "ledger").is_dir() else []
+            if sum(len(p.read_bytes().splitlines()) for p in ledgers) >= 12:
+                pids = _worker_pids("GenerateWorker")
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    generate(_classcond_cfg(out, executor=_ray(), **cfg))
+    t.join()
+    assert killed, "no worker was killed: the run ended first"
+    _same_dataset(ref, out)
+
+
+def test_driver_kill9_then_rerun_resumes(cluster, tmp_path):
+    """A driver process (own Ray connection) killed with SIGKILL mid-run; running it again finishes the dataset."""
+    cfg = dict(images_per_class=12, batch_size=4)
+    with torch_threads(1):
+        ref = generate(_classcond_cfg(tmp_path / "ref", **cfg))
+    out = tmp_path / "ray"
+    conf = tmp_path / "gen.yaml"
+    conf.write_text(json.dumps({**_classcond_cfg(out, **cfg).model_dump(mode="json"),
+                                "executor": _ray(address=cluster.address)}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "synclone.cli", "generate", str(conf)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    made = 0
+    while time.time() < deadline and proc.poll() is None:
+        ledgers = list((out / "ledger").glob("ledger-*.jsonl")) if (out / "ledger").is_dir() else []
+        made = sum(len(p.read_bytes().splitlines()) for p in ledgers)
+        if made >= 8:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert made >= 8 and proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "train/metadata.jsonl").exists()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    _same_dataset(ref, out)
+
+
+def test_too_many_workers_is_refused_with_numbers(cluster, tmp_path):
+    from synclone.errors import UserError
+
+    with pytest.raises(UserError, match=r"executor.workers=3 needs 3 CPU\(s\).*has 2 CPU\(s\).*workers=2"):
+        generate(_classcond_cfg(tmp_path / "x", executor=_ray(workers=3)))
