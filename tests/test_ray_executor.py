@@ -185,3 +185,46 @@ def test_too_many_workers_is_refused_with_numbers(cluster, tmp_path):
 
     with pytest.raises(UserError, match=r"executor.workers=3 needs 3 CPU\(s\).*has 2 CPU\(s\).*workers=2"):
         generate(_classcond_cfg(tmp_path / "x", executor=_ray(workers=3)))
+
+
+# --- curation scoring ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["teacher", "openclip"])
+def test_curation_scores_on_ray_equal_local_and_fill_the_same_cache(cluster, tmp_path, kind, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    from _tiny_clip import fashion_mnist_mixture, shared_openclip, shared_teacher
+    from synclone.curate import CurateConfig, curate
+    from synclone.curate import scorers as scorers_mod
+
+    dataset, _ = fashion_mnist_mixture(tmp_path / "generated")
+    scorer = {"kind": "teacher", "model": str(shared_teacher())} if kind == "teacher" else \
+        {"kind": "openclip", "model": str(shared_openclip()), "templates": "simple"}
+
+    def cfg(name, **kw):
+        return CurateConfig.model_validate({"input": str(dataset), "output": str(tmp_path / name), "progress": False,
+                                            "cache_dir": str(tmp_path / f"cache-{name}"), "scorer": scorer,
+                                            "stats": {"enabled": False}, **kw})
+
+    with torch_threads(1):
+        local = pd.read_parquet(curate(cfg("local")) / "curation.parquet")
+        ray_out = curate(cfg("ray", executor=_ray()))
+    remote = pd.read_parquet(ray_out / "curation.parquet")
+    info = json.loads((ray_out / "dataset.json").read_text())["curation"]["scoring"]
+    assert info["encoded_now"] == len(remote) == len(local)
+    cols = ["p_label", "margin", "class_sim", "prompt_sim", "mean", "std"]
+    cols = [c for c in cols if c in local]
+    # Same chunks, same batches, one torch thread on both sides: the same floats.
+    np.testing.assert_array_equal(local[cols].to_numpy(), remote[cols].to_numpy())
+    assert list(local["kept"]) == list(remote["kept"])
+
+    # The Ray run filled the cache: a re-filter (here on the local executor) loads no model.
+    def boom(*_a, **_k):
+        raise AssertionError("a model was used although everything is cached")
+
+    for c in scorers_mod.SCORERS.values():
+        monkeypatch.setattr(c, "_encode_images", boom)
+    again = curate(cfg("ray", overwrite=True, filters={"threshold": {"p_label": 0.5}}))
+    assert json.loads((again / "dataset.json").read_text())["curation"]["scoring"]["encoded_now"] == 0

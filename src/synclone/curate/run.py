@@ -57,7 +57,7 @@ def curate(cfg: CurateConfig) -> Path:
 
     def evaluate(recs):
         nonlocal encoded
-        res = score_records(recs, space, scorer, cache, progress=cfg.progress)
+        res = score_records(recs, space, scorer, cache, progress=cfg.progress, executor=cfg.executor)
         encoded += res.counts["encoded_now"]
         return (res, *apply_filters(res.table, res.embeddings, filters, len(res.classes), cfg.scorer.kind))
 
