@@ -228,3 +228,68 @@ def test_curation_scores_on_ray_equal_local_and_fill_the_same_cache(cluster, tmp
         monkeypatch.setattr(c, "_encode_images", boom)
     again = curate(cfg("ray", overwrite=True, filters={"threshold": {"p_label": 0.5}}))
     assert json.loads((again / "dataset.json").read_text())["curation"]["scoring"]["encoded_now"] == 0
+
+
+# --- evaluation logits -------------------------------------------------------------------------------------
+
+
+def test_evaluation_logits_on_ray_equal_local_in_the_same_cache(cluster, tmp_path):
+    """Through ``evaluate`` (in-memory sets: Fashion-MNIST in 4 batches, a small folder), then a set streamed
+    from files (:class:`FileImageSet`, what ImageNet-sized folders become) through the context directly."""
+    import pandas as pd
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from synclone.data.fashion_mnist import load_fashion_mnist
+    from synclone.evaluate import EvaluateConfig, evaluate
+    from synclone.labels import FASHION_MNIST
+    from synclone.models import create_classifier, save_model
+
+    models = {}
+    for seed in range(2):
+        torch.manual_seed(seed)
+        m = create_classifier("synclone_cnn_tiny", FASHION_MNIST, (1, 28, 28), [0.286], [0.353])
+        models[f"m{seed}"] = str(save_model(m, tmp_path / f"m{seed}"))
+    test = load_fashion_mnist("test")
+    shifted = tmp_path / "shifted"
+    for i in range(70):
+        folder = shifted / FASHION_MNIST.slugs[int(test.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - test.images[i, 0].numpy()).save(folder / f"{i}.png")
+
+    def cfg(name, probes=("clean", "calibration", "shift"), **kw):
+        settings = {"clean": {}, "calibration": {}, "shift": {"datasets": [str(shifted)]}}
+        return EvaluateConfig(output=str(tmp_path / name), models=models, max_images=1000, batch_size=256,
+                              probes={p: settings[p] for p in probes}, **kw)
+
+    with torch_threads(1):
+        local = evaluate(cfg("local"), progress=False)
+    remote = evaluate(cfg("ray", executor=_ray()), progress=False)
+    assert json.loads((tmp_path / "ray/timings.json").read_text())["forward_passes"] == 4
+    pd.testing.assert_frame_equal(local, remote)
+    a = {p.name: load_file(str(p))["logits"] for p in (tmp_path / "local/cache/logits").glob("*.safetensors")}
+    b = {p.name: load_file(str(p))["logits"] for p in (tmp_path / "ray/cache/logits").glob("*.safetensors")}
+    assert len(a) == 4 and a.keys() == b.keys()  # same cache keys: 2 models x (clean, shifted)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)  # same batches, one thread: the same floats
+    # A new probe after the Ray run reads the cache: no forward pass.
+    evaluate(cfg("ray", probes=("calibration", "shift"), executor=_ray()), progress=False)
+    assert json.loads((tmp_path / "ray/timings.json").read_text())["forward_passes"] == 0
+
+    from synclone.evaluate.base import EvalContext
+    from synclone.evaluate.runner import load_entry
+    from synclone.evaluate.streaming import FileImageSet
+
+    paths = sorted(shifted.glob("*/*.png"))
+    labels = [FASHION_MNIST.slugs.index(p.parent.name) for p in paths]
+    files = FileImageSet(paths, labels, FASHION_MNIST, "shifted-files", input_size=(1, 28, 28))
+    entries = {"m0": load_entry("m0", models["m0"])}
+    with torch_threads(1):
+        here = EvalContext(entries, files, tmp_path / "s-local", batch_size=32, progress=False).logits("m0", files)
+    there = EvalContext(entries, files, tmp_path / "s-ray", batch_size=32, progress=False,
+                        executor=EvaluateConfig(executor=_ray()).executor).logits("m0", files)
+    assert here.shape == (70, 10)
+    torch.testing.assert_close(here, there, rtol=0, atol=0)
+    assert [p.name for p in (tmp_path / "s-local/cache/logits").iterdir()] == \
+        [p.name for p in (tmp_path / "s-ray/cache/logits").iterdir()]

@@ -70,7 +70,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     write_run_info(out, cfg)
     ctx = EvalContext(models, clean, out, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
                       batch_size=cfg.batch_size, data_root=cfg.data_root, max_images=cfg.max_images,
-                      seed=cfg.seed, progress=progress, image_size=cfg.image_size)
+                      seed=cfg.seed, progress=progress, image_size=cfg.image_size, executor=cfg.executor)
     ctx.clean = ctx.cap(clean)
     rows: list[Row] = []
     timings = {}
