@@ -293,3 +293,28 @@ def test_evaluation_logits_on_ray_equal_local_in_the_same_cache(cluster, tmp_pat
     torch.testing.assert_close(here, there, rtol=0, atol=0)
     assert [p.name for p in (tmp_path / "s-local/cache/logits").iterdir()] == \
         [p.name for p in (tmp_path / "s-ray/cache/logits").iterdir()]
+
+
+def test_worker_that_cannot_load_the_model_fails_in_one_line_naming_the_node(cluster, tmp_path):
+    """The model folder is readable where the driver runs but not where the workers run (here: it is gone)."""
+    import torch
+
+    from synclone.data.imageset import TensorImageSet
+    from synclone.errors import UserError
+    from synclone.evaluate import EvaluateConfig
+    from synclone.evaluate.base import EvalContext, ModelEntry
+    from synclone.labels import FASHION_MNIST
+    from synclone.models import create_classifier
+
+    module = create_classifier("synclone_cnn_tiny", FASHION_MNIST, (1, 28, 28), [0.286], [0.353])
+    entry = ModelEntry("m", tmp_path / "not-on-this-node", module, "0" * 16)
+    data = TensorImageSet(torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
+                          FASHION_MNIST, "zeros")
+    ctx = EvalContext({"m": entry}, data, tmp_path / "e", batch_size=4, progress=False,
+                      executor=EvaluateConfig(executor=_ray()).executor)
+    t0 = time.time()
+    with pytest.raises(UserError) as err:
+        ctx.logits("m", data)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("Ray worker on node ") and "not-on-this-node" in msg, msg
+    assert time.time() - t0 < 90

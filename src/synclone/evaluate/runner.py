@@ -58,6 +58,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     if not cfg.models:
         raise UserError("no models to evaluate: pass model folders (synclone evaluate runs/real/model ...) "
                         "or set 'models' in the config")
+    from synclone.util.executor import preflight
+
+    preflight(cfg.executor)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     probes = cfg.probe_settings()  # validate every probe's settings before any work

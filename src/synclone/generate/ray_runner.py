@@ -41,7 +41,7 @@ from synclone.generate.writer import (
     read_dataset_json,
     write_json_atomic,
 )
-from synclone.util.executor import absolute, node_name, one_line_errors, ray_session, worker_threads
+from synclone.util.executor import absolute, node_name, one_line_errors, preflight, ray_session, worker_threads
 
 TODO_DIR = "ray_todo"
 # Part files per worker: enough blocks to balance the workers and to keep a retry small.
@@ -127,6 +127,7 @@ def generate_on_ray(cfg: GenerateConfig) -> Path:
     """:func:`synclone.generate.api.generate` with the images made by Ray workers (``cfg.executor``)."""
     from synclone.generate.api import _check_same_generator, _Run
 
+    preflight(cfg.executor)  # a wrong address fails in seconds, before the model is loaded
     cfg = cfg.model_copy(update={"output": absolute(cfg.output)})
     run = _Run(cfg, "cpu")  # validates everything here, before any worker starts
     info = run.existing()

@@ -83,6 +83,12 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+def preflight(cfg: ExecutorConfig) -> None:
+    """Checks that need no Ray and take a moment (a reachable address), run before a stage does any work."""
+    if cfg.is_ray and cfg.address not in (None, "auto", "local"):
+        _check_reachable(cfg.address)
+
+
 @dataclass
 class RaySession:
     """A connected Ray driver and the per-worker resources of this run."""
