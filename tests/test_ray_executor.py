@@ -66,8 +66,8 @@ def test_classcond_on_ray_is_byte_identical_to_local(cluster, tmp_path):
         local = generate(_classcond_cfg(tmp_path / "local"))
     ray_out = generate(_classcond_cfg(tmp_path / "ray", executor=_ray()))
     _same_dataset(local, ray_out)
-    ledgers = sorted((ray_out / "ledger").glob("ledger-*.jsonl"))
-    assert len(ledgers) == 2  # both workers made images
+    # One ledger per worker that got batches (a worker starting late may get none of these 10 batches).
+    assert 1 <= len(list((ray_out / "ledger").glob("ledger-*.jsonl"))) <= 2
     assert not (ray_out / "ray_todo").exists()
     assert len((ray_out / "train/metadata.jsonl").read_text().splitlines()) == 40
 

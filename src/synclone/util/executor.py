@@ -98,15 +98,21 @@ class RaySession:
     resources: dict[str, float]
 
     def map_args(self) -> dict[str, Any]:
-        """Keyword arguments of ``Dataset.map_batches`` for one actor per worker."""
-        retries = self.cfg.retries
-        return {
-            "concurrency": self.cfg.workers,
+        """Keyword arguments of ``Dataset.map_batches`` for a fixed pool of one actor per worker.
+
+        Ray Data restarts a dead actor and retries its batch without limit by default
+        (``max_restarts=-1``, ``max_task_retries=-1``); only a finite ``retries`` is passed on.
+        """
+        import ray.data
+
+        args: dict[str, Any] = {
+            "compute": ray.data.ActorPoolStrategy(size=self.cfg.workers),
             "num_cpus": self.cfg.cpus_per_worker,
             "num_gpus": self.gpus_per_worker,
-            "max_restarts": retries,
-            "max_task_retries": retries,
         }
+        if self.cfg.retries >= 0:
+            args.update(max_restarts=self.cfg.retries, max_task_retries=self.cfg.retries)
+        return args
 
     def device(self) -> str:
         """The torch device a worker uses."""
@@ -154,7 +160,7 @@ def ray_session(cfg: ExecutorConfig, progress: bool = False) -> Iterator[RaySess
         if address not in (None, "auto", "local"):
             _check_reachable(address)
         # Workers log to their own files; the driver shows one progress bar and, on failure, one line.
-        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False,
+        kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False,
                                   "configure_logging": True}
         if address in (None, "local"):
             kwargs["include_dashboard"] = False
@@ -164,10 +170,17 @@ def ray_session(cfg: ExecutorConfig, progress: bool = False) -> Iterator[RaySess
             raise UserError(f"executor.address '{address}': no Ray cluster found ({str(err).splitlines()[0]}); "
                             f"start one with `ray start --head` or set executor.address") from None
         started = True
+    import ray.data
+
+    # Ray Data logs every failure with its stack at ERROR (its own log files keep them); the run ends with
+    # one line (a worker's UserError) or a traceback (a bug) instead.
+    names = ["ray", *(n for n in logging.root.manager.loggerDict if n.startswith("ray."))]
+    quiet = {name: logging.getLogger(name).level for name in names}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         gpw = check_resources(cfg, ray.cluster_resources(), [n.get("Resources", {}) for n in alive])
-        import ray.data
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
@@ -176,6 +189,8 @@ def ray_session(cfg: ExecutorConfig, progress: bool = False) -> Iterator[RaySess
         ctx.max_consecutive_actor_init_deaths = 2
         yield RaySession(cfg, gpw, dict(ray.cluster_resources()))
     finally:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
         if started:
             ray.shutdown()
 
