@@ -86,10 +86,10 @@ def bench_gen(args) -> list[dict]:
 
 def bench_eval(args) -> list[dict]:
     from synclone.data.fashion_mnist import load_fashion_mnist
-    from synclone.evaluate.base import EvalContext
     from synclone.evaluate.runner import load_entry
     from synclone.labels import FASHION_MNIST
     from synclone.models import create_classifier, save_model
+    from synclone.probes.base import EvalContext
     from synclone.util.executor import ExecutorConfig
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-eval-"))

@@ -277,9 +277,9 @@ def test_evaluation_logits_on_ray_equal_local_in_the_same_cache(cluster, tmp_pat
     evaluate(cfg("ray", probes=("calibration", "shift"), executor=_ray()), progress=False)
     assert json.loads((tmp_path / "ray/timings.json").read_text())["forward_passes"] == 0
 
-    from synclone.evaluate.base import EvalContext
+    from synclone.data.streaming import FileImageSet
     from synclone.evaluate.runner import load_entry
-    from synclone.evaluate.streaming import FileImageSet
+    from synclone.probes.base import EvalContext
 
     paths = sorted(shifted.glob("*/*.png"))
     labels = [FASHION_MNIST.slugs.index(p.parent.name) for p in paths]
@@ -302,9 +302,9 @@ def test_worker_that_cannot_load_the_model_fails_in_one_line_naming_the_node(clu
     from synclone.data.imageset import TensorImageSet
     from synclone.errors import UserError
     from synclone.evaluate import EvaluateConfig
-    from synclone.evaluate.base import EvalContext, ModelEntry
     from synclone.labels import FASHION_MNIST
     from synclone.models import create_classifier
+    from synclone.probes.base import EvalContext, ModelEntry
 
     module = create_classifier("synclone_cnn_tiny", FASHION_MNIST, (1, 28, 28), [0.286], [0.353])
     entry = ModelEntry("m", tmp_path / "not-on-this-node", module, "0" * 16)

@@ -41,7 +41,7 @@ class ScoreWorker:
         self.scorer = create_scorer(ScorerConfig.model_validate(scorer), alpha_background)
 
     def __call__(self, batch: dict) -> dict:
-        from synclone.curate.images import read_and_decode
+        from synclone.data.images import read_and_decode
 
         chunk, keys, paths = int(batch["chunk"][0]), json.loads(batch["keys"][0]), json.loads(batch["paths"][0])
         ok_keys, images, stats, errors = [], [], [], {}

@@ -33,15 +33,9 @@ from synclone.config import write_run_info
 from synclone.errors import UserError
 from synclone.generate.config import GenerateConfig, GeneratorConfig
 from synclone.generate.plan import Job, read_plan
-from synclone.generate.writer import (
-    DATASET_JSON,
-    DatasetWriter,
-    done_ids,
-    finalize,
-    read_dataset_json,
-    write_json_atomic,
-)
+from synclone.generate.writer import DATASET_JSON, DatasetWriter, done_ids, finalize, read_dataset_json
 from synclone.util.executor import absolute, node_name, one_line_errors, preflight, ray_session, worker_threads
+from synclone.util.files import write_json_atomic
 
 TODO_DIR = "ray_todo"
 # Part files per worker: enough blocks to balance the workers and to keep a retry small.

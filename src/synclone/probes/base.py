@@ -130,7 +130,7 @@ class EvalContext:
             out = load_file(str(path))["logits"]
         else:
             if self.executor is not None and self.executor.is_ray:  # Ray workers, same batches, same cache entry
-                from synclone.evaluate.ray_logits import logits_on_ray
+                from synclone.probes.ray_logits import logits_on_ray
 
                 self.forward_passes += 1
                 out = logits_on_ray(entry.path, getattr(entry.module, "input_size", None), data, self.batch_size,

@@ -13,7 +13,7 @@
 
 The Ray side (connecting, checking resources, turning a Ray failure into one line) lives here so the
 three stages share it; each stage's Ray pipeline sits next to its local code
-(:mod:`synclone.generate.ray_runner`, :mod:`synclone.curate.ray_scoring`, :mod:`synclone.evaluate.ray_logits`).
+(:mod:`synclone.generate.ray_runner`, :mod:`synclone.curate.ray_scoring`, :mod:`synclone.probes.ray_logits`).
 Ray is imported only when ``kind: ray`` is used (the ``cluster`` extra installs it).
 """
 
@@ -27,17 +27,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from synclone.config import StrictModel
 from synclone.errors import UserError
 
 # Seconds to wait for a TCP answer from executor.address before calling it unreachable.
 CONNECT_TIMEOUT_S = 5.0
 
 
-class ExecutorConfig(StrictModel):
+class ExecutorConfig(BaseModel):
     """The ``executor`` section of the generate, curate and evaluate configs (see the module docstring)."""
+
+    # As synclone.config.StrictModel (a floor above util): unknown keys are errors that name themselves.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     kind: Literal["local", "ray"] = "local"
     address: str | None = None

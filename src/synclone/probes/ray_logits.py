@@ -1,10 +1,10 @@
 """Clean-data logits on a Ray cluster (``executor.kind: ray``), landing in the same logits cache.
 
-:meth:`synclone.evaluate.base.EvalContext.logits` calls :func:`logits_on_ray` instead of its local loop
+:meth:`synclone.probes.base.EvalContext.logits` calls :func:`logits_on_ray` instead of its local loop
 when the evaluate config says ``executor.kind: ray``. The set is cut into the batches the local loop uses
 (``batch_size`` images from the start); each batch is one row of a Ray Dataset:
 
-* a set read from files (:class:`synclone.evaluate.streaming.FileImageSet`, ImageNet-sized folders) ships
+* a set read from files (:class:`synclone.data.streaming.FileImageSet`, ImageNet-sized folders) ships
   only the file paths: :class:`LogitsWorker` decodes and preprocesses them on the worker, as the local
   streaming loop does;
 * an in-memory set (Fashion-MNIST) is put into Ray's object store once and each worker slices its batches.
