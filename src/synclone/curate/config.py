@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from synclone.config import StrictModel
+from synclone.util.executor import ExecutorConfig
 
 FILTER_NAMES = ("degenerate", "threshold", "quantile", "dedup", "he", "keep_k")
 # Scores a filter can rank or threshold on, with their ranges (probabilities, differences of them, cosines).
@@ -177,5 +178,7 @@ class CurateConfig(StrictModel):
     # Replace a non-empty output folder that is not an earlier curate output.
     overwrite: bool = False
     progress: bool = True
+    # Where the images are scored: this process (local) or a Ray cluster; see synclone.util.executor.
+    executor: ExecutorConfig = ExecutorConfig()
     # Regenerate-until-full (see RefillConfig); off by default.
     refill: RefillConfig | None = None

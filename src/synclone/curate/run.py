@@ -16,6 +16,7 @@ from synclone.curate.scoring import score_records
 from synclone.curate.stats import write_stats
 from synclone.data.folder import read_dataset_folder
 from synclone.errors import UserError
+from synclone.util.executor import preflight
 
 log = logging.getLogger(__name__)
 CACHE_DIR_NAME = ".curate_cache"
@@ -36,6 +37,7 @@ def curate(cfg: CurateConfig) -> Path:
     With ``cfg.refill``, short classes are topped up with freshly generated images until each holds
     ``refill.target_per_class`` (see :mod:`synclone.curate.refill`); ``curation.refill`` records every round.
     """
+    preflight(cfg.executor)
     source, out = Path(cfg.input), Path(cfg.output)
     records, space = read_dataset_folder(source)
     if not records:
@@ -57,7 +59,7 @@ def curate(cfg: CurateConfig) -> Path:
 
     def evaluate(recs):
         nonlocal encoded
-        res = score_records(recs, space, scorer, cache, progress=cfg.progress)
+        res = score_records(recs, space, scorer, cache, progress=cfg.progress, executor=cfg.executor)
         encoded += res.counts["encoded_now"]
         return (res, *apply_filters(res.table, res.embeddings, filters, len(res.classes), cfg.scorer.kind))
 

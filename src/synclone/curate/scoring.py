@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -79,8 +80,11 @@ def _content_keys(records: list[ImageRecord], cache: ScorerCache) -> tuple[list[
 
 
 def _encode_missing(records: list[ImageRecord], keys: list[str | None], scorer: Scorer, cache: ScorerCache,
-                    progress: bool) -> int:
-    """Decode and encode the images whose content is not cached yet; one cache shard per chunk."""
+                    progress: bool, executor=None) -> int:
+    """Decode and encode the images whose content is not cached yet; one cache shard per chunk.
+
+    With a Ray ``executor`` the chunks are encoded by Ray workers (:mod:`synclone.curate.ray_scoring`).
+    """
     path_of: dict[str, str] = {}
     for r, k in zip(records, keys, strict=True):
         if k is not None:
@@ -88,6 +92,12 @@ def _encode_missing(records: list[ImageRecord], keys: list[str | None], scorer: 
     missing = cache.images.missing(list(path_of))
     if not missing:
         return 0
+    if executor is not None and executor.is_ray:
+        from synclone.curate.ray_scoring import encode_missing_on_ray
+
+        path_of = {k: str(Path(p).resolve()) for k, p in path_of.items()}
+        return encode_missing_on_ray(path_of, missing, scorer.cfg, scorer.alpha_background, cache, executor,
+                                     progress)
     bs = scorer.cfg.batch_size
     # A shard per chunk: an interrupted run keeps every finished chunk.
     chunk = max(bs * 8, 512)
@@ -159,12 +169,15 @@ def _logit_scale(scorer: Scorer, cache: ScorerCache) -> float:
 
 
 def score_records(records: list[ImageRecord], space: LabelSpace, scorer: Scorer, cache: ScorerCache,
-                  progress: bool = False) -> ScoreResult:
-    """Scores of every record (see the module docstring); computes only what the cache lacks."""
+                  progress: bool = False, executor=None) -> ScoreResult:
+    """Scores of every record (see the module docstring); computes only what the cache lacks.
+
+    ``executor`` (:class:`synclone.util.executor.ExecutorConfig`): where the missing images are encoded.
+    """
     cfg = scorer.cfg
     n = len(records)
     keys, read_errors = _content_keys(records, cache)
-    encoded = _encode_missing(records, keys, scorer, cache, progress)
+    encoded = _encode_missing(records, keys, scorer, cache, progress, executor)
     cache.files.save()
     cache.images.compact()
 

@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError
 from synclone.config import StrictModel, format_validation_error
 from synclone.errors import UserError
 from synclone.probes.base import get_probe
+from synclone.util.executor import ExecutorConfig
 
 DEFAULT_PROBES = {"clean": {}, "calibration": {}}
 
@@ -27,6 +28,8 @@ class EvaluateConfig(StrictModel):
     threads: int | None = Field(None, ge=1)
     cache_dir: str | None = Field(None, description="logits cache (default <output>/cache/logits)")
     probes: dict[str, dict[str, Any]] = Field(default_factory=lambda: dict(DEFAULT_PROBES))
+    # Where clean-data logits are computed: this process (local) or a Ray cluster (synclone.util.executor).
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     def probe_settings(self) -> list[tuple[str, Any]]:
         """(name, validated settings) per probe, in config order; unknown probes or keys name themselves."""

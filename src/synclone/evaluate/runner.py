@@ -59,6 +59,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     if not cfg.models:
         raise UserError("no models to evaluate: pass model folders (synclone evaluate runs/real/model ...) "
                         "or set 'models' in the config")
+    from synclone.util.executor import preflight
+
+    preflight(cfg.executor)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     probes = cfg.probe_settings()  # validate every probe's settings before any work
@@ -71,7 +74,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     write_run_info(out, cfg)
     ctx = EvalContext(models, clean, out, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
                       batch_size=cfg.batch_size, data_root=cfg.data_root, max_images=cfg.max_images,
-                      seed=cfg.seed, progress=progress, image_size=cfg.image_size)
+                      seed=cfg.seed, progress=progress, image_size=cfg.image_size, executor=cfg.executor)
     ctx.clean = ctx.cap(clean)
     # Probes that also report on the shifted sets (calibration under shift) read them from here.
     ctx.shift_datasets = [d for n, st in probes if n == "shift" for d in st.datasets]

@@ -162,6 +162,10 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> Path:
     and disk space; a summary is printed.
     """
     cfg = config
+    if cfg.executor.is_ray and not dry_run:  # the images are made by Ray workers (synclone.generate.ray_runner)
+        from synclone.generate.ray_runner import generate_on_ray
+
+        return generate_on_ray(cfg)
     state = _distributed_state(cfg.generator.device)
     device = str(state.device) if cfg.generator.device == "auto" else cfg.generator.device
     run = _Run(cfg, device)

@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from synclone.config import StrictModel
 from synclone.generate.backends import backend_options
 from synclone.prompts import PromptConfig
+from synclone.util.executor import ExecutorConfig
 
 
 class GeneratorConfig(StrictModel):
@@ -86,6 +87,8 @@ class GenerateConfig(StrictModel):
     # How resume checks images already made: "size" (fast) or "sha256" (reads every file).
     resume_verify: Literal["size", "sha256"] = "size"
     progress: bool = True
+    # Where the images are made: this process (local) or a Ray cluster; see synclone.util.executor.
+    executor: ExecutorConfig = ExecutorConfig()
     # A top-up (``synclone curate`` with ``refill`` writes these): per class name, make only images
     # start .. start+count-1, with the ids, seeds and prompts they would have in a larger plan, instead of
     # images 0 .. images_per_class-1 of every class. images_per_class still sizes the prompt pools (captions),
@@ -109,8 +112,9 @@ class GenerateConfig(StrictModel):
 
     def fingerprint(self) -> str:
         """A hash of every setting that shapes the dataset; resuming requires the same fingerprint."""
+        # The executor never changes the bytes, so a dataset started locally can be finished on Ray and back.
         # ``extend`` only enters when set, so datasets made before it existed keep their fingerprint.
-        skip = {"output", "resume_verify", "progress"} | ({"extend"} if self.extend is None else set())
+        skip = {"output", "resume_verify", "progress", "executor"} | ({"extend"} if self.extend is None else set())
         data = self.model_dump(mode="json", exclude=skip)
         if self.generator.lora is None:  # datasets made before adapters existed keep their fingerprint
             for key in ("lora", "lora_scale"):

@@ -90,7 +90,7 @@ class EvalContext:
     def __init__(self, models: dict[str, ModelEntry], clean: ImageSet, output: Path, *,
                  cache_dir: Path | None = None, batch_size: int = 256, device: str = "cpu",
                  data_root: str | None = None, max_images: int | None = None, seed: int = 0,
-                 progress: bool = True, image_size: int | None = None) -> None:
+                 progress: bool = True, image_size: int | None = None, executor=None) -> None:
         self.models = models
         self.clean = clean
         self.output = Path(output)
@@ -105,6 +105,8 @@ class EvalContext:
         self.artifacts: list[dict] = []
         self.shift_datasets: list[str] = []  # the shift probe's sets, for probes that also report under shift
         self.forward_passes = 0  # counted so tests can check that probes share outputs
+        # Where clean-data logits are computed (synclone.util.executor.ExecutorConfig; None: here).
+        self.executor = executor
         self._memo: dict[str, torch.Tensor] = {}
         self._datasets: dict[str, ImageSet] = {}
 
@@ -145,7 +147,14 @@ class EvalContext:
         if path.is_file():
             out = load_file(str(path))["logits"]
         else:
-            out = self._stream(model, data) if hasattr(data, "iter_batches") else self._batched(model, data.images)
+            if self.executor is not None and self.executor.is_ray:  # Ray workers, same batches, same cache entry
+                from synclone.probes.ray_logits import logits_on_ray
+
+                self.forward_passes += 1
+                out = logits_on_ray(entry.path, getattr(entry.module, "input_size", None), data, self.batch_size,
+                                    self.executor, self.progress, f"{model} on {data.name}")
+            else:
+                out = self._stream(model, data) if hasattr(data, "iter_batches") else self._batched(model, data.images)
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 save_file({"logits": out.contiguous()}, str(tmp), metadata={"model": model, "data": data.name,

@@ -215,7 +215,8 @@ class Stage:
                  estimate_s: float = 0.0, upstream: list[str] | None = None) -> None:
         self.name, self.folder, self.cfg, self._run, self.derived = name, folder, cfg, run, derived
         self.estimate_s = estimate_s
-        self.hash = _hash([cfg.model_dump(mode="json"), upstream or []])
+        # Where a stage runs (executor) never changes its result, so it stays out of the hash.
+        self.hash = _hash([cfg.model_dump(mode="json", exclude={"executor"}), upstream or []])
 
     def state(self) -> str:
         """'done' (finished with this config), 'changed' (finished with another), 'partial' or 'new'."""
