@@ -232,7 +232,7 @@ def test_flagged_images_are_regenerated_from_derived_seeds(sd, tmp_path):
 
 
 def read_plan_jobs(cfg):
-    from synclone.generate.api import resolve_labels
+    from synclone.generate.job import resolve_labels
     from synclone.generate.plan import build_plan
     from synclone.prompts import create_strategy
 

@@ -43,9 +43,10 @@ from synclone.curate.output import REFILL_DIR
 from synclone.curate.output import REFILL_STATE as STATE_FILE
 from synclone.data.folder import METADATA, ImageRecord, read_dataset_folder, read_dataset_json
 from synclone.errors import UserError
-from synclone.generate.api import generate, resolve_labels
+from synclone.generate.api import generate
 from synclone.generate.backends import create_backend
 from synclone.generate.config import GenerateConfig
+from synclone.generate.job import resolve_labels
 from synclone.labels import LabelSpace
 from synclone.util.files import write_json_atomic
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "generate": "synclone.generate.api",
-    "resolve_labels": "synclone.generate.api",
+    "resolve_labels": "synclone.generate.job",
     "format_dry_run": "synclone.generate.api",
     "GenerateConfig": "synclone.generate.config",
     "GeneratorConfig": "synclone.generate.config",
@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from synclone.generate.api import format_dry_run, generate, resolve_labels
+    from synclone.generate.api import format_dry_run, generate
     from synclone.generate.backends import BACKENDS, Generated, create_backend, register_backend
     from synclone.generate.config import GenerateConfig, GeneratorConfig
+    from synclone.generate.job import resolve_labels
     from synclone.generate.plan import Job, build_plan, read_plan
     from synclone.generate.writer import dataset_label_space, finalize, image_folder, load_hf_dataset
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from synclone.config import write_run_info
 from synclone.errors import UserError
 from synclone.generate.config import GenerateConfig, GeneratorConfig
+from synclone.generate.job import GenerationRun, check_same_generator
 from synclone.generate.plan import Job, read_plan
 from synclone.generate.writer import DATASET_JSON, DatasetWriter, done_ids, finalize, read_dataset_json
 from synclone.util.executor import absolute, node_name, one_line_errors, preflight, ray_session, worker_threads
@@ -119,11 +120,9 @@ def write_todo(out: Path, plan_path: Path, done: bytearray, batch_size: int, wor
 
 def generate_on_ray(cfg: GenerateConfig) -> Path:
     """:func:`synclone.generate.api.generate` with the images made by Ray workers (``cfg.executor``)."""
-    from synclone.generate.api import _check_same_generator, _Run
-
     preflight(cfg.executor)  # a wrong address fails in seconds, before the model is loaded
     cfg = cfg.model_copy(update={"output": absolute(cfg.output)})
-    run = _Run(cfg, "cpu")  # validates everything here, before any worker starts
+    run = GenerationRun(cfg, "cpu")  # validates everything here, before any worker starts
     info = run.existing()
     if info is None:
         summary, prompt_info = run.write_plan()
@@ -133,7 +132,7 @@ def generate_on_ray(cfg: GenerateConfig) -> Path:
         run.ensure_plan(info)
         run.backend.load()
     info = read_dataset_json(run.out)
-    _check_same_generator(info["generator"], run.backend.describe(), run.out)
+    check_same_generator(info["generator"], run.backend.describe(), run.out)
     del run.backend  # the driver needs no model while the workers run
     n_jobs = int(info["plan"]["jobs"])
     id_end = int(info["plan"].get("id_end", n_jobs))
