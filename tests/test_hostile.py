@@ -334,13 +334,12 @@ def test_foreign_checkpoints_refused_in_one_line(tmp_path, kind):
 
 def test_timm_import_refuses_pickled_code(tmp_path):
     from synclone.errors import UserError
-    from synclone.models.pretrained import _load_checkpoint
-    from synclone.models.small_cnn import SmallCNN
+    from synclone.models.convert import read_checkpoint
 
     path = tmp_path / "weights.pth"
     _evil_checkpoint(path)
     with pytest.raises(UserError) as err:
-        _load_checkpoint(SmallCNN((4,), (1,)), path, "synclone_cnn_tiny")
+        read_checkpoint(path)  # what `synclone import` and backbone checkpoints read through
     assert "pickled code" in str(err.value) and str(path) in str(err.value)
     assert "weights_only=False" not in str(err.value) and not path.with_suffix(".pwned").exists()
 

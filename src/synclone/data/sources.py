@@ -81,7 +81,8 @@ def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelS
         if not records:
             raise UserError(f"dataset folder '{path}' has no readable images")
     return FileImageSet([r.path for r in records], [remap[r.label] for r in records], target, path.name,
-                        input_size=size, source=str(path), extra={"skipped": list(reasons)})
+                        input_size=size, source=str(path),
+                        extra={"skipped": list(reasons), "skip_reasons": dict(reasons)})
 
 
 def shard_dataset(folder: str | Path, output: str | Path, shard_size: str | int = "1GB", split: str = "train") -> Path:

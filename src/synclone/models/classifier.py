@@ -96,7 +96,10 @@ def _check_arch_kwargs(arch: str, net: nn.Module, arch_kwargs: dict[str, Any]) -
     if not arch_kwargs:
         return
     known: set[str] = set(_TIMM_KWARGS)
-    for cls in type(net).__mro__:
+    # A wrapper (synclone_token_avg) forwards its **kwargs to the timm model it holds as ``trunk``.
+    trunk = getattr(net, "trunk", None)
+    classes = [*type(net).__mro__, *(type(trunk).__mro__ if isinstance(trunk, nn.Module) else ())]
+    for cls in classes:
         init = cls.__dict__.get("__init__")
         if init is None:
             continue
@@ -105,8 +108,6 @@ def _check_arch_kwargs(arch: str, net: nn.Module, arch_kwargs: dict[str, Any]) -
                       if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
         except (TypeError, ValueError):
             continue
-        if cls is nn.Module:
-            break
     unknown = sorted(k for k in arch_kwargs if k not in known)
     if unknown:
         raise UserError(f"unknown model.arch_kwargs '{unknown[0]}' for arch '{arch}' (its constructor takes "

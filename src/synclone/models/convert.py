@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from synclone.errors import UserError
+from synclone.util.checkpoints import load_tensors
 
 # Leaves whose names say what a tensor is: an order match may pair two tensors only if these agree.
 _TYPED_LEAVES = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -90,17 +91,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         except (SafetensorError, OSError) as err:
             raise UserError(f"cannot read '{path}' as safetensors: {_first_line(err)}") from None
         return Checkpoint(path, state, {}, meta)
-    try:  # weights_only: a checkpoint from elsewhere must not run code when read
-        with torch.serialization.safe_globals(_data_only_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several types for foreign pickles
-        why = _first_line(err)
-        if "Weights only load failed" in why or "Unsupported global" in str(err):
-            detail = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), why)
-            raise UserError(f"refused to unpickle '{path}': it needs code to load ({detail.rstrip('.')}); only "
-                            "plain tensors are read (weights_only=True): re-save its state_dict, or convert it "
-                            "to safetensors where you trust it") from None
-        raise UserError(f"cannot read '{path}' as a PyTorch checkpoint: {why}") from None
+    # The one checkpoint loader (weights_only; one line naming the file on refusal), with the plain-data
+    # classes released training scripts store next to their tensors.
+    obj = load_tensors(path, _data_only_globals())
     top = obj if isinstance(obj, dict) else {}
     state = unwrap(obj)
     if not state:

@@ -64,7 +64,8 @@ class KnnClassifier(nn.Module):
 def is_knn_classifier(folder: str | Path) -> bool:
     p = Path(folder) / CONFIG
     try:
-        return p.is_file() and json.loads(p.read_text(encoding="utf-8")).get("format") == FORMAT
+        cfg = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        return isinstance(cfg, dict) and cfg.get("format") == FORMAT
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
 

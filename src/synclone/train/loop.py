@@ -299,6 +299,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
     # the batched `simple` preset slice their tensors directly (the fast path of the demo).
     streamed = aug.per_image or not all(isinstance(ds, TensorImageSet) for ds, _ in samplers)
     skipped = loaders.BadImages(d.max_bad_images, n_train)
+    # Files the folder reader already left out (empty, not a regular file, too big) count and are listed too.
+    skipped.add([f"read\t{k}: {why}" for ds in (src.real, src.synthetic) if ds is not None
+                 for k, why in ((getattr(ds, "extra", None) or {}).get("skip_reasons") or {}).items()])
     src.val, bad_val = loaders.readable_subset(src.val)
     if bad_val:
         skipped.add(bad_val)

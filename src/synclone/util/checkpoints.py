@@ -41,8 +41,14 @@ def _reason(err: BaseException) -> str:
     return f"not a torch checkpoint ({type(err).__name__}: {first[:120]})"
 
 
-def load_tensors(path: str | Path) -> Any:
-    """The tensors (or plain containers of tensors) in ``path``; raises :class:`UnreadableCheckpoint`."""
+def load_tensors(path: str | Path, safe_globals: list | None = None) -> Any:
+    """The tensors (or plain containers of tensors) in ``path``; raises :class:`UnreadableCheckpoint`.
+
+    ``safe_globals``: plain-data classes a released checkpoint may hold besides tensors (``argparse.Namespace``,
+    numpy scalars) that ``weights_only`` may rebuild; they carry data, never code.
+    """
+    import contextlib
+
     import torch
 
     path = Path(path)
@@ -59,8 +65,10 @@ def load_tensors(path: str | Path) -> Any:
         except (SafetensorError, OSError, ValueError) as err:
             raise UnreadableCheckpoint(path, f"not a valid safetensors file ({str(err).splitlines()[0][:120]})") \
                 from None
+    allowed = torch.serialization.safe_globals(safe_globals) if safe_globals else contextlib.nullcontext()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with allowed:
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for foreign or broken files
         raise UnreadableCheckpoint(path, _reason(err)) from None
 
