@@ -18,8 +18,8 @@ signal to swap. Pass ``backgrounds`` (e.g. scikit-image's natural textures, :fun
 each class is then given its own texture (class y -> texture y mod T, a random window per image),
 which builds the class-background correlation that ``mixed_same`` keeps and ``mixed_rand`` breaks.
 
-Output: ``<out>/<variant>/val/<NN_slug>/<id>.png`` (the bg_challenge layout, readable by
-:func:`synclone.probes.background.evaluate_backgrounds`), ``<out>/metadata.csv`` (one row per
+Output: ``<out>/<variant>/val/<NN_slug>/<id>.png`` (the bg_challenge layout, read by the ``background``
+probe's ``folder:``), ``<out>/metadata.csv`` (one row per
 written image: variant, file, label, class, source image, background image and its class) and
 ``<out>/probe.json``.
 """

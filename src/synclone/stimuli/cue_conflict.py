@@ -6,8 +6,8 @@ filled with a texture patch tiled from an image of another class (the largest sq
 inside that image's own mask, mirror-tiled so it has no seams; or the whole texture image when it has
 no mask), and the rest is set to a flat ``background`` value (0 = black, Fashion-MNIST's background).
 
-Output follows model-vs-human's cue-conflict layout, so
-:func:`synclone.probes.shape_bias.evaluate_shape_bias` reads it directly:
+Output follows model-vs-human's cue-conflict layout, so the ``shape_bias`` probe (``folder:``) reads it
+directly:
 ``<out>/<shape slug>/<shape slug><i>-<texture slug><j>.png`` (i, j: indices of the source images),
 plus ``<out>/metadata.csv`` (file, shape, texture, their labels and sources) and ``<out>/probe.json``.
 """
