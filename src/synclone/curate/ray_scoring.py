@@ -20,6 +20,7 @@ import numpy as np
 
 from synclone.curate.cache import ScorerCache
 from synclone.curate.config import ScorerConfig
+from synclone.curate.scorers import encode_files
 from synclone.errors import UserError
 from synclone.util.executor import ExecutorConfig, node_name, one_line_errors, ray_session, worker_threads
 
@@ -41,29 +42,11 @@ class ScoreWorker:
         self.scorer = create_scorer(ScorerConfig.model_validate(scorer), alpha_background)
 
     def __call__(self, batch: dict) -> dict:
-        from synclone.data.images import read_and_decode
-
         chunk, keys, paths = int(batch["chunk"][0]), json.loads(batch["keys"][0]), json.loads(batch["paths"][0])
-        ok_keys, images, stats, errors = [], [], [], {}
-        for k, p in zip(keys, paths, strict=True):
-            _, dec = read_and_decode(p, self.scorer.alpha_background)
-            if dec.ok:
-                ok_keys.append(k)
-                images.append(dec.image)
-                stats.append(dec.stats)
-            else:
-                errors[k] = dec.error
-        bs = self.scorer.cfg.batch_size
-        outs: dict[str, list[np.ndarray]] = {}
         try:
-            for b in range(0, len(images), bs):
-                for name, arr in self.scorer.encode_images(images[b : b + bs]).items():
-                    outs.setdefault(name, []).append(arr)
+            ok_keys, arrays, errors = encode_files(self.scorer, keys, paths)
         except UserError as err:
             raise UserError(f"Ray worker on node {node_name()}: {err}") from None
-        arrays = {name: np.concatenate(parts) for name, parts in outs.items()}
-        if ok_keys:
-            arrays["stats"] = np.stack(stats)
         from safetensors.numpy import save
 
         payload = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}) if arrays else b""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from synclone.curate.cache import FileKeys
 from synclone.curate.config import ScorerConfig
-from synclone.data.images import to_channels
+from synclone.data.images import read_and_decode, to_channels
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.models import load_model
@@ -142,6 +142,37 @@ class Scorer:
 
 
 # --- CLIP through open_clip ----------------------------------------------------------------------------
+
+
+
+def encode_files(scorer: Scorer, keys: Sequence[str], paths: Sequence[str],
+                 on_batch: Callable[[int], object] | None = None) -> tuple[list[str], dict[str, np.ndarray],
+                                                                            dict[str, str]]:
+    """Decode the image files ``paths`` and encode the readable ones in batches of the scorer's batch size.
+
+    Returns the keys encoded, their arrays (the scorer's outputs plus ``stats``, row for row) and the reason
+    for each unreadable key. The local scoring loop and the Ray workers both encode through this.
+    """
+    ok_keys, images, stats, errors = [], [], [], {}
+    for k, p in zip(keys, paths, strict=True):
+        _, dec = read_and_decode(p, scorer.alpha_background)
+        if dec.ok:
+            ok_keys.append(k)
+            images.append(dec.image)
+            stats.append(dec.stats)
+        else:
+            errors[k] = dec.error
+    bs = scorer.cfg.batch_size
+    outs: dict[str, list[np.ndarray]] = {}
+    for b in range(0, len(images), bs):
+        for name, arr in scorer.encode_images(images[b : b + bs]).items():
+            outs.setdefault(name, []).append(arr)
+        if on_batch is not None:
+            on_batch(min(bs, len(images) - b))
+    arrays = {name: np.concatenate(parts) for name, parts in outs.items()}
+    if ok_keys:
+        arrays["stats"] = np.stack(stats)
+    return ok_keys, arrays, errors
 
 
 def _file_identity(files: FileKeys, path: Path) -> str:

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from synclone.curate.cache import ScorerCache, sha1_text
-from synclone.curate.scorers import Scorer, resolve_templates, templates_key
+from synclone.curate.scorers import Scorer, encode_files, resolve_templates, templates_key
 from synclone.data.folder import ImageRecord
-from synclone.data.images import STAT_NAMES, read_and_decode
+from synclone.data.images import STAT_NAMES
 from synclone.errors import UserError
 from synclone.labels import LabelSpace, get_label_space
 
@@ -108,24 +108,8 @@ def _encode_missing(records: list[ImageRecord], keys: list[str | None], scorer: 
         bar = tqdm(total=len(missing), desc=f"scoring ({scorer.kind})", unit="img")
     for start in range(0, len(missing), chunk):
         ks = missing[start : start + chunk]
-        ok_keys, images, stats, errors = [], [], [], {}
-        for k in ks:
-            _, dec = read_and_decode(path_of[k], scorer.alpha_background)
-            if dec.ok:
-                ok_keys.append(k)
-                images.append(dec.image)
-                stats.append(dec.stats)
-            else:
-                errors[k] = dec.error
-        outs: dict[str, list[np.ndarray]] = {}
-        for b in range(0, len(images), bs):
-            for name, arr in scorer.encode_images(images[b : b + bs]).items():
-                outs.setdefault(name, []).append(arr)
-            if bar is not None:
-                bar.update(min(bs, len(images) - b))
-        arrays = {name: np.concatenate(parts) for name, parts in outs.items()}
-        if ok_keys:
-            arrays["stats"] = np.stack(stats)
+        ok_keys, arrays, errors = encode_files(scorer, ks, [path_of[k] for k in ks],
+                                               bar.update if bar is not None else None)
         cache.images.add(ok_keys, arrays, errors)
         if bar is not None and errors:
             bar.update(len(errors))
