@@ -6,7 +6,10 @@ Ray is started once per process before anything is timed (as on a cluster that i
 * ``gen``    -- ``synclone generate`` with the built-in class-conditional generator (builtin:fashion_mnist):
                 local executor (one torch thread) vs Ray with 1 and 2 workers (one CPU each). Each run makes
                 the whole plan in a fresh folder; a one-batch run on each executor gives the fixed cost
-                (worker start + model load, plan, finalize), so the steady images/s excludes it.
+                (worker start + model load, plan, finalize), so the steady images/s excludes it. A last row
+                is the machine's own bound for two workers: two local processes (one torch thread each)
+                started together, each making half the images per class into its own folder; the 2-worker
+                speed-up is read against it as well as against the ideal 2x.
 * ``eval``   -- clean logits of a small CNN (synclone_cnn_small) on ``--n`` Fashion-MNIST test images
                 through ``EvalContext.logits`` (no cache hit): local vs Ray 1 and 2 workers.
 * ``memory`` -- peak RSS of the driver for plans of 1,000 and 100,000 rows (each in a fresh process):
@@ -44,7 +47,11 @@ def _start_ray(cpus: int) -> None:
 
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    from synclone.util.executor import LOCAL_SYSTEM_CONFIG
+
+    # As synclone starts a local Ray itself (ray_session), with the CPU count fixed for the comparison.
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             _system_config=LOCAL_SYSTEM_CONFIG)
 
 
 def _best(fn, repeats: int) -> float:
@@ -68,20 +75,42 @@ def bench_gen(args) -> list[dict]:
         generate(GenerateConfig(generator={**GEN, "steps": args.steps}, images_per_class=per_class,
                                 batch_size=args.batch, seed=0, output=str(out), progress=False, executor=executor))
 
+    def two_local(per_class: int) -> None:
+        # Two independent processes at once: what two cores of this machine give without any executor.
+        procs = [subprocess.Popen([sys.executable, __file__, "gen-child", "--images-per-class", str(per_class),
+                                   "--steps", str(args.steps), "--batch", str(args.batch), "--out", str(work / f"p{k}"),
+                                   "--seed", str(k)]) for k in range(2)]
+        if any(proc.wait() for proc in procs):
+            raise SystemExit("a local generate process failed")
+
     one_batch = max(1, args.batch // 10)  # 10 classes: one batch of images
     try:
         torch.set_num_threads(1)
         for name, ex in (("local", {"kind": "local"}), ("ray, 1 worker", {"kind": "ray", "workers": 1}),
-                         ("ray, 2 workers", {"kind": "ray", "workers": 2})):
-            fixed = _best(lambda ex=ex: run(ex, one_batch), args.repeats)
-            total = _best(lambda ex=ex: run(ex, args.images_per_class), args.repeats)
-            n, n1 = 10 * args.images_per_class, 10 * one_batch
+                         ("ray, 2 workers", {"kind": "ray", "workers": 2}), ("2 local processes (bound)", None)):
+            if ex is None:
+                fixed = _best(lambda: two_local(max(1, one_batch // 2)), args.repeats)
+                total = _best(lambda: two_local(args.images_per_class // 2), args.repeats)
+                n, n1 = 20 * (args.images_per_class // 2), 20 * max(1, one_batch // 2)
+            else:
+                fixed = _best(lambda ex=ex: run(ex, one_batch), args.repeats)
+                total = _best(lambda ex=ex: run(ex, args.images_per_class), args.repeats)
+                n, n1 = 10 * args.images_per_class, 10 * one_batch
             rows.append({"executor": name, "images": n, "seconds": round(total, 2), "images_per_s": round(n / total, 2),
                          "fixed_s": round(fixed, 2), "steady_images_per_s": round((n - n1) / (total - fixed), 2)})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _gen_child(args) -> None:
+    from synclone.generate import GenerateConfig, generate
+
+    torch.set_num_threads(1)
+    shutil.rmtree(args.out, ignore_errors=True)
+    generate(GenerateConfig(generator={**GEN, "steps": args.steps}, images_per_class=args.images_per_class,
+                            batch_size=args.batch, seed=args.seed, output=args.out, progress=False))
 
 
 def bench_eval(args) -> list[dict]:
@@ -99,19 +128,23 @@ def bench_eval(args) -> list[dict]:
         entries = {"cnn": load_entry("cnn", save_model(m, work / "cnn"))}
         test = load_fashion_mnist("test")
         data = test.subset(torch.arange(min(args.n, len(test))), "fmnist")
+        one = test.subset(torch.arange(256), "fmnist-one-batch")
         torch.set_num_threads(1)
         rows = []
         for name, ex in (("local", None), ("ray, 1 worker", ExecutorConfig(kind="ray", workers=1)),
                          ("ray, 2 workers", ExecutorConfig(kind="ray", workers=2))):
-            def run(ex=ex):
-                ctx = EvalContext(entries, data, work / "e", cache_dir=work / "c", batch_size=256, progress=False,
+            def run(ex=ex, part=data):
+                ctx = EvalContext(entries, part, work / "e", cache_dir=work / "c", batch_size=256, progress=False,
                                   executor=ex)
-                ctx.logits("cnn", data)
+                ctx.logits("cnn", part)
                 shutil.rmtree(work / "c", ignore_errors=True)
 
+            # One batch gives the fixed cost (Ray: actor start and model load), as for generation.
+            fixed = _best(lambda run=run: run(part=one), args.repeats)
             sec = _best(run, args.repeats)
             rows.append({"executor": name, "images": len(data), "seconds": round(sec, 2),
-                         "images_per_s": round(len(data) / sec, 1)})
+                         "images_per_s": round(len(data) / sec, 1), "fixed_s": round(fixed, 2),
+                         "steady_images_per_s": round((len(data) - len(one)) / max(sec - fixed, 1e-9), 1)})
             print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -166,7 +199,7 @@ def bench_memory(args) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["gen", "eval", "memory", "memory-child"])
+    p.add_argument("what", choices=["gen", "eval", "memory", "memory-child", "gen-child"])
     p.add_argument("--images-per-class", type=int, default=40)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=50)
@@ -174,7 +207,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.what == "gen-child":
+        _gen_child(args)
+        return
     if args.what == "memory-child":
         print(json.dumps(_memory_child(args.rows)))
         return

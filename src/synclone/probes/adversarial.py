@@ -53,7 +53,8 @@ from torch import nn
 from synclone.config import StrictModel, format_validation_error
 from synclone.data.imageset import TensorImageSet
 from synclone.errors import UserError
-from synclone.probes.base import EvalContext, Row, check_models, progress, register_probe, source_hash, top1
+from synclone.probes.base import EvalContext, Row, check_models, progress, register_probe, source_hash
+from synclone.util.accuracy import top1
 from synclone.util.files import atomic_path
 from synclone.util.seeds import attack_seeds
 

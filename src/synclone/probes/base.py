@@ -233,11 +233,6 @@ def check_models(ctx: EvalContext, probe: str) -> None:
             space.check_aligned(ctx.clean.label_space, what=f"model '{name}'", other_what=f"dataset '{ctx.clean.name}'")
 
 
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose argmax equals the label."""
-    return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
-
-
 def seeded_indices(n: int, limit: int | None, seed: int) -> torch.Tensor:
     """At most ``limit`` of ``range(n)``, drawn with ``seed`` and sorted (the rule of :meth:`EvalContext.cap`)."""
     if limit is None or n <= limit:

@@ -30,7 +30,8 @@ from pydantic import Field
 from synclone.config import StrictModel
 from synclone.errors import UserError
 from synclone.probes.arrays import as_float, as_labels, to_numpy
-from synclone.probes.base import EvalContext, Row, convention, register_probe, top1
+from synclone.probes.base import EvalContext, Row, convention, register_probe
+from synclone.util.accuracy import top1
 
 EPS = 1e-4
 MIN_BASELINES = 3

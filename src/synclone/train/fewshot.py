@@ -23,6 +23,7 @@ from synclone.errors import UserError
 from synclone.models import load_model
 from synclone.train.config import TrainConfig
 from synclone.train.loop import _first_diff, predict, train
+from synclone.util.accuracy import top1
 from synclone.util.files import write_text_atomic
 
 RESULT = "fewshot.json"
@@ -129,7 +130,7 @@ def _evaluate(run: Path, scfg: TrainConfig, test: TensorImageSet, eval_data: str
     model = load_model(folder)
     model.label_space.check_aligned(test.label_space, "few-shot model", f"evaluation data '{eval_data}'")
     logits = predict(model, test)
-    acc = float((logits.argmax(1) == test.labels).float().mean())
+    acc = top1(logits, test.labels)
     if not math.isfinite(acc):
         raise UserError(f"evaluation data '{eval_data}' is empty")
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))

@@ -24,6 +24,7 @@ from synclone.labels import LabelSpace
 from synclone.models.feature_classifier import _portable_backbone
 from synclone.models.knn import CONFIG, FORMAT, WEIGHTS, knn_logits
 from synclone.train.probe import _datasets, _ProbeConfig
+from synclone.util.accuracy import top1
 
 
 class KnnSettings(StrictModel):
@@ -56,14 +57,14 @@ def knn_classifier(cfg: KnnConfig, train: Any = None, val: Any = None, test: Any
     metrics: dict[str, Any] = {"mode": "knn", "k": cfg.knn.k, "temperature": cfg.knn.temperature,
                                "n_reference": len(f_train.labels), "selected_on": val_name}
 
-    def top1(fs: Any) -> float:
+    def knn_top1(fs: Any) -> float:
         logits = knn_logits(fs.features, f_train.features, f_train.labels, len(space), cfg.knn.k, cfg.knn.temperature)
-        return float((logits.argmax(1) == fs.labels).float().mean())
+        return top1(logits, fs.labels)
 
-    metrics["val_top1"] = top1(f_val)
+    metrics["val_top1"] = knn_top1(f_val)
     if test is not None:
         f_test = feats(test)
-        metrics["test_top1"], metrics["n_test"], metrics["test_dataset"] = top1(f_test), len(f_test.labels), \
+        metrics["test_top1"], metrics["n_test"], metrics["test_dataset"] = knn_top1(f_test), len(f_test.labels), \
             f_test.dataset
     metrics["seconds"] = time.perf_counter() - t0
     folder = Path(cfg.output)

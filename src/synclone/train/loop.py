@@ -31,6 +31,7 @@ from synclone.train import augment as augs
 from synclone.train import loader as loaders
 from synclone.train.batches import CyclingSampler, ShardLocalSampler, augment
 from synclone.train.config import TrainConfig
+from synclone.util.accuracy import top1
 from synclone.util.checkpoints import UnreadableCheckpoint, load_tensors
 from synclone.util.files import atomic_path, write_text_atomic
 from synclone.util.seeds import mix_seed
@@ -99,7 +100,7 @@ def _validate(model: torch.nn.Module, data: ImageSet, device: torch.device) -> t
     if not len(data):
         return float("nan"), float("nan")
     logits = predict(model, data, device=device)
-    acc = float((logits.argmax(1) == data.labels).float().mean())
+    acc = top1(logits, data.labels)
     return acc, float(F.cross_entropy(logits, data.labels))
 
 

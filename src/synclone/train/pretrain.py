@@ -44,6 +44,7 @@ from synclone.train.batches import CyclingSampler
 from synclone.train.config import TrainConfig
 from synclone.train.ssl_losses import KeyQueue, moco_loss, momentum_update, multi_positive
 from synclone.train.ssl_views import ViewConfig, ViewSpec, ssl_views
+from synclone.util.accuracy import top1
 from synclone.util.seeds import mix_seed
 
 METHODS = ("simclr", "moco_v2", "multipositive", "supervised")
@@ -363,7 +364,7 @@ class SSLTask:
         f_ref, y_ref = _features(enc, ref, device)
         f_val, y_val = _features(enc, val, device)
         logits = knn_logits(f_val, f_ref, y_ref, len(val.label_space), k=self.cfg.ssl.knn_k)
-        return float((logits.argmax(1) == y_val).float().mean()), float("nan")
+        return top1(logits, y_val), float("nan")
 
     def model_note(self, cfg: PretrainConfig, src: Any, step: int, val_acc: float) -> dict:
         """The ``training`` record of the model folder: a backbone without a trained head, and how it was made."""

@@ -34,6 +34,7 @@ from synclone.models.feature_classifier import LinearHead, save_feature_classifi
 from synclone.train.clip_zeroshot import zeroshot_logits, zeroshot_weights
 from synclone.train.features import FeatureSet, cached_features, check_finite, default_feature_cache
 from synclone.train.heads import GridResult, HeadGridConfig, train_head_grid
+from synclone.util.accuracy import top1
 from synclone.util.files import write_text_atomic
 
 FORMAT = "synclone-feature-classifier/1"
@@ -221,14 +222,14 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
         metrics["two_batch"] = {"synthetic": heads_cfg.batch_size, "real": heads_cfg.real_batch_size,
                                 "synthetic_weight": heads_cfg.synthetic_weight, "real_weight": heads_cfg.real_weight}
     if text_w is not None:
-        metrics["zeroshot_val_top1"] = _top1(zeroshot_logits(f_val.features, text_w, teacher[1]), f_val.labels)
+        metrics["zeroshot_val_top1"] = top1(zeroshot_logits(f_val.features, text_w, teacher[1]), f_val.labels)
     if f_test is not None:
         with torch.no_grad():
-            metrics["test_top1"] = _top1(head(f_test.features), f_test.labels)
+            metrics["test_top1"] = top1(head(f_test.features), f_test.labels)
         metrics["n_test"] = len(f_test.labels)
         metrics["test_dataset"] = f_test.dataset
         if text_w is not None:
-            metrics["zeroshot_test_top1"] = _top1(zeroshot_logits(f_test.features, text_w, teacher[1]), f_test.labels)
+            metrics["zeroshot_test_top1"] = top1(zeroshot_logits(f_test.features, text_w, teacher[1]), f_test.labels)
     cache_hits = {"train": f_train.cache_hit, "val": f_val.cache_hit}
     if f_test is not None:
         cache_hits["test"] = f_test.cache_hit
@@ -243,7 +244,3 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
                                               "cache_hits": cache_hits}, indent=2) + "\n")
     write_run_info(folder, cfg, command=f"synclone.train.probe.{mode}")
     return ProbeResult(folder, grid, metrics, cache_hits)
-
-
-def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from synclone.config import StrictModel, validate, write_run_info
 from synclone.errors import UserError
+from synclone.util.accuracy import top1
 
 MEASURES = ("linear_probe", "knn", "finetune")
 
@@ -167,7 +168,7 @@ def _job(cfg: TransferConfig, enc: Path, measure: str, shots: int, seed: int, wo
     if cfg.test_per_class is not None:
         test = test.per_class_subset(cfg.test_per_class, seed=seed)
     model = load_model(Path(scfg.output) / "model_last")
-    return float((predict(model, test).argmax(1) == test.labels).float().mean())
+    return top1(predict(model, test), test.labels)
 
 
 def _n_classes(cfg: TransferConfig) -> int:

@@ -149,6 +149,13 @@ def check_resources(cfg: ExecutorConfig, total: dict[str, float], nodes: list[di
     return gpw
 
 
+# A Ray that synclone starts itself runs a fixed pool of actors (one per worker) and no tasks that need
+# a pool of idle workers: Ray's pre-started idle workers would only take CPU from the actors (on two cores,
+# 1 -> 2 workers went from 1.54x to 1.73x without them; bench/RESULTS.md). A cluster started with
+# `ray start` can do the same with RAY_enable_worker_prestart=0.
+LOCAL_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 @contextlib.contextmanager
 def ray_session(cfg: ExecutorConfig, progress: bool = False) -> Iterator[RaySession]:
     """Connect to (or start) Ray as ``cfg`` says, check resources, and disconnect afterwards.
@@ -166,6 +173,7 @@ def ray_session(cfg: ExecutorConfig, progress: bool = False) -> Iterator[RaySess
                                   "configure_logging": True}
         if address in (None, "local"):
             kwargs["include_dashboard"] = False
+            kwargs["_system_config"] = LOCAL_SYSTEM_CONFIG
         try:
             ray.init(address=address if address not in (None, "local") else None, **kwargs)
         except ConnectionError as err:

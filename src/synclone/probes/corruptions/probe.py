@@ -44,7 +44,6 @@ from synclone.probes.base import (
     register_probe,
     seeded_indices,
     source_hash,
-    top1,
 )
 from synclone.probes.corruptions.engine import ALL_CORRUPTIONS, CORRUPTIONS, REFERENCE_SIZE, SEVERITIES, corrupt
 from synclone.probes.corruptions.metrics import (
@@ -55,6 +54,7 @@ from synclone.probes.corruptions.metrics import (
     normalise_name,
     relative_mce,
 )
+from synclone.util.accuracy import top1
 
 # AlexNet's clean ImageNet top-1 error as used for relative mCE: Hendrycks & Dietterich, "Benchmarking Neural
 # Network Robustness to Common Corruptions and Perturbations", ICLR 2019, Table 1 (AlexNet: error 43.5%).
