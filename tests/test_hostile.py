@@ -3,6 +3,31 @@
 Every case drives the real CLI (``synclone.cli.main`` or a subprocess) on tiny inputs and checks four things:
 the exit code is 2 (or the bad item is a recorded skip), the message is one line naming the file / key / model,
 there is no traceback, and the output folder's earlier contents are unchanged.
+
+The 14 causes of issue 22 and their tests:
+
+1. no lock on an output folder: ``test_two_generate_runs_on_one_folder`` (slow; more in test_lock.py)
+2. streamed reads and unreadable files: ``test_streamed_read_of_a_bomb_is_one_line``,
+   ``test_streamed_folder_skips_and_records_unusable_files``, ``test_evaluate_skips_undecodable_images_and_limits_them``
+   (streamed and in memory), ``test_training_in_memory_skips_...``, ``test_training_on_shards_skips_...``,
+   ``test_training_on_a_cut_short_shard_is_one_line_naming_it``, ``test_max_unreadable_is_one_setting_...``
+   (the DataLoader worker path: test_train_augment.py ``test_unreadable_images_are_skipped_counted_and_limited``)
+3. rows pointing at /dev/zero or a FIFO: ``test_open_image_refuses_devices_fifos_and_bombs``,
+   ``test_unreadable_rows_become_recorded_skips``
+4. class names over 255 bytes: ``test_long_class_names_get_short_unique_slugs``, ``test_generate_with_a_300_byte_...``
+5. - 8. non-UTF-8 YAML, alias bombs, non-finite values, steps / batch size bounds: ``test_hostile_generate_config``,
+   ``test_non_utf8_config_for_evaluate_and_run``
+9. model config.json and arch_kwargs: ``test_model_config_json_hostile``, ``test_unknown_arch_kwargs_refused``
+10. foreign checkpoints: ``test_foreign_checkpoints_refused_in_one_line``, ``test_timm_import_refuses_pickled_code``,
+    ``test_import_refuses_a_pickled_checkpoint_in_one_line``, ``test_curate_openclip_scorer_refuses_...``
+11. a damaged last.pt: ``test_damaged_last_checkpoint_falls_back_to_previous``,
+    ``test_damaged_last_checkpoint_without_a_previous_one_is_one_line``
+12. one model with non-finite outputs: ``test_model_with_non_finite_outputs_is_marked_and_others_scored``
+13. disk full: ``test_train_on_a_full_disk_...``, ``test_generate_on_a_full_disk_...`` (tmpfs, root only),
+    ``test_disk_full_is_recognised_however_a_library_reports_it``
+14. results.csv and artifacts.json: ``test_results_csv_is_written_atomically``,
+    ``test_evaluate_killed_before_its_table_is_completed_by_the_rerun`` (a real SIGKILL),
+    ``test_evaluate_folder_without_artifacts_is_completed_without_recomputing``
 """
 
 from __future__ import annotations
