@@ -149,7 +149,17 @@ def test_bad_images_are_dropped_and_the_rest_scored(tmp_path, mixture):
     add("grey.png", write=lambda p: Image.fromarray(np.full_like(real, 120)).save(p))
     (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_out))
 
-    out = curate(_cfg(tmp_path, dataset))
+    # Three unreadable images of 29 are more than the default max_unreadable (0.001) allows: one line, naming
+    # the count, the share, the limit and the list file.
+    with pytest.raises(UserError) as err:
+        curate(_cfg(tmp_path, dataset))
+    listed = tmp_path / "curated" / "skipped_images.txt"
+    assert (f"3 of {len(rows_out)} images of '{dataset}' could not be read ({100 * 3 / len(rows_out):.3g}%), more "
+            f"than max_unreadable=0.001 allows (0); they are listed in '{listed}'") in str(err.value)
+    assert not (tmp_path / "curated" / "dataset.json").exists()
+    out = curate(_cfg(tmp_path, dataset, max_unreadable=3))
+    lines = listed.read_text().splitlines()
+    assert len(lines) == 3 and all(ln.startswith("curate\t") for ln in lines) and "truncated.png" in lines[0]
     t = _table(out).set_index("id")
     for name in ("truncated", "empty", "missing"):
         assert t.loc[name, "drop_reason"] == "unreadable" and not t.loc[name, "readable"]
@@ -167,7 +177,7 @@ def test_bad_images_are_dropped_and_the_rest_scored(tmp_path, mixture):
     errors = json.loads((out / "dataset.json").read_text())["curation"]["counts"]["by_reason"]
     assert errors["unreadable"] == 3
     # Cached failures are not decoded again, and the unreadable rows stay listed with their error.
-    again = curate(_cfg(tmp_path, dataset, filters={"threshold": {"p_label": 0.2}}))
+    again = curate(_cfg(tmp_path, dataset, filters={"threshold": {"p_label": 0.2}}, max_unreadable=0.2))
     assert json.loads((again / "dataset.json").read_text())["curation"]["scoring"]["encoded_now"] == 0
     assert (_table(again).set_index("id").loc[["truncated", "empty", "missing"], "drop_reason"] == "unreadable").all()
 

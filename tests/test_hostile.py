@@ -3,6 +3,31 @@
 Every case drives the real CLI (``synclone.cli.main`` or a subprocess) on tiny inputs and checks four things:
 the exit code is 2 (or the bad item is a recorded skip), the message is one line naming the file / key / model,
 there is no traceback, and the output folder's earlier contents are unchanged.
+
+The 14 causes of issue 22 and their tests:
+
+1. no lock on an output folder: ``test_two_generate_runs_on_one_folder`` (slow; more in test_lock.py)
+2. streamed reads and unreadable files: ``test_streamed_read_of_a_bomb_is_one_line``,
+   ``test_streamed_folder_skips_and_records_unusable_files``, ``test_evaluate_skips_undecodable_images_and_limits_them``
+   (streamed and in memory), ``test_training_in_memory_skips_...``, ``test_training_on_shards_skips_...``,
+   ``test_training_on_a_cut_short_shard_is_one_line_naming_it``, ``test_max_unreadable_is_one_setting_...``
+   (the DataLoader worker path: test_train_augment.py ``test_unreadable_images_are_skipped_counted_and_limited``)
+3. rows pointing at /dev/zero or a FIFO: ``test_open_image_refuses_devices_fifos_and_bombs``,
+   ``test_unreadable_rows_become_recorded_skips``
+4. class names over 255 bytes: ``test_long_class_names_get_short_unique_slugs``, ``test_generate_with_a_300_byte_...``
+5. - 8. non-UTF-8 YAML, alias bombs, non-finite values, steps / batch size bounds: ``test_hostile_generate_config``,
+   ``test_non_utf8_config_for_evaluate_and_run``
+9. model config.json and arch_kwargs: ``test_model_config_json_hostile``, ``test_unknown_arch_kwargs_refused``
+10. foreign checkpoints: ``test_foreign_checkpoints_refused_in_one_line``, ``test_timm_import_refuses_pickled_code``,
+    ``test_import_refuses_a_pickled_checkpoint_in_one_line``, ``test_curate_openclip_scorer_refuses_...``
+11. a damaged last.pt: ``test_damaged_last_checkpoint_falls_back_to_previous``,
+    ``test_damaged_last_checkpoint_without_a_previous_one_is_one_line``
+12. one model with non-finite outputs: ``test_model_with_non_finite_outputs_is_marked_and_others_scored``
+13. disk full: ``test_train_on_a_full_disk_...``, ``test_generate_on_a_full_disk_...`` (tmpfs, root only),
+    ``test_disk_full_is_recognised_however_a_library_reports_it``
+14. results.csv and artifacts.json: ``test_results_csv_is_written_atomically``,
+    ``test_evaluate_killed_before_its_table_is_completed_by_the_rerun`` (a real SIGKILL),
+    ``test_evaluate_folder_without_artifacts_is_completed_without_recomputing``
 """
 
 from __future__ import annotations
@@ -10,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -504,7 +530,18 @@ def test_train_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
         out = mnt / "run"
         code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY)
         assert code == 2
-        assert "disk is full" in assert_one_line(err, out)
+        line = assert_one_line(err, out)
+        assert "disk is full" in line
+        # The space the run needs (its estimate: weights twice, two checkpoints with Adam's state) and the space free.
+        from synclone.labels import FASHION_MNIST
+        from synclone.models import create_classifier
+        from synclone.train.loop import train_output_bytes
+        from synclone.util.disk import format_bytes
+
+        need = train_output_bytes(create_classifier("synclone_cnn_tiny", FASHION_MNIST, (1, 28, 28)))
+        assert f"this training run writes about {format_bytes(need)} into '{out}' in all (estimate)" in line
+        free = re.search(r"; ([0-9.]+) (kB|MB) is free there", line)
+        assert free and float(free.group(1)) * {"kB": 1e3, "MB": 1e6}[free.group(2)] < 256e3
         assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # partial files removed
         subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
         code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY, "--resume")
@@ -539,3 +576,277 @@ def test_streamed_folder_skips_and_records_unusable_files(hostile_folder):
     assert len(ds) == 2 and ds.extra["skipped"] == ["1", "2", "3", "4"]
     x = next(ds.iter_batches(4))
     assert x.shape == (2, 3, 8, 8)
+
+
+# --- 2 (cont.). files that pass the header check but fail to decode: recorded skips in every path -------------
+
+def _undecodable_folder(root: Path, good_per_class: int = 8) -> tuple[Path, list[Path]]:
+    """A ``<class>/<image>`` folder of 16x16 RGB images plus two that open but do not decode: a truncated JPEG and
+    a PNG whose compressed pixel data is garbage after a valid header. Returns the folder and the two bad files."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from synclone.data.images import check_image_file
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(good_per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i:02d}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+    truncated = root / "a" / "truncated.jpg"
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    png = bytearray((root / "b" / "00.png").read_bytes())
+    idat = png.index(b"IDAT") + 4
+    png[idat + 2: idat + 40] = rng.integers(0, 256, 38, dtype=np.uint8).tobytes()  # the zlib stream, not the header
+    garbage = root / "b" / "garbage.png"
+    garbage.write_bytes(bytes(png))
+    for bad in (truncated, garbage):  # the case at hand: the header check passes, decoding fails
+        assert check_image_file(bad) is None
+        with pytest.raises(Exception):  # noqa: B017 - Pillow raises several types
+            with Image.open(bad) as im:
+                im.load()
+    return root, [truncated, garbage]
+
+
+@pytest.fixture
+def rgb16_model(tmp_path) -> Path:
+    from synclone.labels import LabelSpace
+    from synclone.models import create_classifier, save_model
+
+    net = create_classifier("synclone_cnn_tiny", LabelSpace.from_names(["a", "b"]), (3, 16, 16))
+    return save_model(net, tmp_path / "m" / "model")
+
+
+@pytest.mark.parametrize("path", ["streamed", "in-memory"])
+def test_evaluate_skips_undecodable_images_and_limits_them(tmp_path, rgb16_model, capsys, path):
+    folder, bad = _undecodable_folder(tmp_path / "data")
+    out = tmp_path / "eval"
+    args = ["evaluate", f"m={rgb16_model}", "--data", folder, "--output", out, "--probes", "clean", "--quiet"]
+    if path == "streamed":
+        args += ["--set", "image_size=16"]
+    code, err = run_cli(capsys, *args, "--set", "max_unreadable=0.2")
+    assert code == 0, err
+    assert "Traceback" not in err and "note: 2 unreadable image(s) skipped" in err
+    listed = (out / "skipped_images.txt").read_text().splitlines()
+    assert len(listed) == 2 and all(ln.startswith("data\t") for ln in listed)
+    assert any(str(bad[0]) in ln and "truncated" in ln for ln in listed) and any(str(bad[1]) in ln for ln in listed)
+    import pandas as pd
+
+    assert pd.read_parquet(out / "results.parquet")["n"].max() == 16  # scored on the 16 readable images
+    assert json.loads((out / "timings.json").read_text())["skipped_images"] == 2
+    # The default limit (0.001 of the set) turns 2 of 18 into one line, and the finished folder stays as it was.
+    before = snapshot(out)
+    code, err = run_cli(capsys, *args)
+    assert code == 2
+    line = assert_one_line(err, "2 of 18 images of dataset 'data'", "(11.1%)", "max_unreadable=0.001",
+                           out / "skipped_images.txt")
+    assert "allows (0)" in line
+    assert {k: v for k, v in snapshot(out).items() if k in before} == before
+
+
+def test_training_in_memory_skips_undecodable_images_and_limits_them(tmp_path, capsys):
+    folder, bad = _undecodable_folder(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", f"output={out}", "model.arch=synclone_cnn_tiny", f"data.real={folder}", "optim.steps=2",
+            "optim.batch_size=4", "optim.warmup_steps=0", "threads=1", "--quiet"]
+    code, err = run_cli(capsys, *args, "data.max_unreadable=2")
+    assert code == 0, err
+    listed = (out / "skipped_images.txt").read_text().splitlines()
+    assert len(listed) == 2 and all(ln.startswith("read\treal ") for ln in listed)
+    assert any(str(bad[0]) in ln for ln in listed) and any(str(bad[1]) in ln for ln in listed)
+    assert json.loads((out / "metrics.json").read_text())["skipped_images"] == 2
+    out2 = tmp_path / "run2"
+    code, err = run_cli(capsys, *[a.replace(str(out), str(out2)) for a in args])
+    assert code == 2
+    assert_one_line(err, "2 of 18 training images could not be read", "data.max_unreadable=0.001",
+                    out2 / "skipped_images.txt")
+    assert not (out2 / "model").exists() and not (out2 / "checkpoints").exists()
+
+
+def test_training_on_shards_skips_an_undecodable_member_naming_its_shard(tmp_path, capsys):
+    folder, _ = _undecodable_folder(tmp_path / "data")
+    shards = tmp_path / "shards"
+    code, err = run_cli(capsys, "shard", folder, "--output", shards)
+    assert code == 0, err
+    out = tmp_path / "run"
+    args = ["train", f"output={out}", "model.arch=synclone_cnn_tiny", f"data.real={shards}", "data.image_size=16",
+            "data.workers=0", "optim.steps=6", "optim.batch_size=8", "optim.warmup_steps=0", "threads=1", "--quiet"]
+    code, err = run_cli(capsys, *args, "data.max_unreadable=0.2")
+    assert code == 0, err
+    listed = (out / "skipped_images.txt").read_text().splitlines()
+    assert listed and all("shard-000000.tar#" in ln for ln in listed), listed
+    assert json.loads((out / "metrics.json").read_text())["skipped_images"] == len(listed)
+
+
+def test_training_on_a_cut_short_shard_is_one_line_naming_it(tmp_path, capsys):
+    folder, _ = _undecodable_folder(tmp_path / "data")
+    shards = tmp_path / "shards"
+    assert run_cli(capsys, "shard", folder, "--output", shards)[0] == 0
+    victim = shards / "shard-000000.tar"
+    victim.write_bytes(victim.read_bytes()[:-4000])
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "train", f"output={out}", "model.arch=synclone_cnn_tiny", f"data.real={shards}",
+                        "data.image_size=16", "optim.steps=1", "--quiet")
+    assert code == 2
+    assert "is cut short" in assert_one_line(err, victim)
+    assert not out.exists() or not (out / "model").exists()
+
+
+# --- 10 (cont.). a pickled checkpoint on the import (recipe `pretrained`) path -----------------------------------
+
+def test_import_refuses_a_pickled_checkpoint_in_one_line(tmp_path, earlier, capsys):
+    evil = tmp_path / "weights.pth"
+    _evil_checkpoint(evil)
+    before = snapshot(earlier)
+    code, err = run_cli(capsys, "import", "arch=resnet10t", f"pretrained={evil}", "labels=imagenet1k",
+                        f"output={earlier}")
+    assert code == 2
+    line = assert_one_line(err, evil)
+    assert "pickled code" in line and "weights_only" not in line and not evil.with_suffix(".pwned").exists()
+    assert snapshot(earlier) == before
+
+
+# --- 11 (cont.). a damaged last.pt with no previous checkpoint ------------------------------------------------
+
+def test_damaged_last_checkpoint_without_a_previous_one_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY)
+    assert code == 0, err
+    last = out / "checkpoints" / "last.pt"
+    (out / "checkpoints" / "previous.pt").unlink()
+    last.write_bytes(last.read_bytes()[:100])
+    before = snapshot(out)
+    code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY, "--resume")
+    assert code == 2
+    line = assert_one_line(err, last)
+    assert "no previous checkpoint" in line and "weights_only" not in line
+    assert snapshot(out) == before
+
+
+# --- 14. results.csv atomic; a kill before the evaluation's last file is finished by the re-run ------------------
+
+_KILL_BEFORE_PARQUET = """
+import os, signal, sys
+import pandas as pd
+from synclone.cli import main
+pd.DataFrame.to_parquet = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # dies as the table is written
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_evaluate_killed_before_its_table_is_completed_by_the_rerun(tmp_path, tiny_model, capsys):
+    out = tmp_path / "eval"
+    args = ["evaluate", f"good={tiny_model}", "--output", str(out), "--probes", "clean,calibration",
+            "--max-images", "16", "--quiet"]
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    whole = snapshot(out)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", _KILL_BEFORE_PARQUET, *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == -9, res.stderr
+    # Killed after artifacts.json, timings.json and results.csv: no table, so nothing reads the folder as finished.
+    assert not (out / "results.parquet").exists() and (out / "artifacts.json").is_file()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    code, err = run_cli(capsys, "report", out, "--output", tmp_path / "report")
+    assert code == 2
+    assert "stopped before it finished" in assert_one_line(err, out)
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert json.loads((out / "timings.json").read_text())["forward_passes"] == 0  # every logit from the cache
+    again = snapshot(out)
+    for name in ("results.parquet", "results.csv", "artifacts.json"):
+        assert again[name] == whole[name], name
+
+
+def test_evaluate_folder_without_artifacts_is_completed_without_recomputing(tmp_path, tiny_model, capsys):
+    """The state the old write order left after a kill: results.parquet but no artifacts.json."""
+    out = tmp_path / "eval"
+    args = ["evaluate", f"good={tiny_model}", "--output", out, "--probes", "clean,calibration", "--max-images", "16",
+            "--quiet"]
+    assert run_cli(capsys, *args)[0] == 0
+    whole = snapshot(out)
+    (out / "artifacts.json").unlink()
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "holds results.parquet without artifacts.json" in err
+    assert json.loads((out / "timings.json").read_text())["forward_passes"] == 0
+    assert snapshot(out)["artifacts.json"] == whole["artifacts.json"]
+
+
+def test_results_csv_is_written_atomically(tmp_path, tiny_model, capsys, monkeypatch):
+    """A failure while the CSV is written leaves the earlier CSV whole and no temporary file."""
+    import pandas as pd
+
+    out = tmp_path / "eval"
+    args = ["evaluate", f"good={tiny_model}", "--output", out, "--probes", "clean", "--max-images", "16", "--quiet"]
+    assert run_cli(capsys, *args)[0] == 0
+    before = (out / "results.csv").read_bytes()
+
+    def half_then_fail(self, path, *a, **k):
+        Path(path).write_text("model,probe\nhalf")
+        raise OSError(5, "Input/output error", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", half_then_fail)
+    with pytest.raises(OSError):
+        main([str(a) for a in args])
+    assert (out / "results.csv").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- 13 (cont.). disk full while generating --------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_generate_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        out = mnt / "ds"
+        args = ["generate", "generator.backend=classcond", "generator.model=builtin:fashion_mnist",
+                "generator.steps=2", "images_per_class=20", "batch_size=50", "progress=false", f"output={out}"]
+        code, err = run_cli(capsys, *args)
+        assert code == 2
+        line = assert_one_line(err, out, "this generate run writes about", "is free there")
+        assert "disk is full" in line
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # partial files removed
+        subprocess.run(["mount", "-o", "remount,size=16m", str(mnt)], check=True)
+        code, err = run_cli(capsys, *args)
+        assert code == 0, err
+        rows = (out / "train" / "metadata.jsonl").read_text().splitlines()
+        assert len(rows) == 200 and all((out / "train" / json.loads(r)["file_name"]).is_file() for r in rows)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_is_recognised_however_a_library_reports_it():
+    from synclone.util.disk import disk_full_error, format_bytes
+
+    assert disk_full_error(OSError(28, "No space left on device", "f")).filename == "f"
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    wrapped.__cause__ = OSError(28, "No space left on device")
+    assert disk_full_error(wrapped) is wrapped.__cause__
+    safetensors_style = Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                                  'space left on device" })')
+    assert disk_full_error(safetensors_style).errno == 28
+    assert disk_full_error(OSError(5, "Input/output error")) is None and disk_full_error(ValueError("x")) is None
+    assert (format_bytes(1_234_567), format_bytes(999), format_bytes(2.5e9)) == ("1.2 MB", "1 kB", "2.5 GB")
+
+
+def test_max_unreadable_is_one_setting_a_share_or_a_count():
+    from synclone.curate.config import CurateConfig
+    from synclone.data.readable import MAX_UNREADABLE, allowed_unreadable
+    from synclone.evaluate import EvaluateConfig
+    from synclone.train import TrainConfig
+
+    assert CurateConfig(input="a", output="b").max_unreadable == EvaluateConfig().max_unreadable == \
+        TrainConfig().data.max_unreadable == MAX_UNREADABLE == 0.001
+    assert allowed_unreadable(0.001, 999) == 0 and allowed_unreadable(0.001, 1000) == 1
+    assert allowed_unreadable(0.001, 1_281_167) == 1281 and allowed_unreadable(3, 10) == 3

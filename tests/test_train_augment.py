@@ -198,7 +198,7 @@ def test_two_processes_with_two_workers_see_every_image_once_per_epoch():
 
 def test_unreadable_images_are_skipped_counted_and_limited(jpeg_folder, tmp_path):
     """A truncated training image and an empty image: skipped, listed and counted; one too many
-    for data.max_bad_images stops the run with a clear message."""
+    for data.max_unreadable stops the run with one line naming the count, the share, the limit and the list."""
     import shutil
 
     from synclone.train.loop import load_sources
@@ -207,7 +207,7 @@ def test_unreadable_images_are_skipped_counted_and_limited(jpeg_folder, tmp_path
     shutil.copytree(jpeg_folder, folder)
     cfg = TrainConfig.model_validate({
         "output": str(tmp_path / "run"), "threads": 1, "model": {"arch": "synclone_cnn_tiny"},
-        "data": {"real": str(folder), "image_size": 24, "workers": 1, "max_bad_images": 2},
+        "data": {"real": str(folder), "image_size": 24, "workers": 1, "max_unreadable": 2},
         "optim": {"steps": 5, "batch_size": 8, "warmup_steps": 1}})
     src = load_sources(cfg)
     in_train, in_val = src.real.paths[3], src.val.paths[1]
@@ -220,9 +220,14 @@ def test_unreadable_images_are_skipped_counted_and_limited(jpeg_folder, tmp_path
     # The empty file is left out when the folder is read (before the split), and listed from there.
     assert any(line.startswith("read") and in_val.stem in line and "empty" in line for line in listed)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_images"] == 2 == len(listed)
-    with pytest.raises(UserError, match="unreadable training images"):
+    with pytest.raises(UserError) as err:
         train(cfg.model_copy(update={"output": str(tmp_path / "run2"),
-                                     "data": cfg.data.model_copy(update={"max_bad_images": 1})}), progress=False)
+                                     "data": cfg.data.model_copy(update={"max_unreadable": 1})}), progress=False)
+    msg = str(err.value)
+    assert "2 of 40 training images could not be read (5%), more than data.max_unreadable=1 allows (1)" in msg
+    assert str(tmp_path / "run2" / "skipped_images.txt") in msg and "\n" not in msg
+    # The old name of the setting still reads (configs written before it was shared by every stage).
+    assert TrainConfig.model_validate({"data": {"max_bad_images": 3}}).data.max_unreadable == 3
 
 
 def test_bad_settings_are_clear(tmp_path):

@@ -8,7 +8,6 @@ caches) is kept, so re-running the corrected command resumes.
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
@@ -362,21 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         return UserError.exit_code
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        where = f" writing '{err.filename}'" if err.filename else ""
-        typer.echo(f"error: the disk is full ({err.strerror or 'No space left on device'}){where}; free some space "
-                   "(or choose an output folder on another disk) and re-run the same command: finished work is kept "
-                   "and the run resumes", err=True)
-        return UserError.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted; re-run the same command to resume", err=True)
         return 130
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click's usage errors (bad option, missing argument)
+    except Exception as e:  # a full disk (however a library reports it); click's usage errors
         import click
+
+        from synclone.util.disk import disk_full_error, disk_full_message
+
+        full = disk_full_error(e)
+        if full is not None:
+            typer.echo(f"error: {disk_full_message(full)}", err=True)
+            return UserError.exit_code
 
         if isinstance(e, click.exceptions.ClickException):
             e.show()

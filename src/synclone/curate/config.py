@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from synclone.config import StrictModel
+from synclone.data.readable import max_unreadable_field
 from synclone.util.executor import ExecutorConfig
 
 FILTER_NAMES = ("degenerate", "threshold", "quantile", "dedup", "he", "keep_k")
@@ -182,3 +183,5 @@ class CurateConfig(StrictModel):
     executor: ExecutorConfig = ExecutorConfig()
     # Regenerate-until-full (see RefillConfig); off by default.
     refill: RefillConfig | None = None
+    # Unreadable images are dropped and listed in <output>/skipped_images.txt; past this share (or count), an error.
+    max_unreadable: float = max_unreadable_field("images")

@@ -27,6 +27,7 @@ import pandas as pd
 
 from synclone.curate.config import CurateConfig, FiltersConfig
 from synclone.data.folder import ALL_ROWS, DATASET_JSON, METADATA, ImageRecord, read_dataset_json
+from synclone.data.readable import SKIPPED_LIST
 from synclone.errors import UserError
 from synclone.labels import LabelSpace
 from synclone.util.files import atomic_path, write_text_atomic
@@ -37,7 +38,7 @@ SCORE_COLUMNS = ("p_label", "top1", "margin", "class_sim", "prompt_sim")
 # The refill rounds' folder and its record (synclone.curate.refill); never removed by a re-run.
 REFILL_DIR, REFILL_STATE = "refill", "refill.json"
 # Files and folders a curate run owns in its output folder (removed before a re-run writes new ones).
-_OWNED = ("train", "stats", ALL_ROWS, "curation.parquet", DATASET_JSON, "config.yaml", "run.json")
+_OWNED = ("train", "stats", ALL_ROWS, "curation.parquet", DATASET_JSON, "config.yaml", "run.json", SKIPPED_LIST)
 
 
 def prepare_output(out: Path, source: Path, overwrite: bool) -> None:
@@ -71,6 +72,12 @@ def _interrupted_curate(out: Path) -> bool:
     """True when ``out`` holds only what a curate run writes before ``dataset.json``, with curate's records."""
     if any(p.name not in (*_OWNED, REFILL_DIR, LOCK_NAME) for p in out.iterdir()):
         return False
+    if {p.name for p in out.iterdir()} - {LOCK_NAME} == {SKIPPED_LIST}:  # stopped by max_unreadable, nothing else
+        try:
+            with open(out / SKIPPED_LIST, encoding="utf-8") as f:
+                return f.readline().startswith("curate\t")
+        except (OSError, UnicodeDecodeError):
+            return False
     for rows in (out / ALL_ROWS, out / "train" / METADATA):
         try:
             with open(rows, encoding="utf-8") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from synclone.config import write_run_info
@@ -15,7 +16,9 @@ from synclone.curate.scorers import create_scorer
 from synclone.curate.scoring import score_records
 from synclone.curate.stats import write_stats
 from synclone.data.folder import read_dataset_folder
+from synclone.data.readable import SKIPPED_LIST, UnreadableImages
 from synclone.errors import UserError
+from synclone.util.disk import expect_output
 from synclone.util.executor import preflight
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ def curate(cfg: CurateConfig) -> Path:
     refill = Refill(cfg, records, space) if cfg.refill is not None else None  # checks it before any work
     filters = refill.filters if refill is not None else cfg.filters
     prepare_output(out, source, cfg.overwrite)
+    expect_output(out, _output_bytes(cfg, records), "this curate run")
     scorer = create_scorer(cfg.scorer, cfg.alpha_background)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(source)
     try:
@@ -69,6 +73,10 @@ def curate(cfg: CurateConfig) -> Path:
     else:
         records, result, table, steps, extra["refill"] = refill.run(out, evaluate)
     counts = {**result.counts, "encoded_now": encoded}  # over every round's scoring
+    # Unreadable images are dropped ("unreadable" in the all-images table) and listed; past max_unreadable, an error.
+    bad = table.loc[~table["readable"].astype(bool)]
+    UnreadableImages(cfg.max_unreadable, out / SKIPPED_LIST).add(
+        [f"curate\t{r.path}: {r.error}" for r in bad.itertuples()], len(table), f"images of '{source}'")
     write_curated(out, cfg, records, table, space, scorer_id, result.classes, steps, counts, filters=filters,
                   extra=extra)
     if cfg.stats.enabled:
@@ -77,3 +85,13 @@ def curate(cfg: CurateConfig) -> Path:
     kept = int(table["kept"].sum())
     log.info("curated %s: kept %d of %d images -> %s", source, kept, len(table), out)
     return out
+
+
+def _output_bytes(cfg: CurateConfig, records: list) -> float:
+    """Bytes a curate run writes, about: a metadata and an all-images row per image (~1 kB), each image again
+    with ``materialize: copy`` (the mean size of up to 64 sampled files), and 5 MB of statistics and figures."""
+    per_image = 1000.0
+    if cfg.materialize == "copy":
+        sizes = [os.path.getsize(r.path) for r in records[:: max(1, len(records) // 64)][:64] if os.path.isfile(r.path)]
+        per_image += sum(sizes) / len(sizes) if sizes else 0.0
+    return len(records) * per_image + 5e6

@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from synclone.data.images import MAX_IMAGE_PIXELS, UnreadableImage, read_image_bytes
+
 Decoder = Literal["auto", "pillow", "torchvision"]
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -61,6 +63,9 @@ def _pillow_rgb(data: bytes, min_side: int | None, name: str):
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:  # a decompression bomb, refused from its header
+                raise ValueError(f"{im.size[0]}x{im.size[1]} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel cap "
+                                 "(SYNCLONE_MAX_IMAGE_PIXELS)")
             if min_side is not None and im.format == "JPEG":
                 w, h = im.size
                 s = min_side / min(w, h)
@@ -73,12 +78,12 @@ def _pillow_rgb(data: bytes, min_side: int | None, name: str):
 
 
 def read_bytes(path: str) -> bytes:
-    """A file's bytes; a missing or unreadable file raises :class:`BadImage`."""
+    """A file's bytes through the one opener's checks (a regular file under the byte cap); a missing or unusable
+    file raises :class:`BadImage`."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as err:
-        raise BadImage(f"{path}: {err.strerror or err}") from None
+        return read_image_bytes(path)
+    except UnreadableImage as err:
+        raise BadImage(f"{path}: {err.reason}") from None
 
 
 def resize_center_crop(image, size: int, crop_pct: float = 0.875) -> torch.Tensor:

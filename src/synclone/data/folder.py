@@ -209,7 +209,8 @@ def load_image_folder_tensors(path: str | Path, label_space: LabelSpace | None =
     ``label_space``: re-index labels into this space (every dataset class must be in it, by name or slug);
     default the folder's own. ``size``: resize every image to (H, W) (bicubic, antialiased); without it all
     images must already share one size. ``channels``: 1 or 3; default 1 when every image is grey, else 3.
-    Unreadable images are skipped with a warning (their ids are in ``.extra["skipped"]``).
+    Unreadable images are skipped with a warning (their ids are in ``.extra["skipped"]``, id -> file and reason
+    in ``.extra["skip_reasons"]``).
     Meant for small images (28x28 to 64x64): the whole set lives in memory as uint8.
     """
     records, space = read_dataset_folder(path, split)
@@ -218,16 +219,18 @@ def load_image_folder_tensors(path: str | Path, label_space: LabelSpace | None =
     hw = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
     images: list[Image.Image] = []
     labels: list[int] = []
-    skipped: list[str] = []
+    reasons: dict[str, str] = {}
     for r in records:
         _, dec = read_and_decode(str(r.path))
         if not dec.ok:
-            skipped.append(r.id)
+            reasons[r.id] = f"{r.path}: {dec.error}"
             continue
         images.append(dec.image)
         labels.append(remap[r.label])
+    skipped = list(reasons)
     if skipped:
-        warnings.warn(f"{len(skipped)} unreadable image(s) skipped in '{path}' (first: {skipped[0]})", stacklevel=2)
+        warnings.warn(f"{len(skipped)} unreadable image(s) skipped in '{path}' (first: {reasons[skipped[0]]})",
+                      stacklevel=2)
     if not images:
         raise UserError(f"dataset folder '{path}' has no readable images")
     if channels is None:
@@ -247,4 +250,5 @@ def load_image_folder_tensors(path: str | Path, label_space: LabelSpace | None =
         a = np.asarray(im)
         arr[i] = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     return TensorImageSet(torch.from_numpy(arr), torch.tensor(labels, dtype=torch.int64), target,
-                          name=Path(path).name, source=str(path), extra={"skipped": skipped})
+                          name=Path(path).name, source=str(path),
+                          extra={"skipped": skipped, "skip_reasons": reasons})

@@ -71,11 +71,12 @@ def streamed_folder(path: Path, split: str, image_size: int, label_space: LabelS
     target = label_space or space
     remap = [target.index(c) for c in space.classes] if label_space is not None else list(range(len(space)))
     # Files that cannot be images (a row pointing at /dev/zero or a FIFO, an empty file, a bomb's header) are
-    # skipped and recorded, as the in-memory reader does; decoding errors later still stop with one line.
-    reasons = {r.id: why for r in records if (why := check_image_file(r.path)) is not None}
+    # skipped and recorded, as the in-memory reader does; files that fail only when decoded are found by the stage
+    # that reads the set (synclone.data.readable: the training loader, evaluation's readability pass).
+    reasons = {r.id: f"{r.path}: {why}" for r in records if (why := check_image_file(r.path)) is not None}
     if reasons:
         first = next(iter(reasons))
-        warnings.warn(f"{len(reasons)} unreadable image(s) skipped in '{path}' (first: {first}: {reasons[first]})",
+        warnings.warn(f"{len(reasons)} unreadable image(s) skipped in '{path}' (first: {reasons[first]})",
                       stacklevel=2)
         records = [r for r in records if r.id not in reasons]
         if not records:

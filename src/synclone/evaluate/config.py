@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from synclone.config import StrictModel, format_validation_error
+from synclone.data.readable import max_unreadable_field
 from synclone.errors import UserError
 from synclone.probes.base import get_probe
 from synclone.util.executor import ExecutorConfig
@@ -24,6 +25,7 @@ class EvaluateConfig(StrictModel):
         None, ge=8, description="stream dataset folders from disk at this size (resize + centre crop): large sets")
     max_images: int | None = Field(None, ge=1, description="cap on images per dataset (seeded subset)")
     batch_size: int = Field(256, ge=1)
+    max_unreadable: float = max_unreadable_field("images of a dataset")
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     cache_dir: str | None = Field(None, description="logits cache (default <output>/cache/logits)")

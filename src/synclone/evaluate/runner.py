@@ -14,11 +14,13 @@ from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
 from synclone.data.eval_sets import load_eval_dataset
+from synclone.data.readable import SKIPPED_LIST
 from synclone.errors import UserError
 from synclone.evaluate.config import EvaluateConfig
 from synclone.models import load_model
 from synclone.models.io import CONFIG, WEIGHTS
 from synclone.probes.base import COLUMNS, EvalContext, ModelEntry, NonFiniteOutputs, Row, get_probe
+from synclone.util.disk import expect_output
 from synclone.util.files import atomic_path, file_sha256, write_text_atomic
 
 RESULTS = "results.parquet"
@@ -71,11 +73,22 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
     for name, entry in models.items():
         entry.module.label_space.check_aligned(clean.label_space, f"model '{name}'", f"dataset '{clean.name}'")
     out = Path(cfg.output)
-    write_run_info(out, cfg)
+    if (out / RESULTS).is_file() and not (out / ARTIFACTS).is_file():
+        # Written by a version that wrote the table first and was stopped before its artefacts: this run completes
+        # the folder (the logits come from the cache, so no model runs again).
+        print(f"note: '{out}' holds {RESULTS} without {ARTIFACTS} (an evaluation stopped before it finished); "
+              "completing it", file=sys.stderr, flush=True)
     ctx = EvalContext(models, clean, out, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
                       batch_size=cfg.batch_size, data_root=cfg.data_root, max_images=cfg.max_images,
-                      seed=cfg.seed, progress=progress, image_size=cfg.image_size, executor=cfg.executor)
-    ctx.clean = ctx.cap(clean)
+                      seed=cfg.seed, progress=progress, image_size=cfg.image_size, executor=cfg.executor,
+                      max_unreadable=cfg.max_unreadable)
+    # Before the run records are written: too many unreadable images stop the run with the earlier files intact.
+    ctx.clean = ctx.readable(clean)
+    write_run_info(out, cfg)
+    # Cached float32 logits of every model on the clean set, about once per probe (variants, perturbed sets), and
+    # 10 MB of tables and records: a rough bound, quoted if the disk fills up.
+    expect_output(out, len(models) * len(ctx.clean) * len(ctx.clean.label_space) * 4 * (1 + len(probes)) + 10e6,
+                  "this evaluation")
     # Probes that also report on the shifted sets (calibration under shift) read them from here.
     ctx.shift_datasets = [d for n, st in probes if n == "shift" for d in st.datasets]
     rows: list[Row] = []
@@ -92,13 +105,33 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> pd.DataFrame:
             tqdm.write(f"note: {msg}")
         timings[name] = round(time.perf_counter() - t0, 2)
     ctx.models = models
+    if len(ctx.unreadable):
+        print(f"note: {len(ctx.unreadable)} unreadable image(s) skipped; listed in '{out / SKIPPED_LIST}'",
+              file=sys.stderr, flush=True)
+    else:
+        (out / SKIPPED_LIST).unlink(missing_ok=True)  # an earlier run's list; this run skipped nothing
     df = pd.DataFrame([r.as_dict() for r in rows], columns=list(COLUMNS))
     df["n"] = df["n"].astype("Int64")
-    _write_table(df, out)
-    write_text_atomic(out / ARTIFACTS, json.dumps(ctx.artifacts) + "\n")
-    write_text_atomic(out / "timings.json", json.dumps({"probes_s": timings, "forward_passes": ctx.forward_passes},
-                                                 indent=2) + "\n")
+    _write_outputs(df, ctx, timings, out)
     return df
+
+
+def _write_outputs(df: pd.DataFrame, ctx: EvalContext, timings: dict, out: Path) -> None:
+    """Write the results so that ``results.parquet`` (what ``report`` and a finished folder are known by) is last.
+
+    A kill anywhere before it leaves no new table beside an earlier run's artefacts: the old table is removed
+    first, so the folder is either finished (table, CSV, artefacts and timings of one run) or visibly not
+    (no ``results.parquet``); re-running the same command finishes it from the logits cache.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS).unlink(missing_ok=True)
+    write_text_atomic(out / ARTIFACTS, json.dumps(ctx.artifacts) + "\n")
+    write_text_atomic(out / "timings.json", json.dumps({"probes_s": timings, "forward_passes": ctx.forward_passes,
+                                                        "skipped_images": len(ctx.unreadable)}, indent=2) + "\n")
+    with atomic_path(out / "results.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(out / RESULTS) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 NON_FINITE_METRIC = "non_finite_outputs"
@@ -124,17 +157,12 @@ def _run_isolated(ctx: EvalContext, models: dict[str, ModelEntry], probe: str, s
     return marked
 
 
-def _write_table(df: pd.DataFrame, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / RESULTS) as tmp:
-        df.to_parquet(tmp, index=False)
-    with atomic_path(out / "results.csv") as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def read_results(folder: str | Path) -> pd.DataFrame:
     """The results table of an evaluation folder."""
     p = Path(folder) / RESULTS
     if not p.is_file():
-        raise UserError(f"'{folder}' holds no {RESULTS}; run `synclone evaluate` with --output {folder} first")
+        stopped = " (an evaluation there was stopped before it finished; re-run it to complete it)" \
+            if (Path(folder) / "run.json").is_file() else ""
+        raise UserError(f"'{folder}' holds no {RESULTS}{stopped}; run `synclone evaluate` with --output {folder} "
+                        "first")
     return pd.read_parquet(p)

@@ -24,7 +24,7 @@ from pathlib import Path
 from synclone.config import write_run_info
 from synclone.errors import UserError
 from synclone.generate.config import GenerateConfig
-from synclone.generate.job import DRY_RUN_JSON, GenerationRun, check_same_generator
+from synclone.generate.job import DRY_RUN_JSON, GenerationRun, check_same_generator, estimated_bytes
 from synclone.generate.plan import Job, PlanSummary, read_plan, shard
 from synclone.generate.runner import generate_padded, run_shard
 from synclone.generate.writer import (
@@ -34,6 +34,7 @@ from synclone.generate.writer import (
     finalize,
     read_dataset_json,
 )
+from synclone.util.disk import expect_output
 from synclone.util.files import write_json_atomic
 
 # Files a dry run leaves in the output folder; a real run may start there.
@@ -79,6 +80,9 @@ def generate(config: GenerateConfig, dry_run: bool = False) -> Path:
     device = str(state.device) if cfg.generator.device == "auto" else cfg.generator.device
     run = GenerationRun(cfg, device)
     main = state.is_main_process
+    if not dry_run:  # before the plan is written: a disk too small for the plan already gets the estimate
+        planned = sum(n for _, n in run.ranges.values()) if run.ranges else cfg.images_per_class * len(run.labels)
+        expect_output(run.out, estimated_bytes(cfg, planned, run.out), "this generate run")
 
     if dry_run:
         if main:

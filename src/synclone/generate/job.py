@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from synclone.config import package_versions
@@ -22,6 +23,25 @@ DRY_RUN_JSON = "dry_run.json"
 FORMAT = "synclone-generated-dataset"
 FORMAT_VERSION = 1
 _OWN_FILES = {PLAN_FILE, PLAN_FILE + ".tmp", DRY_RUN_JSON, LOCK_NAME}
+
+
+# A PNG of generated content compresses to about half its raw pixels; each image also gets a metadata line.
+PNG_RATIO, ROW_BYTES = 0.5, 600
+
+
+def estimated_bytes(cfg: GenerateConfig, images: int, folder: str | Path | None = None) -> float:
+    """Bytes ``images`` images of ``cfg`` take on disk: measured by the dry run (``dry_run.json`` in ``folder``)
+    when it ran, else raw pixels x :data:`PNG_RATIO` (the recipe's dry run and the full-disk message use this)."""
+    if folder is not None:
+        try:
+            per_image = float(json.loads((Path(folder) / DRY_RUN_JSON).read_text(encoding="utf-8"))["bytes_per_image"])
+            if per_image > 0:
+                return images * (per_image + ROW_BYTES)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    g = cfg.generator
+    default = 28 if g.backend == "classcond" else 512
+    return images * ((g.height or default) * (g.width or default) * 3 * PNG_RATIO + ROW_BYTES)
 
 
 def resolve_labels(labels: str | list[str] | None, backend: Backend) -> LabelSpace:

@@ -108,22 +108,25 @@ class DatasetWriter:
             raise self._error
 
     def _run(self) -> None:
-        with open(self.ledger, "a", encoding="utf-8") as ledger:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    break
-                if self._error is not None:
-                    continue  # keep draining so submit() never blocks forever
-                try:
-                    ledger.write(json.dumps(self._write(*item), ensure_ascii=False) + "\n")
-                    ledger.flush()
-                    if self._queue.empty():  # group commit: one fsync per burst, not per image
-                        os.fsync(ledger.fileno())
-                except BaseException as err:  # noqa: BLE001 - handed to the main thread
-                    self._error = err
-            ledger.flush()
-            os.fsync(ledger.fileno())
+        try:
+            with open(self.ledger, "a", encoding="utf-8") as ledger:
+                while True:
+                    item = self._queue.get()
+                    if item is None:
+                        break
+                    if self._error is not None:
+                        continue  # keep draining so submit() never blocks forever
+                    try:
+                        ledger.write(json.dumps(self._write(*item), ensure_ascii=False) + "\n")
+                        ledger.flush()
+                        if self._queue.empty():  # group commit: one fsync per burst, not per image
+                            os.fsync(ledger.fileno())
+                    except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                        self._error = err
+                ledger.flush()
+                os.fsync(ledger.fileno())
+        except BaseException as err:  # noqa: BLE001 - the last flush or close (a full disk): the main thread reports
+            self._error = self._error or err
 
     def _write(self, job: Job, image, reason: str | None, seed: int, attempt: int) -> dict:
         row = {

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from synclone.data.eval_sets import load_eval_dataset
 from synclone.data.images import load_image
 from synclone.data.imageset import ImageSet
+from synclone.data.readable import MAX_UNREADABLE, SKIPPED_LIST, UnreadableImages, read_skips, unreadable_in
 from synclone.errors import UserError
 from synclone.util.files import atomic_path
 
@@ -90,7 +91,8 @@ class EvalContext:
     def __init__(self, models: dict[str, ModelEntry], clean: ImageSet, output: Path, *,
                  cache_dir: Path | None = None, batch_size: int = 256, device: str = "cpu",
                  data_root: str | None = None, max_images: int | None = None, seed: int = 0,
-                 progress: bool = True, image_size: int | None = None, executor=None) -> None:
+                 progress: bool = True, image_size: int | None = None, executor=None,
+                 max_unreadable: float = MAX_UNREADABLE) -> None:
         self.models = models
         self.clean = clean
         self.output = Path(output)
@@ -109,6 +111,8 @@ class EvalContext:
         self.executor = executor
         self._memo: dict[str, torch.Tensor] = {}
         self._datasets: dict[str, ImageSet] = {}
+        # Images left out because they cannot be read, listed in <output>/skipped_images.txt (synclone.data.readable).
+        self.unreadable = UnreadableImages(max_unreadable, self.output / SKIPPED_LIST)
 
     # -- data ------------------------------------------------------------------------------------
     def dataset(self, spec: str, split: str = "test") -> ImageSet:
@@ -116,9 +120,37 @@ class EvalContext:
         key = f"{spec}|{split}"
         if key not in self._datasets:
 
-            self._datasets[key] = self.cap(load_eval_dataset(spec, split, self.data_root, like=self.clean,
-                                                                 image_size=self.image_size))
+            self._datasets[key] = self.readable(load_eval_dataset(spec, split, self.data_root, like=self.clean,
+                                                                  image_size=self.image_size))
         return self._datasets[key]
+
+    def readable(self, data: ImageSet) -> ImageSet:
+        """``data`` capped (:meth:`cap`) and without the images that cannot be read, each a recorded skip.
+
+        Files the folder reader left out are recorded as they are; a streamed set is decoded once here (the
+        result cached by its fingerprint), so a file that fails only when decoded is skipped before any model
+        reads the set instead of stopping the run midway. Past ``max_unreadable`` of the set, one error line.
+        """
+        read = read_skips(data)
+        total = len(data) + len(read)
+        data = self.cap(data)
+        bad: list[str] = []
+        if hasattr(data, "iter_batches") and len(data):
+            memo = self.cache_dir / f"readable-{data.fingerprint()}.json"
+            try:
+                found = {int(k): v for k, v in json.loads(memo.read_text(encoding="utf-8")).items()}
+            except (OSError, ValueError, AttributeError):
+                found = unreadable_in(data)
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(memo) as tmp:
+                    tmp.write_text(json.dumps(found), encoding="utf-8")
+            if found:
+                bad = list(found.values())
+                keep = torch.tensor([i not in found for i in range(len(data))]).nonzero().flatten()
+                data = data.subset(keep, data.name)
+        self.unreadable.add([f"{data.name}\t{k}: {why}" for k, why in read.items()] +
+                            [f"{data.name}\t{e}" for e in bad], total, f"images of dataset '{data.name}'")
+        return data
 
     def cap(self, data: ImageSet, limit: int | None = None) -> ImageSet:
         """A uniformly random subset of at most ``limit`` (default ``max_images``) images, drawn with the

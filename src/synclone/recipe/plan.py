@@ -439,11 +439,11 @@ def disk_estimate(stage: Stage) -> float:
     """Bytes a stage will write, roughly: PNGs (compressed ~half of raw pixels), checkpoints, caches."""
     kind = stage.name.split(".")[0]
     if kind == "generate":
+        from synclone.generate.job import estimated_bytes
+
         cfg = stage.cfg
-        h, w = (cfg.generator.height or 28, cfg.generator.width or 28) if cfg.generator.backend == "classcond" else (
-            cfg.generator.height or 512, cfg.generator.width or 512)
         n = cfg.images_per_class * (len(cfg.labels) if isinstance(cfg.labels, list) else _n_classes(cfg.labels))
-        return n * (h * w * 3 * 0.5 + 600)  # + a metadata line per image
+        return estimated_bytes(cfg, n, stage.folder)  # the same estimate a full disk's message quotes
     if kind in ("train", "teacher"):
         return 20 * 2**20  # model, last model and the resumable checkpoint of a small CNN
     return 10 * 2**20

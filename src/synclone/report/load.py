@@ -53,6 +53,9 @@ class Evaluations:
 def _read_results(folder: Path) -> pd.DataFrame:
     path = folder / "results.parquet"
     if not path.is_file():
+        if (folder / "run.json").is_file() and (folder / "config.yaml").is_file():
+            raise UserError(f"'{folder}' has no results.parquet: the evaluation there was stopped before it finished; "
+                            "re-run the same synclone evaluate command to complete it (cached outputs are reused)")
         raise UserError(f"'{folder}' has no results.parquet; pass the output folder of synclone evaluate")
     try:
         df = pd.read_parquet(path)

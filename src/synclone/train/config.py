@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from synclone.config import StrictModel
+from synclone.data.readable import max_unreadable_field
 from synclone.errors import UserError
 
 
@@ -42,9 +43,7 @@ class DataConfig(StrictModel):
     prefetch: int = Field(4, ge=1, description="batches each worker prepares ahead")
     decoder: Literal["auto", "pillow", "torchvision"] = Field(
         "auto", description="JPEG decoder: auto/pillow (Pillow, with draft mode), torchvision (decode_jpeg)")
-    max_bad_images: float = Field(
-        0.001, ge=0, description="unreadable images skipped before training stops: a count (>= 1) or a share "
-        "of the training images (< 1)")
+    max_unreadable: float = max_unreadable_field("training images")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -146,7 +145,7 @@ class TrainConfig(StrictModel):
         d = self.model_dump(mode="json")
         for k in ("output", "checkpoint_every", "eval_every", "log_with", "threads"):
             d.pop(k, None)
-        for k in ("workers", "prefetch", "max_bad_images"):  # how images are loaded, not which pixels
+        for k in ("workers", "prefetch", "max_unreadable"):  # how images are loaded, not which pixels
             d["data"].pop(k, None)
         return d
 

@@ -7,15 +7,15 @@ this process's share of the step's global batch as ``(step, slot, source, index)
 Pillow with JPEG draft mode) and, for the timm presets, transformed under ``mix_seed(seed, step, slot)``;
 so the pixels of a step do not depend on the worker count, the prefetch depth or a resume.
 
-An image that cannot be read is dropped from its batch and reported (:class:`BadImages`): the loop writes
-the list to ``skipped_images.txt`` and stops only once more than ``data.max_bad_images`` were skipped.
+An image that cannot be read is dropped from its batch and reported: the loop records it
+(:class:`synclone.data.readable.UnreadableImages`, listed in ``skipped_images.txt``) and stops only once more
+than ``data.max_unreadable`` were skipped.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
@@ -23,7 +23,6 @@ from synclone.data.decode import BadImage, decode_rgb, read_bytes, resize_center
 from synclone.data.imageset import ImageSet, TensorImageSet
 from synclone.data.shards import ShardImageSet
 from synclone.data.streaming import FileImageSet
-from synclone.errors import UserError
 from synclone.train.augment import Aug, build_transform, resolution_at, seeded
 from synclone.train.batches import CyclingSampler
 from synclone.util.seeds import mix_seed
@@ -133,53 +132,3 @@ def make_loader(items: TrainItems, batches: StepBatches, workers: int, prefetch:
     kw = {"prefetch_factor": prefetch, "persistent_workers": True} if workers > 0 else {}
     return torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                        pin_memory=pin_memory, **kw)
-
-
-@dataclass
-class BadImages:
-    """Unreadable images met so far, and the limit past which training stops."""
-
-    limit: float
-    n_train: int
-    entries: list[str] = field(default_factory=list)
-
-    def add(self, bad: list[tuple[Key, str]] | list[str]) -> None:
-        """Record unreadable images (loader keys with messages, or ready lines); raise past the limit."""
-        for item in bad:
-            self.entries.append(item if isinstance(item, str) else f"step {item[0][0]}\t{item[1]}")
-        allowed = self.limit if self.limit >= 1 else self.limit * self.n_train
-        if len(self.entries) > allowed:
-            raise UserError(f"{len(self.entries)} unreadable training images (more than data.max_bad_images="
-                            f"{self.limit:g}), e.g. {self.entries[0].split(chr(9))[1]}; fix or remove them")
-
-
-def readable_subset(ds: ImageSet, threads: int = 4) -> tuple[ImageSet, list[str]]:
-    """``ds`` without the images that cannot be decoded, and one line per dropped image.
-
-    For the validation split of streamed data, which is read every validation: the check decodes JPEGs in
-    draft mode at 1/8 scale (the whole file is still read, so a truncated one fails), a fraction of a full
-    decode. In-memory sets are returned as they are.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    if isinstance(ds, TensorImageSet) or not len(ds):
-        return ds, []
-
-    def check(i: int) -> str | None:
-        try:
-            if isinstance(ds, ShardImageSet):
-                decode_rgb(ds.read_bytes(i), decoder="pillow", min_side=8, name=ds.describe(i))
-            else:
-                path = str(ds.paths[i])
-                decode_rgb(read_bytes(path), decoder="pillow", min_side=8, name=path)
-        except BadImage as err:
-            return str(err)
-        return None
-
-    with ThreadPoolExecutor(threads) as pool:
-        errors = list(pool.map(check, range(len(ds))))
-    bad = [e for e in errors if e is not None]
-    if not bad:
-        return ds, []
-    keep = torch.tensor([e is None for e in errors]).nonzero().flatten()
-    return ds.subset(keep, ds.name), [f"validation\t{e}" for e in bad]

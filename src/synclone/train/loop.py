@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
 from synclone.data.imageset import ImageSet, TensorImageSet
+from synclone.data.readable import SKIPPED_LIST, UnreadableImages, read_skips, readable_subset
 from synclone.data.shards import ShardImageSet
 from synclone.data.sources import resolve_dataset
 from synclone.data.streaming import concat_sets
@@ -33,6 +34,7 @@ from synclone.train.batches import CyclingSampler, ShardLocalSampler, augment
 from synclone.train.config import TrainConfig
 from synclone.util.accuracy import top1
 from synclone.util.checkpoints import UnreadableCheckpoint, load_tensors
+from synclone.util.disk import expect_output
 from synclone.util.files import atomic_path, write_text_atomic
 from synclone.util.seeds import mix_seed
 
@@ -48,6 +50,8 @@ class Sources:
     synthetic: ImageSet | None
     val: ImageSet
     val_desc: str
+    # Images the folder readers left out (empty, not a regular file, undecodable): key -> file and reason.
+    read_skips: dict[str, str] = field(default_factory=dict)
 
 
 def load_sources(cfg: TrainConfig, resolve=resolve_dataset) -> Sources:  # noqa: ANN001
@@ -60,6 +64,8 @@ def load_sources(cfg: TrainConfig, resolve=resolve_dataset) -> Sources:  # noqa:
         if real.image_shape != syn.image_shape:
             raise UserError(f"real images are {real.image_shape} but synthetic images are {syn.image_shape}; "
                             "resize one of them to match")
+    skips = {f"{name} {k}": why for name, ds in (("real", real), ("synthetic", syn)) if ds is not None
+             for k, why in read_skips(ds).items()}
     parts, vals, descs = [], [], []
     for name, ds, per_class in (("real", real, d.real_per_class), ("synthetic", syn, d.synthetic_per_class)):
         if ds is None:
@@ -78,7 +84,7 @@ def load_sources(cfg: TrainConfig, resolve=resolve_dataset) -> Sources:  # noqa:
     if d.val_max is not None and len(val) > d.val_max:
         g = torch.Generator().manual_seed(cfg.seed)
         val = val.subset(torch.randperm(len(val), generator=g)[: d.val_max].sort().values, val.name)
-    return Sources(parts[0], parts[1], val, "; ".join(descs) + f" (validation uses {len(val)})")
+    return Sources(parts[0], parts[1], val, "; ".join(descs) + f" (validation uses {len(val)})", skips)
 
 
 @torch.no_grad()
@@ -263,6 +269,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
         step, best_val, best_step = int(state["step"]), float(state["best_val"]), int(state["best_step"])
         best_loss = float(state.get("best_loss", float("inf")))
         history = json.loads(state["history"])
+    if main:
+        expect_output(out, train_output_bytes(model), "this training run")
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     raw_model = accelerator.unwrap_model(model)
@@ -299,15 +307,18 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
     # Files, shards and per-image (timm) augmentation go through DataLoader workers; small in-memory sets with
     # the batched `simple` preset slice their tensors directly (the fast path of the demo).
     streamed = aug.per_image or not all(isinstance(ds, TensorImageSet) for ds, _ in samplers)
-    skipped = loaders.BadImages(d.max_bad_images, n_train)
-    # Files the folder reader already left out (empty, not a regular file, too big) count and are listed too.
-    skipped.add([f"read\t{k}: {why}" for ds in (src.real, src.synthetic) if ds is not None
-                 for k, why in ((getattr(ds, "extra", None) or {}).get("skip_reasons") or {}).items()])
-    src.val, bad_val = loaders.readable_subset(src.val)
-    if bad_val:
-        skipped.add(bad_val)
-        if main:
-            write_text_atomic(out / "skipped_images.txt", "".join(e + "\n" for e in skipped.entries))
+    # Every unreadable image (left out when a folder was read, failing to decode in the validation split or in a
+    # batch) is listed in skipped_images.txt; past data.max_unreadable of the images read, training stops.
+    n_read = n_train + len(src.val) + len(src.read_skips)
+    skipped = UnreadableImages(d.max_unreadable, out / SKIPPED_LIST if main else None, "data.max_unreadable")
+    if state is not None and (out / SKIPPED_LIST).is_file():  # a resumed run keeps the skips of the steps before
+        skipped.entries += [ln for ln in (out / SKIPPED_LIST).read_text(encoding="utf-8").splitlines()
+                            if ln.startswith("step ") and ln.split()[1].isdigit() and int(ln.split()[1]) < step]
+        skipped.counts["training images"] = len(skipped.entries)
+    skipped.add([f"read\t{k}: {why}" for k, why in src.read_skips.items()], n_read, "training images")
+    src.val, bad_val = readable_subset(src.val)
+    skipped.add([f"validation\t{e}" for e in bad_val], n_read, "training images")
+    bad_seen: set[tuple[int, int]] = set()  # (source, index) of the training images already listed
     batches = None
     if streamed:
         workers = loaders.clamp_workers(d.workers) if d.workers is not None else loaders.default_workers(world)
@@ -339,10 +350,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
             x, y, keys, missing = next(batches)
             if x is None:
                 raise UserError(f"no image of step {step}'s batch could be read (e.g. {missing[0][1]}); check the data")
-            if missing:
-                skipped.add(missing)
-                if main:
-                    write_text_atomic(out / "skipped_images.txt", "".join(e + "\n" for e in skipped.entries))
+            # Each unreadable file is listed and counted once (a later epoch draws it again and drops it again).
+            new = [(key, why) for key, why in missing if (key[2], key[3]) not in bad_seen]
+            bad_seen.update((key[2], key[3]) for key, _ in new)
+            skipped.add([f"step {key[0]}\t{why}" for key, why in new], n_read, "training images")
             parts = [sum(1 for k in keys if k[2] == sid) for sid in range(len(samplers))]
             if mixer is not None and len(y) % 2:
                 x, y, parts[-1] = x[:-1], y[:-1], parts[-1] - 1  # a skipped image left the batch odd
@@ -445,10 +456,18 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
                    if task is None else "the last step (val_acc is a kNN monitor, never used to choose)",
                    "validation": src.val_desc, "history": history,
                    "train_images": n_train, "data": _data_record(src), "processes": world,
-                   "skipped_images": len(skipped.entries)}
+                   "skipped_images": len(skipped)}
         write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     accelerator.end_training()
     return out / "model"
+
+
+def train_output_bytes(model: torch.nn.Module) -> float:
+    """Bytes a run writes, about: the weights twice (``model``, ``model_last``) and two checkpoints (``last.pt``,
+    ``previous.pt``) of weights plus optimizer state (at most two tensors per weight: Adam's moments), plus 1 MB
+    of records."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 2 * weights + 2 * 3 * weights + 1e6
 
 
 def step_frozen(cfg: TrainConfig, step: int) -> bool:
