@@ -98,6 +98,7 @@ def test_points_are_every_combination_times_seeds(tmp_path):
     (["--grid", "vars.ipc=4,6", "--seeds", "0,x"], "--seeds '0,x'"),
     (["--grid", "vars.ipc=4,6", "--metric", "top_one"], "unknown metric 'top_one'"),
     (["--grid", "vars.seed=1,2", "--seeds", "0,1"], "'seed' is both a grid key and --seeds"),
+    (["--grid", "vars.ipc=2,many"], "sweep point ipc=many: recipe generate.train: bad value for 'images_per_class'"),
 ])
 def test_bad_grids_are_one_line_and_exit_2(tmp_path, capsys, argv, needle):
     rec = write(tmp_path / "r.yaml", tiny_recipe(tmp_path / "out"))

@@ -201,6 +201,14 @@ def run_sweep(sweep: Sweep) -> Path:
     """Run every point not yet finished, collect the tables and write the report; returns ``report.html``."""
     from synclone.report.sweep import build_sweep_report
 
+    # A grid value that breaks the recipe (a config error at some point) stops the sweep before anything runs;
+    # what a point's machine lacks is checked by its run, as in synclone run.
+    for p in sweep.points:
+        problems = Problems()
+        plan(sweep.point_recipe(p), problems, store=sweep.store)
+        if problems.errors:
+            more = f" (and {len(problems.errors) - 1} more)" if len(problems.errors) > 1 else ""
+            raise UserError(f"sweep point {p.describe()}: {problems.errors[0]}{more}; nothing was run")
     out = sweep.output
     out.mkdir(parents=True, exist_ok=True)
     _write_info(sweep)
