@@ -518,3 +518,95 @@ def test_browser_check_catches_a_broken_image_and_an_empty_section(full_report, 
     broken = broken.replace("</main>", '<section id="hollow"><h2>Nothing here</h2></section></main>')
     check = _browser_check(broken, tmp_path)
     assert check["broken"] == 1 and check["empty"] == ["hollow"]
+
+
+# --- the sweep report ------------------------------------------------------------------------------------
+
+SWEEP_GRID = {"images_per_class": [100, 250, 500], "guidance": [1.0, 4.0]}
+SWEEP_METRICS = ["clean_top1", "ece", "mce", "inspect/coverage"]
+
+
+def _sweep_top1(model: str, ipc: int, guidance: float, seed: int) -> float:
+    """The simulated clone gains 8 points per doubling of its data and loses 3 at guidance 4; real is flat."""
+    if model == "real":
+        return 0.90 + 0.004 * seed
+    return 0.55 + 0.08 * np.log2(ipc / 100) - 0.03 * (guidance == 4.0) + 0.01 * seed
+
+
+def write_sweep_folder(root: Path) -> Path:
+    """A sweep folder as ``synclone sweep`` writes it: sweep.json, results and diagnostics with point columns."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows, diag, points = [], [], []
+    for ipc in SWEEP_GRID["images_per_class"]:
+        for g in SWEEP_GRID["guidance"]:
+            for seed in (0, 1):
+                pid = f"images_per_class-{ipc}__guidance-{g}__seed-{seed}"
+                points.append({"id": pid, "values": {"images_per_class": ipc, "guidance": g, "seed": seed}})
+                tag = {"point": pid, "images_per_class": ipc, "guidance": g, "seed": seed}
+                err = {}
+                for m in ("real", "synthetic"):
+                    top1 = _sweep_top1(m, ipc, g, seed)
+                    err[m] = 1 - top1
+                    rows.append({**tag, **_row(m, "clean", CLEAN, "clean", "top1", top1, 10000)})
+                    rows.append({**tag, **_row(m, "calibration", CLEAN, "clean", "ece", 0.02 + 0.1 * (1 - top1),
+                                               10000, "15 equal-width bins")})
+                for m in ("real", "synthetic"):
+                    rows.append({**tag, **_row(m, "corruptions", CLEAN, "all", "mce", 100 * err[m] / err["real"],
+                                               1500, "baseline real")})
+                cov = min(1.0, 0.2 * np.log2(ipc / 50)) * (0.9 if g == 4.0 else 1.0)
+                for cls, v in (("all", cov), ("Bag", cov / 2)):
+                    diag.append({**tag, "dataset": "gen", "reference": "fashion_mnist:test", "features": "model:t",
+                                 "class": cls, "metric": "coverage", "value": v, "n": 100, "convention": "k=5",
+                                 "inspected": "train"})
+    pd.DataFrame(rows).to_parquet(root / "results.parquet")
+    pd.DataFrame(diag).to_parquet(root / "diagnostics.parquet")
+    (root / "sweep.json").write_text(json.dumps({
+        "recipe": "recipes/fmnist_sweep.yaml", "title": "sweep test", "grid": SWEEP_GRID, "seeds": [0, 1],
+        "metrics": SWEEP_METRICS, "models": None, "points": points}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory):
+    from synclone.report.sweep import build_sweep_report
+
+    folder = write_sweep_folder(tmp_path_factory.mktemp("sweep"))
+    return build_sweep_report(folder)
+
+
+def test_sweep_section_draws_every_curve_and_the_best_points(sweep_report):
+    html = sweep_report.read_text()
+    p = parse(html)
+    sec = p.sections["sweep"]
+    # one figure per metric and swept variable
+    assert len(sec["imgs"]) == len(SWEEP_METRICS) * len(SWEEP_GRID)
+    best, every = sec["tables"]
+    header = [c[0] for c in best[0]]
+    rows = {(r[0][0], r[1][0]): r for r in best[1:]}
+    # top-1 of the clone is best at the most data and guidance 1, worst at the least and guidance 4
+    clone = rows[("Clean top-1", "synthetic")]
+    assert clone[header.index("best point")][0] == "images_per_class = 500, guidance = 1"
+    assert clone[header.index("worst point")][0] == "images_per_class = 100, guidance = 4"
+    mean = np.mean([_sweep_top1("synthetic", 500, 1.0, s) for s in (0, 1)])
+    std = np.std([_sweep_top1("synthetic", 500, 1.0, s) for s in (0, 1)], ddof=1)
+    assert clone[header.index("best (mean ± std)")][0] == f"{100 * mean:.1f}% ± {100 * std:.1f}%"
+    # lower is better for ECE and mCE: the best point is where the clone is most accurate
+    assert rows[("ECE", "synthetic")][header.index("best point")][0] == "images_per_class = 500, guidance = 1"
+    assert rows[("mCE", "synthetic")][header.index("best point")][0] == "images_per_class = 500, guidance = 1"
+    # a diagnostic: one line per inspected dataset, from the pooled ("all") rows only
+    cov = rows[("coverage (diagnostics)", "train")]
+    assert cov[header.index("best point")][0] == "images_per_class = 500, guidance = 1"
+    assert cov[header.index("best (mean ± std)")][0] == f"{min(1.0, 0.2 * np.log2(10)):.3f} ± 0.000"
+    # every grid point x model in the second table, the best per column marked
+    assert len(every) - 1 == 6 * 2 + 6  # 6 grid points x (2 models + the inspected dataset)
+    md = (sweep_report.parent / "report.md").read_text()
+    assert "## Sweep" in md and md.count("![") == len(SWEEP_METRICS) * len(SWEEP_GRID)
+
+
+@needs_chromium
+def test_sweep_report_renders_in_headless_chromium(sweep_report, tmp_path):
+    html = sweep_report.read_text()
+    check = _browser_check(html, tmp_path)
+    assert check["broken"] == 0, check
+    assert check["images"] == len(SWEEP_METRICS) * len(SWEEP_GRID)  # every curve is on the page
+    assert check["empty"] == [] and not check["overflow"], check

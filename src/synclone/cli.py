@@ -1,4 +1,4 @@
-"""The ``synclone`` command line: generate, curate, train, evaluate, report, run, demo, inspect.
+"""The ``synclone`` command line: generate, curate, train, evaluate, report, run, sweep, demo, inspect.
 
 Every command takes an optional YAML config plus dotted ``key=value`` overrides, e.g.
 ``synclone train recipes/train_real.yaml optim.epochs=3 output=runs/real``. Bad input the user can
@@ -295,6 +295,34 @@ def run(
         return
     with _locked(cfg.output, "run", [recipe, *(overrides or [])]):
         _done(run_recipe(cfg))
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[str, typer.Argument(help="recipe YAML whose vars: the grid sets")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides of the recipe",
+                                                          show_default=False)] = None,
+    grid: Annotated[list[str] | None, typer.Option(
+        help="vars.NAME=V1,V2,... (repeatable; every combination is one run; adds to the recipe's sweep.grid)")] = None,
+    seeds: Annotated[str | None, typer.Option(help="values of vars.seed, e.g. 0,1,2: each grid point once per seed")]
+    = None,
+    metric: Annotated[list[str] | None, typer.Option(
+        help="metric to draw (repeatable): clean_top1, ece, mce, ..., PROBE/METRIC or inspect/METRIC")] = None,
+    out: Annotated[str | None, typer.Option(help="sweep folder (default: the recipe's output)")] = None,
+    quick: Annotated[bool, typer.Option(help="apply the recipe's own 'quick:' overrides (a miniature sweep)")] = False,
+    dry_run: Annotated[bool, typer.Option(help="check the grid, plan every run, print what is shared; run nothing")]
+    = False,
+) -> None:
+    """Run a recipe at every point of a grid of its variables (x seeds), sharing stages; one table and a report."""
+    from synclone.recipe.sweep import dry_run as plan_sweep
+    from synclone.recipe.sweep import load_sweep, run_sweep
+
+    sw = load_sweep(recipe, grid=grid, seeds=seeds, metrics=metric, output=out, overrides=overrides, quick=quick)
+    if dry_run:
+        plan_sweep(sw)
+        return
+    with _locked(str(sw.output), "sweep", [recipe, *(overrides or [])]):
+        _done(run_sweep(sw))
 
 
 @app.command("er")

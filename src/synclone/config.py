@@ -227,9 +227,11 @@ def git_sha() -> str:
         )
         sha = res.stdout.strip()
         if res.returncode == 0 and sha:
+            # --no-optional-locks: status would otherwise refresh the index under index.lock, which a run killed
+            # at that moment (kill -9 of a sweep or a recipe run) leaves behind, blocking the user's next git command.
             dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                text=True, timeout=5, check=False,
+                ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                capture_output=True, text=True, timeout=5, check=False,
             ).stdout.strip()
             return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

@@ -65,6 +65,23 @@ class Problems:
         return bool(self.items)
 
 
+Scalar = str | int | float | bool | None
+
+
+class SweepSettings(StrictModel):
+    """A recipe's ``sweep:`` section: what ``synclone sweep`` varies and draws (its options add to it).
+
+    ``grid``: variable -> values (every combination is one run); ``seeds``: values of the ``seed`` variable, each
+    grid point run once per seed; ``metrics``: what the report draws against each variable (see
+    :mod:`synclone.report.sweep`); ``models``: the models drawn (default: every evaluated model).
+    """
+
+    grid: dict[str, list[Scalar]] = Field(default_factory=dict)
+    seeds: list[int] | None = None
+    metrics: list[str] = Field(default_factory=list)
+    models: list[str] | None = None
+
+
 class Recipe(StrictModel):
     """A whole experiment. Stage sections hold the configs of the matching commands, without their folders.
 
@@ -75,7 +92,7 @@ class Recipe(StrictModel):
     classifier, :mod:`synclone.models.pretrained`, e.g. the real-data baselines of a benchmark).
     """
 
-    vars: dict[str, str | int | float | bool | None] = Field(default_factory=dict, description="${name} substitutions")
+    vars: dict[str, Scalar] = Field(default_factory=dict, description="${name} substitutions")
     output: str = "runs/experiment"
     title: str = "synclone experiment"
     generate: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> generate config")
@@ -88,6 +105,8 @@ class Recipe(StrictModel):
                                            "features: '@train.real'); 'datasets' defaults to every generated and "
                                            "the curated set")
     quick: list[str] = Field(default_factory=list, description="overrides applied by --quick (a miniature run)")
+    sweep: SweepSettings = Field(default_factory=SweepSettings, description="synclone sweep: grid of vars, seeds, "
+                                 "metrics to draw")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, quick: bool = False) -> Recipe:
@@ -194,6 +213,11 @@ class _Refs:
         if recipe.teacher is not None:
             self.map["@teacher"] = out / "teacher" / "model"
         self.map.update({f"@train.{n}": model_folders(out / "train" / n, raw)[0][1] for n, raw in recipe.train.items()})
+        self.default = dict(self.map)  # where each reference points outside a store
+
+    def name_of(self, ref: Any, folder: Path) -> str:
+        """A short name for what ``ref`` names: the last part of its folder outside a store."""
+        return Path(self.default[ref]).name if isinstance(ref, str) and ref in self.default else folder.name
 
     def resolve(self, obj: Any, where: str) -> Any:
         if isinstance(obj, dict):
@@ -255,11 +279,18 @@ class Stage:
         return took
 
 
-def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
+def plan(recipe: Recipe, problems: Any = None, store: str | Path | None = None) -> list[Stage]:
     """The stages of ``recipe`` in order, with validated configs.
 
     Config errors raise at the first one, or, with ``problems`` (a :class:`synclone.recipe.check.Problems`),
     are all collected and the stages that could be built are returned.
+
+    ``store``: a folder shared by several runs (the points of a sweep). Each stage that makes something a
+    later stage reads (generate, teacher, curate, train, inspect) then gets the folder
+    ``<store>/<stage>-<key>``, with ``key`` the hash of its config less its own folder. An upstream folder
+    enters a config as its path, which holds its own key, so the key covers everything a stage depends on:
+    runs whose stages agree share them (one generation serves every training that reads it) and the usual
+    ``stage.json`` check skips what is finished. Evaluation and the report stay in ``recipe.output``.
     """
     from synclone.curate import CurateConfig
     from synclone.evaluate import EvaluateConfig
@@ -273,33 +304,65 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
         refs = _Refs(out, recipe)
     if problems:
         return stages
+
+    def place(name: str, folder: Path, build: Any) -> Stage:
+        """``build(folder)``, or in a store ``build`` at the folder keyed by its config."""
+        if store is None:
+            return build(folder)
+        key = _hash(build(_PLACEHOLDER).cfg.model_dump(mode="json", exclude={"executor"}))
+        return build(Path(store) / f"{name}-{key}")
+
+    runs = {n: out / "train" / n for n in recipe.train}  # train entry -> its run folder
     for name, raw in recipe.generate.items():
         with problems.catch():
-            cfg = validate(GenerateConfig, {**refs.resolve(raw, f"generate.{name}"),
-                                            "output": str(out / "generated" / name)}, f"recipe generate.{name}")
-            stages.append(Stage(f"generate.{name}", Path(cfg.output), cfg, _run_generate,
-                                estimate_s=_gen_estimate(cfg)))
+            def gen(folder: Path, name: str = name, raw: dict = raw) -> Stage:
+                cfg = validate(GenerateConfig, {**refs.resolve(raw, f"generate.{name}"), "output": str(folder)},
+                               f"recipe generate.{name}")
+                return Stage(f"generate.{name}", folder, cfg, _run_generate, estimate_s=_gen_estimate(cfg))
+
+            stages.append(place(f"generate.{name}", out / "generated" / name, gen))
+            refs.map[f"@generated.{name}"] = stages[-1].folder
     if recipe.teacher is not None:
         with problems.catch():
-            cfg = validate(TrainConfig, {**refs.resolve(recipe.teacher, "teacher"), "output": str(out / "teacher")},
-                           "recipe teacher")
-            stages.append(Stage("teacher", out / "teacher", cfg, _run_train, estimate_s=_train_estimate(cfg)))
+            def teacher(folder: Path) -> Stage:
+                cfg = validate(TrainConfig, {**refs.resolve(recipe.teacher, "teacher"), "output": str(folder)},
+                               "recipe teacher")
+                return Stage("teacher", folder, cfg, _run_train, estimate_s=_train_estimate(cfg))
+
+            stages.append(place("teacher", out / "teacher", teacher))
+            refs.map["@teacher"] = stages[-1].folder / "model"
     if recipe.curate is not None:
         with problems.catch():
-            raw = refs.resolve(recipe.curate, "curate")
-            cfg = validate(CurateConfig, {**raw, "output": str(out / "curated"), "overwrite": True}, "recipe curate")
-            stages.append(Stage("curate", out / "curated", cfg, _run_curate, estimate_s=20.0))
-    for name, raw in recipe.train.items():
+            def curate(folder: Path) -> Stage:
+                raw = refs.resolve(recipe.curate, "curate")
+                cfg = validate(CurateConfig, {**raw, "output": str(folder), "overwrite": True}, "recipe curate")
+                return Stage("curate", folder, cfg, _run_curate, estimate_s=20.0)
+
+            stages.append(place("curate", out / "curated", curate))
+            refs.map["@curated"] = stages[-1].folder
+    # In a store a stage's folder is known only once the stages it reads are placed: entries that read other
+    # entries (@train.X) come after them.
+    for name in (_train_order(recipe.train) if store is not None else recipe.train):
+        raw = recipe.train[name]
         with problems.catch():
-            stages.append(_train_stage(name, refs.resolve(raw, f"train.{name}"), out / "train" / name))
+            stages.append(place(f"train.{name}", runs[name], lambda folder, name=name, raw=raw: _train_stage(
+                name, refs.resolve(raw, f"train.{name}"), folder)))
+            runs[name] = stages[-1].folder
+            refs.map[f"@train.{name}"] = model_folders(runs[name], raw)[0][1]
+    inspections: list[Path] = []
     if recipe.inspect is not None:
         with problems.catch():
-            stages += _inspect_stages(recipe, refs, [s.hash for s in stages])
+            found = _inspect_stages(recipe, refs, [s.hash for s in stages], store)
+            stages += found
+            inspections = [s.folder for s in found] if store is not None else []
     if any(_evaluated(r) for r in recipe.train.values()):
         with problems.catch():
             raw = refs.resolve(recipe.evaluate, "evaluate")
+            if store is not None and "cache_dir" not in raw:
+                # Logits are keyed by weights and data, so the runs of a store share one cache.
+                raw = {**raw, "cache_dir": str(Path(store) / "cache" / "logits")}
             models = {n + suffix: str(folder) for n, r in recipe.train.items() if _evaluated(r)
-                      for suffix, folder in model_folders(out / "train" / n, r)}
+                      for suffix, folder in model_folders(runs[n], r)}
             cfg = validate(EvaluateConfig, {**raw, "models": {**models, **raw.get("models", {})},
                                             "output": str(out / "eval")}, "recipe evaluate")
             cfg.probe_settings()
@@ -308,33 +371,68 @@ def plan(recipe: Recipe, problems: Any = None) -> list[Stage]:
                                 upstream=[s.hash for s in stages if not s.name.startswith("inspect.")]))
             report_cfg = ReportStage(output=str(out), title=recipe.report.get("title", recipe.title),
                                      eval_dir=str(out / "eval"),
-                                     curation=str(out / "curated") if recipe.curate is not None else None,
-                                     datasets=[str(out / "generated" / n) for n in recipe.generate],
+                                     curation=str(refs.map["@curated"]) if recipe.curate is not None else None,
+                                     datasets=[str(refs.map[f"@generated.{n}"]) for n in recipe.generate],
                                      # training curves: the runs of the loop (probes and imports have none)
                                      train_runs={n + sfx: str(f.parent) for n, r in recipe.train.items()
                                                  if r.get("kind", "supervised") in ("supervised", "fewshot")
-                                                 for sfx, f in model_folders(out / "train" / n, r)},
-                                     transfer=[str(out / "train" / n) for n, r in recipe.train.items()
+                                                 for sfx, f in model_folders(runs[n], r)},
+                                     transfer=[str(runs[n]) for n, r in recipe.train.items()
                                                if r.get("kind") == "transfer"],
+                                     inspections=[str(p) for p in inspections],
                                      upstream=_hash([s.hash for s in stages]))
             stages.append(Stage("report", out / "report", report_cfg, _run_report, derived=True, estimate_s=15.0))
     return stages
 
 
-def _inspect_stages(recipe: Recipe, refs: _Refs, upstream: list[str]) -> list[Stage]:
-    """One ``synclone inspect`` per dataset, written into ``<dataset>/inspect`` where the report finds it."""
+# The folder a stage is built at to compute its store key: a constant, so the key depends on the config only.
+_PLACEHOLDER = Path("@stage")
+_TRAIN_REF = re.compile(r"@train\.([A-Za-z0-9_.-]+)")
+
+
+def _train_order(train: dict[str, dict]) -> list[str]:
+    """The train entries with every entry after the entries it reads (``@train.X``), otherwise as written."""
+    deps = {n: {m for m in _TRAIN_REF.findall(json.dumps(raw)) if m in train and m != n} for n, raw in train.items()}
+    order: list[str] = []
+    while len(order) < len(train):
+        ready = [n for n in train if n not in order and deps[n] <= set(order)]
+        if not ready:
+            cycle = sorted(n for n in train if n not in order)
+            raise UserError(f"train entries read each other in a cycle ({', '.join(cycle)}); one must come first")
+        order.append(ready[0])
+    return order
+
+
+def _inspect_stages(recipe: Recipe, refs: _Refs, upstream: list[str], store: str | Path | None = None) -> list[Stage]:
+    """One ``synclone inspect`` per dataset, written into ``<dataset>/inspect`` where the report finds it.
+
+    In a store (see :func:`plan`) each inspection gets its own keyed folder there (the report is told where) and
+    a feature cache shared by the store's runs; its key holds the paths of what it reads, which hold their keys.
+    """
     from synclone.inspect import InspectConfig
 
     raw = dict(recipe.inspect or {})
     targets = raw.pop("datasets", None) or [*(f"@generated.{n}" for n in recipe.generate),
                                             *(["@curated"] if recipe.curate is not None else [])]
+    if store is not None and "cache_dir" not in raw:
+        raw["cache_dir"] = str(Path(store) / "cache" / "features")
     stages = []
     for i, ref in enumerate(targets):
         folder = Path(refs.resolve(ref, f"inspect.datasets[{i}]"))
-        cfg = validate(InspectConfig, {"reference": "fashion_mnist:test", **refs.resolve(raw, "inspect"),
-                                       "dataset": str(folder), "output": str(folder / "inspect")}, "recipe inspect")
-        stages.append(Stage(f"inspect.{folder.name}", folder / "inspect", cfg, _run_inspect, derived=True,
-                            estimate_s=30.0, upstream=upstream))
+        # Named after the dataset's place in the recipe (train, curated), wherever its folder is.
+        name = f"inspect.{refs.name_of(ref, folder)}"
+
+        def build(output: Path, folder: Path = folder, name: str = name) -> Stage:
+            cfg = validate(InspectConfig, {"reference": "fashion_mnist:test", **refs.resolve(raw, "inspect"),
+                                           "dataset": str(folder), "output": str(output)}, "recipe inspect")
+            return Stage(name, output, cfg, _run_inspect, derived=True, estimate_s=30.0,
+                         upstream=upstream if store is None else None)
+
+        if store is None:
+            stages.append(build(folder / "inspect"))
+        else:
+            key = _hash(build(_PLACEHOLDER).cfg.model_dump(mode="json"))
+            stages.append(build(Path(store) / f"{name}-{key}"))
     return stages
 
 
@@ -399,6 +497,7 @@ class ReportStage(StrictModel):
     datasets: list[str] = Field(default_factory=list)
     train_runs: dict[str, str] = Field(default_factory=dict)
     transfer: list[str] = Field(default_factory=list)
+    inspections: list[str] = Field(default_factory=list)
     upstream: str = ""
 
 
@@ -517,4 +616,4 @@ def _run_report(cfg: ReportStage, resume: bool) -> None:
     build_report([Path(cfg.eval_dir)], Path(cfg.output), title=cfg.title,
                  curation=Path(cfg.curation) if cfg.curation else None,
                  datasets=[Path(d) for d in cfg.datasets], train_runs={k: Path(v) for k, v in cfg.train_runs.items()},
-                 transfer=[Path(t) for t in cfg.transfer])
+                 transfer=[Path(t) for t in cfg.transfer], inspections=[Path(p) for p in cfg.inspections])

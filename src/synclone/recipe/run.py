@@ -13,17 +13,20 @@ from synclone.recipe.plan import Problems, Recipe, disk_estimate, model_folders,
 from synclone.util.files import write_text_atomic
 
 
-def run_recipe(recipe: Recipe, dry_run: bool = False) -> Path:
+def run_recipe(recipe: Recipe, dry_run: bool = False, store: str | Path | None = None) -> Path:
     """Run (or with ``dry_run`` only check and print) the recipe; returns the report path or the output folder.
 
     Every problem found before work starts (configs, references, data, weights, label spaces) is listed
     together; then a :class:`UserError` stops the run (``run`` and ``--dry-run`` alike) before anything is made.
+    ``store``: a folder of stages shared with other runs (:func:`synclone.recipe.plan.plan`; ``synclone sweep``).
     """
 
     problems = Problems()
-    stages = plan(recipe, problems)
+    stages = plan(recipe, problems, store=store)
     out = Path(recipe.output)
     planned = {str(f) for n, r in recipe.train.items() for _, f in model_folders(out / "train" / n, r)}
+    planned |= {str(f) for s in stages if s.name.startswith("train.")
+                for _, f in model_folders(s.folder, recipe.train[s.name.removeprefix("train.")])}
     check(stages, problems, planned)
     lines = [f"recipe -> {out}"]
     total = disk = 0.0

@@ -51,6 +51,16 @@ METRICS: dict[str | tuple[str, str], MetricInfo] = {
     "texture_fraction": MetricInfo("lower", "frac"),
     "bg_gap": MetricInfo("abs_lower", "frac_pp"),
     "ratio_to_P0": MetricInfo("higher", "ratio"),
+    # Dataset diagnostics (synclone inspect), as a sweep's report draws them.
+    ("inspect", "frechet_distance"): MetricInfo("lower", "float"),
+    ("inspect", "kid"): MetricInfo("lower", "float"),
+    ("inspect", "precision"): MetricInfo("higher", "float"),
+    ("inspect", "recall"): MetricInfo("higher", "float"),
+    ("inspect", "density"): MetricInfo("higher", "float"),
+    ("inspect", "coverage"): MetricInfo("higher", "float"),
+    ("inspect", "classifiability"): MetricInfo("higher", "frac"),
+    ("inspect", "near_duplicate_rate"): MetricInfo("lower", "frac"),
+    ("inspect", "diversity_ratio"): MetricInfo(None, "ratio"),
 }
 
 _UNKNOWN = MetricInfo(None, "float")

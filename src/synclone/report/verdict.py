@@ -165,6 +165,13 @@ def _robust_column(rows: pd.DataFrame, metric: str, artifacts: list[dict], h: He
     return Column(h, f"{h.label} (ε={format_eps(top)})", "robust_top1", h.probes[0], values, note)
 
 
+def headline_column(results: pd.DataFrame, headline: Headline, artifacts: list[dict] | None = None) -> Column | None:
+    """One headline's value per model, taken as the verdict table takes it (any probe/metric pair can be a
+    :class:`Headline`); None when no model has a value."""
+    col = _column(results, list(artifacts or []), headline)
+    return col if col is not None and col.values else None
+
+
 def verdict_columns(results: pd.DataFrame, artifacts: list[dict]) -> list[Column]:
     """The headline columns that have at least one value, in :data:`HEADLINES` order."""
     cols = [_column(results, artifacts, h) for h in HEADLINES]
