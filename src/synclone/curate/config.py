@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from synclone.config import StrictModel
 from synclone.util.executor import ExecutorConfig
 
-FILTER_NAMES = ("degenerate", "threshold", "quantile", "dedup", "he", "keep_k")
+FILTER_NAMES = ("degenerate", "threshold", "quantile", "real_centroid", "dedup", "he", "keep_k")
 # Scores a filter can rank or threshold on, with their ranges (probabilities, differences of them, cosines).
 SCORE_RANGES = {"p_label": (0.0, 1.0), "margin": (-1.0, 1.0), "class_sim": (-1.0, 1.0), "prompt_sim": (-1.0, 1.0)}
 Score = Literal["p_label", "margin", "class_sim", "prompt_sim"]
@@ -99,6 +99,18 @@ class HeFilter(StrictModel):
     seed: int = 0
 
 
+class RealCentroidFilter(StrictModel):
+    """He et al. (2023): keep a synthetic image when the nearest class centroid of the real shots, in the scorer's
+    feature space (CLIP's image embeddings, or a teacher's features), is its own class; on when ``references`` is set.
+
+    ``references``: a folder of real images with one sub-folder per class (by class name or slug; a synclone
+    dataset folder works too); every class of the dataset needs at least one. A centroid is the mean of the
+    class's unit-norm embeddings, normalised again; nearest is by cosine (ties: the lower class index).
+    """
+
+    references: str | None = None
+
+
 class KeepKFilter(StrictModel):
     """Keep at most ``k`` images per class, the best by ``by``."""
 
@@ -112,10 +124,12 @@ class FiltersConfig(StrictModel):
     quantile: QuantileFilter = QuantileFilter()
     dedup: DedupFilter = DedupFilter()
     he: HeFilter = HeFilter()
+    real_centroid: RealCentroidFilter = RealCentroidFilter()
     keep_k: KeepKFilter = KeepKFilter()
     # Unreadable images are always dropped first. Dedup runs before the top-k rules by default, so that
     # "top k" means k distinct images.
-    order: list[Literal["degenerate", "threshold", "quantile", "dedup", "he", "keep_k"]] = list(FILTER_NAMES)
+    order: list[Literal["degenerate", "threshold", "quantile", "real_centroid", "dedup", "he", "keep_k"]] = \
+        list(FILTER_NAMES)
 
     @field_validator("order")
     @classmethod
