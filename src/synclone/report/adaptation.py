@@ -60,8 +60,8 @@ def adaptation_section(results: pd.DataFrame, adaptation: dict) -> Section | Non
                   "synthetic clones from the generator as it is, guided by the real shots (SDEdit), or fine-tuned "
                   "on the shots (LoRA or the whole UNet); on the shots alone; and on the shots plus a fine-tuned "
                   "generator's clones. Test top-1 (%) on the shifted domain and on the original one, mean ± sample "
-                  "std over seeds; each model is the one its training run chose on a validation split held out from its "
-                  "own training data (never on a test set).")
+                  "std over seeds; each model is the one its training run chose on a validation split held out "
+                  "from its own training data (never on a test set).")
     sec.tables.append(text_table(cols, rows, caption=f"Shifted test set '{adaptation['shifted']}', original "
                                                      f"'{adaptation.get('original', '?')}'"))
     return sec
