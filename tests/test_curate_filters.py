@@ -233,3 +233,13 @@ def test_real_centroid_filter_runs_in_apply_filters_and_logs():
     assert step["dropped"] == 2 and step["classes"] == 2
     with pytest.raises(UserError, match="no real-shot centroids"):
         apply_filters(table, emb, cfg, 2)
+
+
+def test_configs_without_the_real_centroid_filter_dump_as_before_it_existed():
+    """Recipe stage hashes and curated records of existing configs must not change with the new filter."""
+    old_order = ["degenerate", "threshold", "quantile", "dedup", "he", "keep_k"]
+    d = FiltersConfig().model_dump(mode="json")
+    assert "real_centroid" not in d and d["order"] == old_order
+    used = FiltersConfig.model_validate({"real_centroid": {"references": "shots"}}).model_dump(mode="json")
+    assert used["real_centroid"] == {"references": "shots"} and "real_centroid" in used["order"]
+    assert FiltersConfig.model_validate(used).real_centroid.references == "shots"

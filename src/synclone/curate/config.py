@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from synclone.config import StrictModel
 from synclone.util.executor import ExecutorConfig
@@ -137,6 +137,16 @@ class FiltersConfig(StrictModel):
         if len(set(v)) != len(v):
             raise ValueError(f"filters.order lists a filter twice: {v}")
         return v
+
+    @model_serializer(mode="wrap")
+    def _without_unused_real_centroid(self, handler):
+        # Configs that do not use the real-centroid filter dump (and so hash, in recipe stages and curated
+        # dataset records) exactly as they did before it existed.
+        data = handler(self)
+        if isinstance(data, dict) and self.real_centroid.references is None:
+            data.pop("real_centroid", None)
+            data["order"] = [n for n in data.get("order", []) if n != "real_centroid"]
+        return data
 
 
 class StatsConfig(StrictModel):
