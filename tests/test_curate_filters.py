@@ -194,3 +194,52 @@ def test_he_rule_select_random_is_seeded_and_hand_checkable():
     assert list(r2[np.argsort(perm)]) == list(r)
     draws = {tuple(he_rule_reasons(p, labels, 2, 2, active, ids, select="random", seed=s)) for s in range(6)}
     assert len(draws) > 1
+
+
+# --- He et al.'s real-feature filter: the nearest real-shot centroid must be the image's own class ----------------
+
+
+def test_real_centroid_rule_against_a_hand_computed_case():
+    from synclone.curate.filters import class_centroids, real_centroid_reasons
+
+    # Real shots in 2-D: class 0 at (1, 0) and (1, 1)/sqrt2 -> centroid direction 22.5 deg; class 1 at (0, 1).
+    shots = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    cents = class_centroids(shots, np.array([0, 0, 1]), 2)
+    a = np.deg2rad(22.5)
+    assert np.allclose(cents, [[np.cos(a), np.sin(a)], [0.0, 1.0]])
+    # Synthetic images at 0, 50, 60, 90 and 10 degrees. The bisector of 22.5 and 90 deg is 56.25 deg, so 0 and 50
+    # deg are nearest class 0, 60 and 90 deg nearest class 1, whatever their own label.
+    deg = np.deg2rad([0.0, 50.0, 60.0, 90.0, 10.0])
+    emb = np.stack([np.cos(deg), np.sin(deg)], axis=1)
+    labels = np.array([0, 1, 0, 1, 1])
+    active = np.array([True, True, True, True, False])  # the last was dropped by an earlier filter
+    r = real_centroid_reasons(emb, labels, cents, active)
+    assert list(r) == [None, "real_centroid", "real_centroid", None, None]
+
+
+def test_real_centroid_filter_runs_in_apply_filters_and_logs():
+    n = 4
+    table = pd.DataFrame({"id": [str(i) for i in range(n)], "label": [0, 0, 1, 1], "readable": [True] * n,
+                          **{s: np.full(n, 0.9) for s in ("p_label", "margin", "class_sim", "prompt_sim")},
+                          **{s: np.full(n, 100.0) for s in STAT_NAMES}})
+    table["px_nan"] = 0.0
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    cfg = FiltersConfig.model_validate({"real_centroid": {"references": "shots"}})
+    out, log = apply_filters(table, emb, cfg, 2, centroids=np.eye(2))
+    assert list(out["kept"]) == [True, False, True, False]
+    assert [r if isinstance(r, str) else None for r in out["drop_reason"]] == [None, "real_centroid", None,
+                                                                               "real_centroid"]
+    step = next(s for s in log if s["filter"] == "real_centroid")
+    assert step["dropped"] == 2 and step["classes"] == 2
+    with pytest.raises(UserError, match="no real-shot centroids"):
+        apply_filters(table, emb, cfg, 2)
+
+
+def test_configs_without_the_real_centroid_filter_dump_as_before_it_existed():
+    """Recipe stage hashes and curated records of existing configs must not change with the new filter."""
+    old_order = ["degenerate", "threshold", "quantile", "dedup", "he", "keep_k"]
+    d = FiltersConfig().model_dump(mode="json")
+    assert "real_centroid" not in d and d["order"] == old_order
+    used = FiltersConfig.model_validate({"real_centroid": {"references": "shots"}}).model_dump(mode="json")
+    assert used["real_centroid"] == {"references": "shots"} and "real_centroid" in used["order"]
+    assert FiltersConfig.model_validate(used).real_centroid.references == "shots"

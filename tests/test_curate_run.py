@@ -243,3 +243,28 @@ def test_plain_image_folder_with_clip(tmp_path):
     assert (t.groupby("label")["kept"].sum() == 2).all()
     assert (folder / ".curate_cache").is_dir()  # the default cache lives beside the images
     assert read_dataset_folder(folder)[1].classes == ("cat", "dog")  # and is not taken for a class
+
+
+def test_real_centroid_filter_with_real_shots(tmp_path, mixture):
+    """He et al.'s real-feature filter end to end: teacher features, centroids of 3 real training shots per class."""
+    from synclone.data import load_fashion_mnist
+
+    dataset, kinds = mixture
+    shots = tmp_path / "shots"
+    fm = load_fashion_mnist("train").per_class_subset(3, seed=0)
+    for i in range(len(fm)):
+        folder = shots / fm.label_space.slugs[int(fm.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(fm.images[i, 0].numpy()).save(folder / f"{i}.png")
+    out = curate(_cfg(tmp_path, dataset, filters={"real_centroid": {"references": str(shots)}}))
+    t = _table(out)
+    kinds = np.array(kinds)
+    kept = t["kept"].to_numpy()
+    assert kept[kinds == "real"].mean() >= 0.6 and kept[kinds == "off_label"].mean() <= 0.3
+    assert set(t.loc[~t["kept"], "drop_reason"]) <= {"real_centroid", "degenerate:constant"}
+    step = next(s for s in json.loads((out / "dataset.json").read_text())["curation"]["log"]
+                if s["filter"] == "real_centroid")
+    assert step["references"] == str(shots) and step["classes"] == 10
+    (shots / fm.label_space.slugs[0]).rename(tmp_path / "gone")
+    with pytest.raises(UserError, match="no real image of class"):
+        curate(_cfg(tmp_path, dataset, out="again", filters={"real_centroid": {"references": str(shots)}}))

@@ -423,7 +423,10 @@ def test_fewshot_rejects_bad_arguments(tmp_path):
         fewshot(cfg, shots=0, seeds=[0])
     with pytest.raises(UserError, match="distinct"):
         fewshot(cfg, shots=1, seeds=[1, 1])
+    # Without real data a few-shot entry is the synthetic-only baseline over the same seeds: no shots are asked for.
+    from synclone.train.fewshot import seed_config
+
     no_real = tiny_cfg(tmp_path / "fy", data={"real": None, "synthetic": "x", "real_per_class": None})
-    with pytest.raises(UserError, match="needs real shots"):
-        fewshot(no_real, shots=1, seeds=[0])
+    one = seed_config(no_real, 1, 3)
+    assert one.seed == 3 and one.data.real is None and one.data.real_per_class is None and one.data.mix != "ratio"
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from synclone.config import StrictModel
 from synclone.data.readable import max_unreadable_field
 from synclone.util.executor import ExecutorConfig
 
-FILTER_NAMES = ("degenerate", "threshold", "quantile", "dedup", "he", "keep_k")
+FILTER_NAMES = ("degenerate", "threshold", "quantile", "real_centroid", "dedup", "he", "keep_k")
 # Scores a filter can rank or threshold on, with their ranges (probabilities, differences of them, cosines).
 SCORE_RANGES = {"p_label": (0.0, 1.0), "margin": (-1.0, 1.0), "class_sim": (-1.0, 1.0), "prompt_sim": (-1.0, 1.0)}
 Score = Literal["p_label", "margin", "class_sim", "prompt_sim"]
@@ -100,6 +100,18 @@ class HeFilter(StrictModel):
     seed: int = 0
 
 
+class RealCentroidFilter(StrictModel):
+    """He et al. (2023): keep a synthetic image when the nearest class centroid of the real shots, in the scorer's
+    feature space (CLIP's image embeddings, or a teacher's features), is its own class; on when ``references`` is set.
+
+    ``references``: a folder of real images with one sub-folder per class (by class name or slug; a synclone
+    dataset folder works too); every class of the dataset needs at least one. A centroid is the mean of the
+    class's unit-norm embeddings, normalised again; nearest is by cosine (ties: the lower class index).
+    """
+
+    references: str | None = None
+
+
 class KeepKFilter(StrictModel):
     """Keep at most ``k`` images per class, the best by ``by``."""
 
@@ -113,10 +125,12 @@ class FiltersConfig(StrictModel):
     quantile: QuantileFilter = QuantileFilter()
     dedup: DedupFilter = DedupFilter()
     he: HeFilter = HeFilter()
+    real_centroid: RealCentroidFilter = RealCentroidFilter()
     keep_k: KeepKFilter = KeepKFilter()
     # Unreadable images are always dropped first. Dedup runs before the top-k rules by default, so that
     # "top k" means k distinct images.
-    order: list[Literal["degenerate", "threshold", "quantile", "dedup", "he", "keep_k"]] = list(FILTER_NAMES)
+    order: list[Literal["degenerate", "threshold", "quantile", "real_centroid", "dedup", "he", "keep_k"]] = \
+        list(FILTER_NAMES)
 
     @field_validator("order")
     @classmethod
@@ -124,6 +138,16 @@ class FiltersConfig(StrictModel):
         if len(set(v)) != len(v):
             raise ValueError(f"filters.order lists a filter twice: {v}")
         return v
+
+    @model_serializer(mode="wrap")
+    def _without_unused_real_centroid(self, handler):
+        # Configs that do not use the real-centroid filter dump (and so hash, in recipe stages and curated
+        # dataset records) exactly as they did before it existed.
+        data = handler(self)
+        if isinstance(data, dict) and self.real_centroid.references is None:
+            data.pop("real_centroid", None)
+            data["order"] = [n for n in data.get("order", []) if n != "real_centroid"]
+        return data
 
 
 class StatsConfig(StrictModel):

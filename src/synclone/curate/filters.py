@@ -6,7 +6,8 @@ filter that removed it, and writes ``kept``, ``drop_reason`` and ``dup_of`` into
 
 Reasons: ``unreadable``; ``degenerate:nan|black|constant``; ``threshold:<score>``; ``quantile:<score>``;
 ``duplicate`` (with ``dup_of`` = id of the kept near-copy); ``he:below_chance``, ``he:not_top_k`` and
-``he:not_sampled`` (``select: random``); ``keep_k``.
+``he:not_sampled`` (``select: random``); ``real_centroid`` (the nearest real-shot centroid is another class's);
+``keep_k``.
 """
 
 from __future__ import annotations
@@ -120,6 +121,33 @@ def he_rule_reasons(p_label: np.ndarray, labels: np.ndarray, num_classes: int, k
     return out
 
 
+def class_centroids(emb: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, d) unit-norm class centroids: the mean of each class's unit-norm rows of ``emb``, normalised again."""
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    out = np.zeros((num_classes, emb.shape[1]), dtype=np.float64)
+    for c in range(num_classes):
+        rows = unit[labels == c]
+        if len(rows) == 0:
+            raise UserError(f"real-centroid filter: class {c} has no real image to build its centroid from")
+        m = rows.astype(np.float64).mean(axis=0)
+        out[c] = m / max(np.linalg.norm(m), 1e-12)
+    return out
+
+
+def real_centroid_reasons(emb: np.ndarray, labels: np.ndarray, centroids: np.ndarray,
+                          active: np.ndarray) -> np.ndarray:
+    """He et al. (2023), Sec. 3.2: drop an image whose nearest real-shot class centroid (cosine of its unit-norm
+    embedding with each unit-norm centroid; ties to the lower class index) is not its own class."""
+    out = _reasons(len(labels))
+    if not active.any():
+        return out
+    sims = emb[active].astype(np.float64) @ centroids.T
+    nearest = sims.argmax(axis=1)
+    idx = np.nonzero(active)[0]
+    out[idx[nearest != labels[active]]] = "real_centroid"
+    return out
+
+
 def near_duplicate_reasons(emb: np.ndarray, labels: np.ndarray, tau: float, active: np.ndarray,
                            prefer: np.ndarray | None = None, ids: np.ndarray | None = None,
                            block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -152,10 +180,11 @@ def near_duplicate_reasons(emb: np.ndarray, labels: np.ndarray, tau: float, acti
 
 
 def apply_filters(table: pd.DataFrame, embeddings: np.ndarray, cfg: FiltersConfig, num_classes: int,
-                  scorer_kind: str = "") -> tuple[pd.DataFrame, list[dict]]:
+                  scorer_kind: str = "", centroids: np.ndarray | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """Run the filters of ``cfg`` in ``cfg.order``; return the table with kept / drop_reason / dup_of, and a log.
 
     The log has one entry per filter that ran: its name, settings, and how many images it dropped.
+    ``centroids``: the real shots' class centroids (C, d) in the embeddings' space, for ``real_centroid``.
     """
     t = table.copy()
     n = len(t)
@@ -184,6 +213,11 @@ def apply_filters(table: pd.DataFrame, embeddings: np.ndarray, cfg: FiltersConfi
         elif name == "quantile" and cfg.quantile.score is not None:
             q = cfg.quantile
             r, step = quantile_reasons(scores[q.score], labels, q.q, kept, q.score), q.model_dump()
+        elif name == "real_centroid" and cfg.real_centroid.references is not None:
+            if centroids is None:
+                raise UserError("filters.real_centroid.references is set but no real-shot centroids were computed")
+            r = real_centroid_reasons(embeddings, labels, centroids, kept)
+            step = {**cfg.real_centroid.model_dump(), "classes": int(len(centroids))}
         elif name == "dedup" and cfg.dedup.enabled:
             d = cfg.dedup
             prefer = None if d.prefer == "id" else scores[d.prefer]

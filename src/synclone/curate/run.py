@@ -13,7 +13,7 @@ from synclone.curate.filters import apply_filters
 from synclone.curate.output import prepare_output, write_curated
 from synclone.curate.refill import Refill
 from synclone.curate.scorers import create_scorer
-from synclone.curate.scoring import score_records
+from synclone.curate.scoring import real_shot_centroids, score_records
 from synclone.curate.stats import write_stats
 from synclone.data.folder import read_dataset_folder
 from synclone.data.readable import SKIPPED_LIST, UnreadableImages
@@ -60,12 +60,16 @@ def curate(cfg: CurateConfig) -> Path:
     cache = ScorerCache(cache_root, scorer_id)
     cache.set_meta(kind=cfg.scorer.kind, model=cfg.scorer.model, pretrained=cfg.scorer.pretrained)
     encoded = 0
+    centroids = None
+    if filters.real_centroid.references is not None:
+        centroids = real_shot_centroids(filters.real_centroid.references, space, scorer, cache, cfg.progress)
 
     def evaluate(recs):
         nonlocal encoded
         res = score_records(recs, space, scorer, cache, progress=cfg.progress, executor=cfg.executor)
         encoded += res.counts["encoded_now"]
-        return (res, *apply_filters(res.table, res.embeddings, filters, len(res.classes), cfg.scorer.kind))
+        return (res, *apply_filters(res.table, res.embeddings, filters, len(res.classes), cfg.scorer.kind,
+                                    centroids))
 
     extra = {}
     if refill is None:

@@ -253,3 +253,29 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def real_shot_centroids(folder: str | Path, space: LabelSpace, scorer: Scorer, cache: ScorerCache,
+                        progress: bool = False) -> np.ndarray:
+    """(C, d) class centroids of the real images in ``folder`` (one sub-folder per class, by the dataset's class
+    names or slugs), embedded by ``scorer`` through ``cache``; rows in the order of ``space``'s classes."""
+    from synclone.curate.filters import class_centroids
+    from synclone.data.folder import read_dataset_folder
+
+    records, real_space = read_dataset_folder(folder)
+    cols = _map_classes(real_space, space, "dataset's",
+                        "name the real class folders by the dataset's classes (filters.real_centroid.references)")
+    keys, errors = _content_keys(records, cache)
+    _encode_missing(records, keys, scorer, cache, progress)
+    cache.files.save()
+    bad = [r.file_name for r, k in zip(records, keys, strict=True) if k is None or k not in cache.images.index]
+    if bad:
+        raise UserError(f"real-centroid filter: {len(bad)} image(s) of '{folder}' cannot be read (first: {bad[0]}): "
+                        "remove or replace them")
+    labels = cols[np.array([r.label for r in records], dtype=np.int64)]
+    missing = [space.classes[c] for c in range(len(space)) if not (labels == c).any()]
+    if missing:
+        raise UserError(f"real-centroid filter: '{folder}' has no real image of class(es) "
+                        f"{', '.join(map(repr, missing[:5]))}: add at least one per class")
+    emb = normalise_rows(cache.images.get(keys, "embedding"))
+    return class_centroids(emb, labels, len(space))

@@ -252,3 +252,33 @@ def load_image_folder_tensors(path: str | Path, label_space: LabelSpace | None =
     return TensorImageSet(torch.from_numpy(arr), torch.tensor(labels, dtype=torch.int64), target,
                           name=Path(path).name, source=str(path),
                           extra={"skipped": skipped, "skip_reasons": reasons})
+
+
+def write_image_folder(root: str | Path, images, labels, space: LabelSpace, ids: list[str] | None = None,
+                       info: dict | None = None) -> Path:
+    """Write uint8 images ((N, 1 or 3, H, W) or (N, H, W)) as a synclone dataset folder this module reads:
+    ``train/<slug>/<id>.png``, ``train/metadata.jsonl`` and ``dataset.json`` (label space + ``info``).
+
+    Every file is written atomically and ``dataset.json`` last, so a folder with it is complete.
+    """
+    import io
+
+    from synclone.util.files import write_bytes_atomic, write_text_atomic
+
+    root = Path(root)
+    train = root / "train"
+    arr = np.asarray(images)
+    rows = []
+    for i, label in enumerate(np.asarray(labels).tolist()):
+        iid = ids[i] if ids else f"{i:06d}"
+        rel = f"{space.slugs[label]}/{iid}.png"
+        a = arr[i]
+        a = a[0] if a.ndim == 3 and a.shape[0] == 1 else a.transpose(1, 2, 0) if a.ndim == 3 else a
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(buf, format="PNG")
+        (train / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(train / rel, buf.getvalue())
+        rows.append(json.dumps({"file_name": rel, "id": iid, "label": int(label), "class_name": space.classes[label]}))
+    write_text_atomic(train / METADATA, "\n".join(rows) + "\n")
+    write_text_atomic(root / DATASET_JSON, json.dumps({"label_space": space.to_dict(), **(info or {})}, indent=2))
+    return root

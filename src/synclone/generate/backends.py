@@ -1,4 +1,5 @@
-"""Generator backends, one registry: ``diffusers`` (text-to-image), ``img2img`` (real guidance), ``classcond``.
+"""Generator backends, one registry: ``diffusers`` (text-to-image), ``img2img`` (real guidance), ``image_variation``
+(image-conditioned), ``classcond``.
 
 Every backend takes a batch of jobs and one ``torch.Generator`` per job (seeded with the job's seed)
 and returns one :class:`Generated` per job: an image, or ``None`` with the reason (e.g. the safety
@@ -198,6 +199,10 @@ class DiffusersText2Image(Backend):
             # A pipeline class AutoPipeline doesn't map: load it as what model_index.json names.
             return diffusers.DiffusionPipeline.from_pretrained(self.model.location, **kw)
 
+    def check_labels(self, label_space: LabelSpace) -> None:
+        if self.cfg.lora is not None:
+            self.class_adapters = _class_adapter_folders(self.cfg.lora, label_space)
+
     def load(self) -> None:
         pipe = self._from_pretrained()
         if self.cfg.scheduler:
@@ -205,7 +210,11 @@ class DiffusersText2Image(Backend):
         if self.cfg.lora is not None:
             from synclone.generate.lora import load_lora
 
-            load_lora(pipe, self.cfg.lora, self.cfg.lora_scale)
+            per_class = getattr(self, "class_adapters", None) or {}
+            for label, folder in per_class.items():  # one named adapter per class, switched per call
+                load_lora(pipe, folder, self.cfg.lora_scale, name=f"class_{label}")
+            if not per_class:
+                load_lora(pipe, self.cfg.lora, self.cfg.lora_scale)
         pipe = pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
@@ -248,7 +257,28 @@ class DiffusersText2Image(Backend):
                 for img, bad in zip(_to_pil(out.images), flags, strict=True)]
 
     def generate(self, jobs, generators):
-        return self._call(jobs, generators)
+        per_class = getattr(self, "class_adapters", None)
+        if not per_class:
+            return self._call(jobs, generators)
+        return self._per_class_calls(jobs, generators, lambda part, gens: self._call(part, gens))
+
+    def _per_class_calls(self, jobs, generators, call) -> list[Generated]:
+        """One ``call(jobs, generators)`` per class with that class's adapter active, each padded to the full batch
+        like img2img's strength groups (see DiffusersImg2Img.generate)."""
+        import torch
+
+        out: list[Generated | None] = [None] * len(jobs)
+        for label in sorted({j.label for j in jobs}):
+            self.pipe.set_adapters([f"class_{label}"], adapter_weights=[float(self.cfg.lora_scale)])
+            pos = [i for i, j in enumerate(jobs) if j.label == label]
+            pad = len(jobs) - len(pos)
+            last = generators[pos[-1]]
+            part = [jobs[i] for i in pos] + [jobs[pos[-1]]] * pad
+            gens = [generators[i] for i in pos] + [
+                torch.Generator(device=last.device).manual_seed(last.initial_seed()) for _ in range(pad)]
+            for i, g in zip(pos, call(part, gens), strict=False):
+                out[i] = g
+        return out
 
     def describe(self) -> dict:
         lora = ({"lora": {"folder": self.cfg.lora, "sha256": self.lora_sha, "scale": self.cfg.lora_scale}}
@@ -293,6 +323,28 @@ def reference_files(root: Path, label_space: LabelSpace) -> dict[int, list[str]]
     return out
 
 
+def _class_adapter_folders(lora: str, label_space: LabelSpace) -> dict[int, Path]:
+    """Label -> its class's adapter folder for a per-class adapter folder (every class needs one); ``{}`` for a
+    single adapter."""
+    from synclone.generate.lora import per_class_adapters
+
+    classes = per_class_adapters(lora)
+    if classes is None:
+        return {}
+    by_slug = {Path(f).name: f for f in classes.values()}
+    out, missing = {}, []
+    for label, (name, slug) in enumerate(zip(label_space.classes, label_space.slugs, strict=True)):
+        folder = classes.get(name) or by_slug.get(slug)
+        if folder is None:
+            missing.append(name)
+        else:
+            out[label] = folder
+    if missing:
+        raise UserError(f"per-class LoRA adapter '{lora}' has no adapter for class(es) "
+                        f"{', '.join(map(repr, missing[:5]))}: train it on those classes too, or leave them out")
+    return out
+
+
 class Img2ImgOptions(DiffusersOptions):
     references: str  # folder with one sub-folder of real images per class (named by slug or class name)
     strength: float = Field(default=0.75, gt=0, le=1)  # SDEdit noise level: 1 ignores the reference
@@ -304,6 +356,22 @@ class Img2ImgOptions(DiffusersOptions):
     @classmethod
     def _check_table(cls, table: dict[int, float] | None) -> dict[int, float] | None:
         return check_strength_table(table)
+
+
+def load_reference(root: Path, rel: str | None, width: int | None, height: int | None, backend: str) -> Image.Image:
+    """Reference image ``rel`` of folder ``root`` as RGB, fitted to ``width`` x ``height`` (bicubic, centre crop)."""
+    if rel is None:
+        raise UserError(f"an {backend} job has no reference image; rebuild the plan with references")
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise UserError(f"reference '{rel}' points outside the reference folder '{root}'")
+    with open_image(path) as im:
+        im = im.convert("RGB")
+        if height and width:
+            from PIL import ImageOps
+
+            im = ImageOps.fit(im, (width, height), method=Image.Resampling.BICUBIC)
+        return im
 
 
 def check_strength_table(table: dict[int, float] | None) -> dict[int, float] | None:
@@ -340,6 +408,12 @@ class DiffusersImg2Img(DiffusersText2Image):
         if not self.root.is_dir():
             raise UserError(f"reference folder '{self.root}' does not exist (generator.options.references)")
 
+    def check_labels(self, label_space: LabelSpace) -> None:
+        super().check_labels(label_space)
+        if getattr(self, "class_adapters", None):
+            raise UserError("per-class LoRA adapters are for backends diffusers and classcond; img2img takes one "
+                            "adapter for every class")
+
     def references(self, label_space: LabelSpace) -> dict[int, list[str]]:
         out = self._references(label_space)
         table = self.options.strength_by_shots
@@ -360,18 +434,7 @@ class DiffusersImg2Img(DiffusersText2Image):
                             "generator.steps or the strength")
 
     def _reference(self, rel: str | None) -> Image.Image:
-        if rel is None:
-            raise UserError("an img2img job has no reference image; rebuild the plan with references")
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root.resolve()):
-            raise UserError(f"reference '{rel}' points outside the reference folder '{self.root}'")
-        with open_image(path) as im:
-            im = im.convert("RGB")
-            if self.height and self.width:
-                from PIL import ImageOps
-
-                im = ImageOps.fit(im, (self.width, self.height), method=Image.Resampling.BICUBIC)
-            return im
+        return load_reference(self.root, rel, self.width, self.height, self.name)
 
     def generate(self, jobs, generators):
         if not self.options.strength_by_shots:
@@ -406,6 +469,54 @@ class DiffusersImg2Img(DiffusersText2Image):
         return info
 
 
+class ImageVariationOptions(DiffusersOptions):
+    references: str  # folder with one sub-folder of real images per class (named by slug or class name)
+
+
+@register_backend
+class DiffusersImageVariation(DiffusersText2Image):
+    """Image-conditioned generation (Bansal & Grover's RQ2): each image is a variation of a real reference image of
+    its class, taken in turn like img2img's (``StableDiffusionImageVariationPipeline``: the reference's CLIP image
+    embedding conditions the UNet instead of a prompt; the plan's prompts are recorded but not used). The
+    reference of every image is in its metadata row."""
+
+    name = "image_variation"
+    Options = ImageVariationOptions
+    auto_class = "DiffusionPipeline"  # AutoPipeline maps no image-variation class: load what model_index.json names
+    supports_lora = False
+
+    def __init__(self, cfg, device="cpu"):
+        super().__init__(cfg, device)
+        self.root = Path(self.options.references)
+        if not self.root.is_dir():
+            raise UserError(f"reference folder '{self.root}' does not exist (generator.options.references)")
+
+    def references(self, label_space: LabelSpace) -> dict[int, list[str]]:
+        return reference_files(self.root, label_space)
+
+    def load(self) -> None:
+        super().load()
+        if getattr(self.pipe, "image_encoder", None) is None:
+            raise UserError(f"generator model '{self.model.source}' ({type(self.pipe).__name__}) has no image "
+                            "encoder: backend image_variation needs an image-variation pipeline (e.g. "
+                            "lambdalabs/sd-image-variations-diffusers)")
+
+    def generate(self, jobs, generators):
+        kwargs: dict[str, Any] = dict(
+            image=[load_reference(self.root, j.reference, self.width, self.height, self.name) for j in jobs],
+            generator=generators, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+            output_type="np", **self.options.call_options)
+        if self.height and self.width:
+            kwargs.update(height=self.height, width=self.width)
+        out = self.pipe(**kwargs)
+        flags = getattr(out, "nsfw_content_detected", None) or [False] * len(jobs)
+        return [Generated(None, SAFETY_REASON) if bad else Generated(img)
+                for img, bad in zip(_to_pil(out.images), flags, strict=True)]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "references": str(self.root)}
+
+
 class ClassCondOptions(StrictModel):
     """Real guidance for the built-in generator (SDEdit-style), off unless ``references`` is set."""
     references: str | None = None  # folder with one sub-folder of real images per class (slug or class name)
@@ -428,6 +539,7 @@ class ClassConditional(Backend):
 
     name = "classcond"
     Options = ClassCondOptions
+    supports_lora = True
 
     def __init__(self, cfg, device="cpu"):
         super().__init__(cfg, device)
@@ -436,6 +548,13 @@ class ClassConditional(Backend):
             raise UserError(f"class-conditional generator '{cfg.model}' must be a local folder")
         self.pipe = None
         self.to_generator_label: list[int] = []
+        # label -> the pipeline of its class's adapter (per-class adapters); other labels use self.pipe
+        self.class_pipes: dict[int, Any] = {}
+        if cfg.lora is not None:
+            from synclone.generate.lora import adapter_fingerprint
+
+            self.lora_sha = adapter_fingerprint(cfg.lora)  # refuses missing or pickled adapters
+            self._pipeline()  # checks the adapter's base model and merges it
 
     def _pipeline(self):
         if self.pipe is None:
@@ -444,6 +563,12 @@ class ClassConditional(Backend):
             pipe = load_classcond_pipeline(self.model.location, device="cpu")
             if self.cfg.scheduler:
                 _swap_scheduler(pipe, self.cfg.scheduler, {})
+            if self.cfg.lora is not None:
+                from synclone.generate.lora import check_adapter_base, merge_lora_into_unet, per_class_adapters
+
+                check_adapter_base(self.cfg.lora, self.model.source, pipe.revision)
+                if per_class_adapters(self.cfg.lora) is None:  # one adapter for every class: merged once
+                    merge_lora_into_unet(pipe.unet, self.cfg.lora, self.cfg.lora_scale)
             if self.cfg.dtype != "float32":
                 pipe.unet.to(_torch_dtype(self.cfg.dtype))
             self.pipe = pipe.to(self.device)
@@ -461,9 +586,20 @@ class ClassConditional(Backend):
                 f"it knows {own.describe()}"
             )
         self.to_generator_label = [own.classes.index(c) for c in label_space.classes]
+        if self.cfg.lora is not None:
+            self.class_adapters = _class_adapter_folders(self.cfg.lora, label_space)
 
     def load(self) -> None:
         pipe = self._pipeline()
+        if self.cfg.lora is not None and getattr(self, "class_adapters", None) and not self.class_pipes:
+            import copy
+
+            from synclone.generate.lora import merge_lora_into_unet
+
+            for label, folder in self.class_adapters.items():  # one merged copy of the small UNet per class
+                p = copy.deepcopy(pipe)
+                merge_lora_into_unet(p.unet, folder, self.cfg.lora_scale)
+                self.class_pipes[label] = p
         self.steps = int(self.cfg.steps or pipe.defaults["num_inference_steps"])
         gs = self.cfg.guidance_scale
         self.guidance_scale = float(pipe.defaults["guidance_scale"] if gs is None else gs)
@@ -501,25 +637,31 @@ class ClassConditional(Backend):
         return torch.from_numpy(arr.copy())
 
     def generate(self, jobs, generators):
-        labels = [self.to_generator_label[j.label] for j in jobs]
-        if self.options.references is None:
-            images = self.pipe(class_labels=labels, generator=generators, num_inference_steps=self.steps,
-                               guidance_scale=self.guidance_scale)
-            return [Generated(im) for im in images]
         import torch
 
-        # One call per strength, padded to the full batch like img2img's (see DiffusersImg2Img.generate).
+        labels = [self.to_generator_label[j.label] for j in jobs]
+        guided = self.options.references is not None
+
+        def group(j):  # which pipeline (a per-class adapter's or the shared one) and which strength
+            return (j.label if j.label in self.class_pipes else -1, self.class_strength[j.label] if guided else 1.0)
+
+        # One call per (pipeline, strength), each padded to the full batch like img2img's (see
+        # DiffusersImg2Img.generate); a batch with one group is one call, as it always was.
         out: list[Generated | None] = [None] * len(jobs)
-        for strength in sorted({self.class_strength[j.label] for j in jobs}):
-            pos = [i for i, j in enumerate(jobs) if self.class_strength[j.label] == strength]
+        for key in sorted({group(j) for j in jobs}):
+            pos = [i for i, j in enumerate(jobs) if group(j) == key]
             pad = len(jobs) - len(pos)
             last = generators[pos[-1]]
             gens = [generators[i] for i in pos] + [
                 torch.Generator(device=last.device).manual_seed(last.initial_seed()) for _ in range(pad)]
             idx = pos + [pos[-1]] * pad
-            refs = torch.stack([self._reference_pixels(jobs[i].reference) for i in idx])
-            images = self.pipe(class_labels=[labels[i] for i in idx], generator=gens, num_inference_steps=self.steps,
-                               guidance_scale=self.guidance_scale, image=refs, strength=strength)
+            pipe = self.class_pipes.get(key[0], self.pipe)
+            extra = {}
+            if guided:
+                extra = dict(image=torch.stack([self._reference_pixels(jobs[i].reference) for i in idx]),
+                             strength=key[1])
+            images = pipe(class_labels=[labels[i] for i in idx], generator=gens, num_inference_steps=self.steps,
+                          guidance_scale=self.guidance_scale, **extra)
             for i, im in zip(pos, images, strict=False):
                 out[i] = Generated(im)
         return out
@@ -539,6 +681,8 @@ class ClassConditional(Backend):
             "width": size[1],
             "options": {},
         }
+        if self.cfg.lora is not None:  # datasets made without an adapter keep the record they always had
+            info["lora"] = {"folder": self.cfg.lora, "sha256": self.lora_sha, "scale": self.cfg.lora_scale}
         if self.options.references is not None:  # unguided datasets keep the record they always had
             info["options"] = self.options.model_dump(mode="json")
             if self.options.strength_by_shots is not None:  # JSON keys are strings: record them so for resume

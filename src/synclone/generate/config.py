@@ -8,14 +8,14 @@ Example (YAML)::
       negative_prompt: "blurry, text"
       options: {mode: random}
     generator:
-      backend: diffusers               # diffusers | img2img | classcond
+      backend: diffusers               # diffusers | img2img | image_variation | classcond
       model: stabilityai/sd-turbo      # hub id or local folder
       scheduler: DPMSolverMultistepScheduler
       steps: 20
       guidance_scale: 7.5
       height: 512
       width: 512
-      # lora: runs/finetune           # a LoRA adapter (synclone generator finetune), diffusers backends only
+      # lora: runs/finetune           # a LoRA adapter (synclone generator finetune): diffusers, img2img, classcond
       # lora_scale: 0.8
     images_per_class: 100
     seed: 0

@@ -40,7 +40,7 @@ from pydantic import Field
 from synclone.config import StrictModel, write_run_info
 from synclone.errors import UserError
 from synclone.generate.classcond_train import _optimizer_state_from_tensors, _optimizer_state_to_tensors
-from synclone.generate.lora import ADAPTER_JSON, LORA_WEIGHTS
+from synclone.generate.lora import ADAPTER_JSON, LORA_WEIGHTS, adapter_info
 from synclone.labels import LabelSpace
 from synclone.models.hub import resolve_model
 from synclone.prompts import PromptConfig
@@ -61,7 +61,19 @@ class LoraSettings(StrictModel):
     rank: int = Field(4, ge=1, description="LoRA rank r (>= 1)")
     alpha: float | None = Field(None, gt=0, description="lora_alpha; the update is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    # None: the base model's default, SD_TARGETS for a text-to-image UNet, CLASSCOND_TARGETS for the built-in one.
+    target_modules: list[str] | None = Field(None, min_length=1)
+
+    def resolved(self, default: list[str]) -> dict:
+        """The settings as recorded (checkpoint, adapter record), with the target modules filled in."""
+        return {**self.model_dump(), "target_modules": list(self.target_modules or default)}
+
+
+# The attention projections, as diffusers' LoRA training scripts adapt them.
+SD_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# The built-in generator has attention only at its lowest resolution, so its adapter also covers the ResNet
+# blocks' two convolutions: a domain shift in pixel statistics (inverted images, textures) lives there.
+CLASSCOND_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
 
 
 class ValidationSettings(StrictModel):
@@ -81,6 +93,12 @@ class FinetuneConfig(StrictModel):
     captions: Literal["prompts", "metadata"] = "prompts"  # metadata: each record's own 'prompt'
     method: Literal["lora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
+    # DataDream's second mode: one adapter per class folder, each trained on its class's images only
+    # (OUTPUT/<class slug>/); generate then uses each class's own adapter. LoRA only.
+    per_class: bool = False
+    # Built-in generator only: the share of images whose label is replaced by the null class, so that
+    # classifier-free guidance keeps working after fine-tuning (as in its own training).
+    p_uncond: float = Field(0.1, ge=0, lt=1)
     resolution: int | None = Field(None, ge=8, description="training size in pixels; default the pipeline's own")
     steps: int = Field(500, ge=1, description="optimiser steps in total (a resumed run counts from its checkpoint)")
     batch_size: int = Field(4, ge=1)
@@ -173,6 +191,19 @@ class RealImages:
     label_space: LabelSpace
     images: list
     fingerprint: str
+    digests: list[bytes] | None = None  # per image: id + content hash (what the fingerprint hashes)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def subset(self, rows: list[int]) -> RealImages:
+        """The images at ``rows``, with their own fingerprint (hashed as :func:`read_real_images` does)."""
+        digests = [self.digests[i] for i in rows]
+        h = hashlib.sha256()
+        for d in digests:
+            h.update(d)
+        return RealImages([self.records[i] for i in rows], self.label_space, [self.images[i] for i in rows],
+                          h.hexdigest(), digests)
 
 
 def read_real_images(cfg: FinetuneConfig) -> RealImages:
@@ -181,7 +212,7 @@ def read_real_images(cfg: FinetuneConfig) -> RealImages:
     from synclone.data.images import read_and_decode
 
     records, space = read_dataset_folder(cfg.data)
-    images, bad = [], []
+    images, bad, digests = [], [], []
     h = hashlib.sha256()
     for r in records:
         data, dec = read_and_decode(str(r.path))
@@ -189,14 +220,15 @@ def read_real_images(cfg: FinetuneConfig) -> RealImages:
             bad.append(f"{r.file_name} ({dec.error.split(' <')[0]})")
             continue
         images.append(dec.image)
-        h.update(r.id.encode() + b"\0" + hashlib.sha256(data).digest())
+        digests.append(r.id.encode() + b"\0" + hashlib.sha256(data).digest())
+        h.update(digests[-1])
     if bad:
         raise UserError(f"real folder '{cfg.data}' has {len(bad)} unreadable image(s), first {bad[0]}: "
                         "remove or replace them")
     if len(images) < cfg.batch_size:
         raise UserError(f"real folder '{cfg.data}' has {len(images)} image(s), fewer than batch_size "
                         f"{cfg.batch_size}: lower batch_size or add images")
-    return RealImages(records, space, images, h.hexdigest())
+    return RealImages(records, space, images, h.hexdigest(), digests)
 
 
 @torch.no_grad()
@@ -267,17 +299,22 @@ def denoising_loss(unet, data: TrainingSet, sched, scaling: float, seed: int = 0
     return float(np.mean(losses))
 
 
-def _add_lora(unet, settings: LoraSettings, seed: int) -> None:
-    from peft import LoraConfig
+def add_lora(unet, settings: LoraSettings, seed: int, default: list[str] = SD_TARGETS) -> None:
+    """Freeze ``unet`` and add a trainable LoRA adapter (peft) on ``settings``' target modules."""
+    from peft import LoraConfig, inject_adapter_in_model
 
+    targets = list(settings.target_modules or default)
     unet.requires_grad_(False)
     torch.manual_seed(seed)  # the adapter's A matrices (B starts at zero, so the adapter starts as identity)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank, lora_dropout=settings.dropout,
-                        init_lora_weights="gaussian", target_modules=list(settings.target_modules))
+                        init_lora_weights="gaussian", target_modules=targets)
     try:
-        unet.add_adapter(config)
+        if hasattr(unet, "add_adapter"):  # diffusers' text-to-image UNets (PeftAdapterMixin)
+            unet.add_adapter(config)
+        else:  # UNet2DModel (the built-in generator) has no adapter mixin: peft injects the layers itself
+            inject_adapter_in_model(config, unet)
     except ValueError as err:
-        raise UserError(f"lora.target_modules {settings.target_modules} do not fit this UNet ({err})") from None
+        raise UserError(f"lora.target_modules {targets} do not fit this UNet ({err})") from None
 
 
 def _save_checkpoint(folder: Path, named: dict[str, torch.Tensor], opt, step: int, losses: list[float],
@@ -340,20 +377,28 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def save_lora(unet, out: Path) -> None:
+    """Write ``unet``'s peft adapter to ``out`` in diffusers' LoRA format (``unet.*.lora.down/up.weight``)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # diffusers' mapping renames only attention projections; name every other adapted layer (the built-in
+    # generator's convolutions) the same way, which diffusers' loaders and merge_lora_into_unet map back.
+    layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
+    tmp = out / f".lora.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
+                                              safe_serialization=True, weight_name=LORA_WEIGHTS)
+    os.replace(tmp / LORA_WEIGHTS, out / LORA_WEIGHTS)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _export(pipe, unet, cfg: FinetuneConfig, out: Path) -> None:
     """Write the adapter (diffusers' LoRA format) or the whole fine-tuned pipeline."""
     if cfg.method == "lora":
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        tmp = out / f".lora.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        StableDiffusionPipeline.save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers,
-                                                  safe_serialization=True, weight_name=LORA_WEIGHTS)
-        os.replace(tmp / LORA_WEIGHTS, out / LORA_WEIGHTS)
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_lora(unet, out)
     else:
         tmp = out / f".{PIPELINE_DIR}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -366,15 +411,93 @@ def finetune(cfg: FinetuneConfig, progress: bool = True,
              callback: Callable[[int, float], None] | None = None) -> Path:
     """Fine-tune ``cfg.model`` on ``cfg.data`` (LoRA or full UNet); returns the output folder.
 
-    The output holds ``pytorch_lora_weights.safetensors`` (LoRA) or ``pipeline/`` (full), ``synclone_adapter.json``
-    (base model, settings, denoising loss before and after on the training images), ``checkpoint/`` and optional
-    ``validation/`` images. ``callback(step, loss)`` runs after every step (progress hooks, tests).
+    ``cfg.model`` is a diffusers text-to-image pipeline or synclone's class-conditional generator
+    (``builtin:fashion_mnist`` or a ``synclone generator train`` folder; see
+    :mod:`synclone.generate.classcond_finetune`). The output holds ``pytorch_lora_weights.safetensors`` (LoRA) or
+    ``pipeline/`` (full), ``synclone_adapter.json`` (base model, settings, denoising loss before and after on the
+    training images), ``checkpoint/`` and optional ``validation/`` images; with ``per_class`` one such folder per
+    class (``OUTPUT/<slug>/``) and a record naming them. ``callback(step, loss)`` runs after every step.
     """
+    if cfg.per_class and cfg.method != "lora":
+        raise UserError("per_class: true trains one LoRA adapter per class; set method: lora (a full copy of the "
+                        "UNet per class is not supported)")
+    real = read_real_images(cfg)  # bad folders are refused before the model loads and before anything is written
+    base = classcond_folder(cfg.model)
+    if cfg.per_class:
+        return _finetune_per_class(cfg, real, base, progress, callback)
+    return _finetune_one(cfg, real, base, progress, callback)
+
+
+def _finetune_one(cfg: FinetuneConfig, real: RealImages, base: Path | None, progress: bool,
+                  callback: Callable[[int, float], None] | None) -> Path:
+    if base is not None:
+        from synclone.generate.classcond_finetune import finetune_classcond
+
+        return finetune_classcond(cfg, real, base, progress, callback)
+    return _finetune_sd(cfg, real, progress, callback)
+
+
+def classcond_folder(model: str) -> Path | None:
+    """The folder of ``model`` when it is synclone's class-conditional generator (``None`` for anything else)."""
+    from synclone.generate.classcond import FORMAT, SYNCLONE_JSON
+    from synclone.models.hub import BUILTIN_PREFIX, builtin_generator
+
+    path = builtin_generator(model[len(BUILTIN_PREFIX):]) if model.startswith(BUILTIN_PREFIX) else Path(model)
+    meta = path / SYNCLONE_JSON
+    if not meta.is_file():
+        return None
+    try:
+        return path if json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT else None
+    except (OSError, ValueError):
+        return None
+
+
+def _finetune_per_class(cfg: FinetuneConfig, real: RealImages, base: Path | None, progress: bool,
+                        callback: Callable[[int, float], None] | None) -> Path:
+    """DataDream's per-class mode: one adapter per class, trained on that class's images only (resumable per
+    class: a class whose adapter is finished is not trained again)."""
+    out = Path(cfg.output)
+    space = real.label_space
+    present = sorted({r.label for r in real.records})
+    small = [(space.classes[c], n) for c in present if (n := sum(r.label == c for r in real.records)) < cfg.batch_size]
+    if small:
+        raise UserError(f"per_class: class '{small[0][0]}' has {small[0][1]} image(s) in '{cfg.data}', fewer than "
+                        f"batch_size {cfg.batch_size}: lower batch_size or add images")
+    write_run_info(out, cfg)
+    classes: dict[str, str] = {}
+    records = []
+    for c in present:
+        slug = space.slugs[c]
+        sub = cfg.model_copy(update={"output": str(out / slug), "per_class": False})
+        _finetune_one(sub, real.subset([i for i, r in enumerate(real.records) if r.label == c]), base, progress,
+                      callback)
+        classes[space.classes[c]] = slug
+        records.append(adapter_info(out / slug))
+    first = records[0]
+    record = {
+        "format": "synclone-adapter",
+        "method": cfg.method,
+        "per_class": classes,
+        "base_model": first["base_model"],
+        "lora": first["lora"],
+        "steps": cfg.steps,
+        "images": len(real),
+        "classes": list(classes),
+        "data_fingerprint": real.fingerprint,
+        "denoising_loss": {name: rec["denoising_loss"] for name, rec in zip(classes, records, strict=True)},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json_atomic(out / ADAPTER_JSON, record)
+    return out
+
+
+def _finetune_sd(cfg: FinetuneConfig, real: RealImages, progress: bool,
+                 callback: Callable[[int, float], None] | None) -> Path:
+    """One adapter (or full UNet) for a diffusers text-to-image pipeline."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     out = Path(cfg.output)
-    real = read_real_images(cfg)  # bad folders are refused before the model loads and before anything is written
     pipe, ref = load_base_pipeline(cfg)
     data = encode_training_set(cfg, pipe, real)
     write_run_info(out, cfg)
@@ -383,7 +506,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True,
     unet = pipe.unet
     loss_before = denoising_loss(unet, data, sched, scaling, cfg.seed)
     if cfg.method == "lora":
-        _add_lora(unet, cfg.lora, cfg.seed)
+        add_lora(unet, cfg.lora, cfg.seed)
     else:
         unet.requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -391,7 +514,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True,
     named = {k: p for k, p in unet.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = {"base_model": ref.revision, "data": data.fingerprint, "method": cfg.method,
-           "lora": cfg.lora.model_dump() if cfg.method == "lora" else None, "batch_size": cfg.batch_size,
+           "lora": cfg.lora.resolved(SD_TARGETS) if cfg.method == "lora" else None, "batch_size": cfg.batch_size,
            "lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
            "resolution": _resolution(cfg, pipe), "mixed_precision": cfg.mixed_precision,
            "max_grad_norm": cfg.max_grad_norm}
@@ -447,7 +570,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True,
         "format": "synclone-adapter",
         "method": cfg.method,
         "base_model": {"source": ref.source, "revision": ref.revision},
-        "lora": cfg.lora.model_dump() if cfg.method == "lora" else None,
+        "lora": cfg.lora.resolved(SD_TARGETS) if cfg.method == "lora" else None,
         "weights": weights.relative_to(out).as_posix(),
         "weights_sha256": file_sha256(weights),
         "steps": step,

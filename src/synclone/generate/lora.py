@@ -21,6 +21,14 @@ ADAPTER_NAME = "synclone"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
+def per_class_adapters(folder: str | Path) -> dict[str, Path] | None:
+    """Class name -> adapter folder of a per-class adapter folder (``per_class: true``), or ``None``."""
+    classes = adapter_info(folder).get("per_class")
+    if not classes:
+        return None
+    return {name: Path(folder) / slug for name, slug in classes.items()}
+
+
 def adapter_weights(folder: str | Path) -> Path:
     """The adapter's safetensors file; :class:`UserError` when the folder is missing, pickled or ambiguous."""
     root = Path(folder)
@@ -54,7 +62,18 @@ def adapter_info(folder: str | Path) -> dict:
 
 
 def adapter_fingerprint(folder: str | Path) -> str:
-    """sha256 of the adapter's weight file (first 16 hex digits): it enters the dataset's fingerprint."""
+    """sha256 of the adapter's weight file (first 16 hex digits): it enters the dataset's fingerprint.
+
+    For a per-class folder: the hash of every class's name and weight hash, in class order."""
+    if Path(folder).is_dir():
+        classes = per_class_adapters(folder)
+        if classes is not None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for name, sub in classes.items():
+                h.update(name.encode() + b"\0" + file_sha256(adapter_weights(sub)).encode() + b"\n")
+            return h.hexdigest()[:16]
     return file_sha256(adapter_weights(folder))[:16]
 
 
@@ -70,17 +89,56 @@ def check_adapter_base(folder: str | Path, base_source: str, base_revision: str 
         )
 
 
-def load_lora(pipe, folder: str | Path, scale: float) -> None:
-    """Load the adapter into ``pipe`` (diffusers' ``load_lora_weights``, safetensors only) at ``scale``.
+def load_lora(pipe, folder: str | Path, scale: float, name: str = ADAPTER_NAME) -> None:
+    """Load the adapter into ``pipe`` (diffusers' ``load_lora_weights``, safetensors only) at ``scale``, under
+    ``name`` (several named adapters can be loaded; the last one loaded is the active one).
 
     Scale 0 adds exactly zero to every adapted layer, so it gives the base pipeline's images bit for bit.
     """
     weights = adapter_weights(folder)
     try:
-        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=ADAPTER_NAME,
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=name,
                                use_safetensors=True)
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"LoRA adapter '{folder}' does not fit this generator's UNet ({first[:200]}): was it made "
                         "for another base model?") from None
-    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[float(scale)])
+    pipe.set_adapters([name], adapter_weights=[float(scale)])
+
+
+def merge_lora_into_unet(unet, folder: str | Path, scale: float) -> None:
+    """Add ``scale`` times the adapter in ``folder`` to ``unet``'s weights (a ``UNet2DModel``, which has no
+    diffusers adapter mixin): peft injects the adapter's layers, loads them and merges them into the base weights,
+    so sampling costs what the base model costs. Scale 0 adds exactly zero to every weight."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    weights = adapter_weights(folder)
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(weights)).items()}
+    state = convert_unet_state_dict_to_peft(state)
+    modules = sorted({k.split(".lora_A.")[0] for k in state if ".lora_A." in k})
+    if not modules:
+        raise UserError(f"LoRA adapter '{folder}' holds no LoRA layers (no lora.down / lora_A weights)")
+    settings = adapter_info(folder).get("lora") or {}
+    rank = int(settings.get("rank") or state[f"{modules[0]}.lora_A.weight"].shape[0])
+    config = LoraConfig(r=rank, lora_alpha=settings.get("alpha") or rank, target_modules=modules)
+    missing = [m for m in modules if m not in dict(unet.named_modules())]
+    if missing:
+        raise UserError(f"LoRA adapter '{folder}' does not fit this generator's UNet (no layer '{missing[0]}'): "
+                        "was it made for another base model?")
+    try:
+        inject_adapter_in_model(config, unet, adapter_name=ADAPTER_NAME)
+        result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
+    except (ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"LoRA adapter '{folder}' does not fit this generator's UNet ({first[:200]}): was it made "
+                        "for another base model?") from None
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    if unexpected:
+        raise UserError(f"LoRA adapter '{folder}' has weights this UNet cannot take ('{unexpected[0]}')")
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale(ADAPTER_NAME, float(scale))
+            module.merge(adapter_names=[ADAPTER_NAME])

@@ -56,11 +56,49 @@ def build_tiny_text2img(
     that value: an image is flagged when its embedding's cosine to any concept exceeds it, so ``-2``
     flags every image, ``2`` none, and values in between flag some, depending on the image.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
+    unet, vae = _tiny_unet_and_vae(unet_channels, vae_channels, layers_per_block, image_size)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=text_layers,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+        )
+    )
+    scheduler = _sd_scheduler()
+    safety_checker, feature_extractor = None, None
+    if safety_threshold is not None:
+        safety_checker, feature_extractor = _tiny_safety_checker(safety_threshold)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=safety_checker is not None,
+    )
+    out = Path(path)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _tiny_unet_and_vae(unet_channels, vae_channels, layers_per_block: int, image_size: int):
+    """The denoiser (cross-attention over 32-wide states) and the VAE of the tiny pipelines, in this RNG order."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
     unet = UNet2DConditionModel(
         block_out_channels=unet_channels,
         layers_per_block=layers_per_block,
@@ -82,38 +120,36 @@ def build_tiny_text2img(
         norm_num_groups=min(32, vae_channels[0]),
         sample_size=image_size,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=text_layers,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-        )
-    )
-    # The scheduler settings of Stable Diffusion v1 (scaled-linear betas), as in diffusers' tests.
-    scheduler = DDIMScheduler(
+    return unet, vae
+
+
+def _sd_scheduler():
+    """The scheduler settings of Stable Diffusion v1 (scaled-linear betas), as in diffusers' tests."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
     )
-    safety_checker, feature_extractor = None, None
-    if safety_threshold is not None:
-        safety_checker, feature_extractor = _tiny_safety_checker(safety_threshold)
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        safety_checker=safety_checker,
-        feature_extractor=feature_extractor,
-        requires_safety_checker=safety_checker is not None,
-    )
+
+
+def build_tiny_image_variation(path: str | Path, *, seed: int = 0, unet_channels: tuple[int, int] = (32, 64),
+                               vae_channels: tuple[int, int] = (32, 64), layers_per_block: int = 1,
+                               image_size: int = 16, vision_layers: int = 2) -> Path:
+    """Save a tiny random ``StableDiffusionImageVariationPipeline`` to ``path``: the UNet of the text-to-image one,
+    conditioned on a tiny ``CLIPVisionModelWithProjection``'s 32-wide image embedding instead of a prompt."""
+    from diffusers import StableDiffusionImageVariationPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet, vae = _tiny_unet_and_vae(unet_channels, vae_channels, layers_per_block, image_size)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=vision_layers, image_size=32,
+        patch_size=8, projection_dim=32))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = StableDiffusionImageVariationPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=_sd_scheduler(),
+                                                 safety_checker=None, feature_extractor=processor,
+                                                 requires_safety_checker=False)
     out = Path(path)
     pipe.save_pretrained(out, safe_serialization=True)
     return out

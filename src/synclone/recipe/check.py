@@ -124,7 +124,7 @@ def check_generator(cfg: Any) -> None:
     """The generator of a generate stage is reachable offline, and real guidance has its reference images."""
     from synclone.models.hub import resolve_model
 
-    if cfg.generator.backend == "img2img":
+    if cfg.generator.backend in ("img2img", "image_variation"):
         refs = (cfg.generator.options or {}).get("references")
         if not refs or not Path(refs).is_dir():
             raise MissingResource(f"generator.options.references: reference folder '{refs}' does not exist (real "
@@ -242,9 +242,22 @@ def check(stages: list[Any], problems: Problems, planned: set[str] | frozenset[s
         kind = s.name.split(".")[0]
         cfg = s.cfg
         spaces.update(dict.fromkeys(_outputs(s), None))
-        if kind == "generate":
+        if kind == "domain":
+            from synclone.data.shifted import SHOTS, TEST
+            from synclone.labels import BUILTIN_SPACES
+
+            for sub in (SHOTS, TEST):
+                spaces[str(Path(cfg.output) / sub)] = BUILTIN_SPACES["fashion_mnist"]
+        elif kind == "finetune":
             with problems.catch(s.name):
-                check_generator(cfg)
+                if cfg.data not in spaces:
+                    data_space(cfg.data, spaces, f"{s.name}.data")
+                if not str(cfg.model).startswith("builtin:"):
+                    check_hf_model(cfg.model, f"{s.name}.model", marker="model_index.json")
+        elif kind == "generate":
+            with problems.catch(s.name):
+                if cfg.generator.model not in spaces:  # a fine-tuned pipeline of this recipe is made first
+                    check_generator(cfg)
             with problems.catch(f"{s.name}.labels"):
                 spaces[str(s.folder)] = generated_space(cfg)
         elif kind == "curate":
@@ -328,6 +341,8 @@ def _outputs(stage: Any) -> list[str]:
     kind = stage.name.split(".")[0]
     if kind in ("generate", "curate"):
         return [str(stage.folder)]
+    if kind == "finetune":
+        return [str(stage.folder), str(stage.folder / "pipeline")]
     if isinstance(cfg, FewshotStage):
         return [str(Path(cfg.train.output) / f"seed{seed}" / "model") for seed in cfg.seeds]
     if kind in ("teacher", "train"):

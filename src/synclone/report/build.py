@@ -63,7 +63,7 @@ def summary_text(ev: Evaluations) -> str:
 def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "synclone report",
                  curation: Path | None = None, datasets: list[Path] | None = None,
                  train_runs: dict[str, Path] | None = None, inspections: list[Path] | None = None,
-                 transfer: list[Path] | None = None) -> Path:
+                 transfer: list[Path] | None = None, adaptation: dict | None = None) -> Path:
     """Write ``report.html`` (self-contained), ``report.md`` and ``figures/*.png`` into ``output``.
 
     ``eval_dirs``: one or more output folders of ``synclone evaluate`` (later folders win on rows
@@ -71,7 +71,8 @@ def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "sy
     ``datasets``: generated dataset folders (sample grids); ``train_runs``: model name -> training run
     folder (``metrics.json``: which split chose the checkpoint, training curves); ``inspections``: output
     folders of ``synclone inspect`` (a dataset folder's own ``inspect/`` is found without being named);
-    ``transfer``: folders of ``kind: transfer`` stages (the "Pre-training" section). Sections without data
+    ``transfer``: folders of ``kind: transfer`` stages (the "Pre-training" section); ``adaptation``: the "Adapting
+    the generator" table's settings (``shifted`` test set name, ``original``, ``models``). Sections without data
     are left out. Returns the path of ``report.html``. Bad input raises :class:`UserError`.
     """
     ev = load_evaluations(eval_dirs)
@@ -99,6 +100,11 @@ def build_report(eval_dirs: list[Path] | Path, output: Path, *, title: str = "sy
 
     if (sec := pretraining_section(list(transfer or []))) is not None:
         sections.append(sec)
+    if adaptation is not None:
+        from synclone.report.adaptation import adaptation_section
+
+        if (sec := adaptation_section(ev.results, adaptation)) is not None:
+            sections.append(sec)
     sections += probe_sections(ev, style)
     sections.append(provenance_section(ev, runs))
     sections = [s for s in sections if not s.empty]

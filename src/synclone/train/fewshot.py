@@ -1,7 +1,8 @@
 """Few-shot training: k real images per class plus synthetic data, repeated over seeds.
 
 Each seed trains one run (``<output>/seed<s>``) through :func:`synclone.train.loop.train` with
-``data.real_per_class = shots``; with a synthetic source the batches mix both at ``data.synthetic_ratio``
+``data.real_per_class = shots`` (without ``data.real``: the synthetic data alone, over the same seeds); with a
+synthetic source the batches mix both at ``data.synthetic_ratio``
 and the two losses are weighted by ``data.real_loss_weight``. The test set is read only after a
 seed's training has finished, and only for the reported number: it never chooses a model.
 ``<output>/fewshot.json`` holds the accuracy of every seed, their mean, sample std and count.
@@ -30,14 +31,16 @@ RESULT = "fewshot.json"
 SEED_RESULT = "fewshot_eval.json"
 
 
-def seed_config(cfg: TrainConfig, shots: int, seed: int) -> TrainConfig:
+def seed_config(cfg: TrainConfig, shots: int | None, seed: int) -> TrainConfig:
     """The config of one few-shot run: ``cfg`` with the seed, the shot count and the mixing filled in."""
-    if cfg.data.real is None:
-        raise UserError("few-shot training needs real shots: set data.real (e.g. fashion_mnist)")
     d = cfg.model_dump(mode="json")
     d["seed"] = int(seed)
     d["output"] = str(Path(cfg.output) / f"seed{seed}")
-    d["data"]["real_per_class"] = int(shots)
+    if cfg.data.real is None:  # a synthetic-only baseline, trained and scored over the same seeds
+        return validate(TrainConfig, d, source=f"few-shot config (seed {seed})")
+    # shots None: the real source already is the shots (e.g. a folder of 10 per class); use every image of it
+    # that the validation split leaves, since a per-class count could exceed what the split left of a class.
+    d["data"]["real_per_class"] = int(shots) if shots is not None else None
     if cfg.data.synthetic is not None:
         # A fixed share per batch: with 5 shots per class and thousands of synthetic images, concatenation
         # would show the real images in almost no batch.
@@ -45,7 +48,7 @@ def seed_config(cfg: TrainConfig, shots: int, seed: int) -> TrainConfig:
     return validate(TrainConfig, d, source=f"few-shot config (seed {seed})")
 
 
-def fewshot(cfg: TrainConfig, shots: int, seeds: list[int], eval_data: str = "fashion_mnist:test",
+def fewshot(cfg: TrainConfig, shots: int | None, seeds: list[int], eval_data: str = "fashion_mnist:test",
             resume: bool = True, progress: bool = False,
             select: Literal["last", "validation"] = "last") -> dict:
     """Train ``shots`` real images per class (+ ``cfg.data.synthetic``) once per seed; report test top-1.
@@ -57,7 +60,7 @@ def fewshot(cfg: TrainConfig, shots: int, seeds: list[int], eval_data: str = "fa
     ``resume=True`` skips seeds already evaluated with the same config and continues interrupted ones.
     Writes and returns ``<cfg.output>/fewshot.json``.
     """
-    if shots < 1:
+    if shots is not None and shots < 1:
         raise UserError(f"shots must be at least 1, got {shots}")
     if not seeds:
         raise UserError("give at least one seed")
@@ -97,9 +100,10 @@ def fewshot(cfg: TrainConfig, shots: int, seeds: list[int], eval_data: str = "fa
             "test_use": "read only after each seed's training finished; used for this number, never for selection",
             "seed": "changes the real shots, the synthetic subset, the validation split, the initialisation and "
                     "the batch order",
-            "real_per_class": shots,
+            "real_per_class": (shots if shots is not None else "all") if cfg.data.real is not None else 0,
             "synthetic": cfg.data.synthetic,
-            "mix": "ratio" if cfg.data.synthetic is not None else "real only",
+            "mix": "real only" if cfg.data.synthetic is None else "synthetic only" if cfg.data.real is None
+            else "ratio",
             "synthetic_ratio": cfg.data.synthetic_ratio if cfg.data.synthetic is not None else 0.0,
             "real_loss_weight": cfg.data.real_loss_weight,
         },
@@ -125,7 +129,7 @@ def _finished(run: Path, scfg: TrainConfig, eval_data: str, select: str) -> dict
 
 
 def _evaluate(run: Path, scfg: TrainConfig, test: TensorImageSet, eval_data: str, select: str,
-              shots: int) -> dict:
+              shots: int | None) -> dict:
     folder = run / ("model_last" if select == "last" else "model")
     model = load_model(folder)
     model.label_space.check_aligned(test.label_space, "few-shot model", f"evaluation data '{eval_data}'")
@@ -137,7 +141,8 @@ def _evaluate(run: Path, scfg: TrainConfig, test: TensorImageSet, eval_data: str
     result = {
         "seed": scfg.seed, "accuracy": acc, "n_test": len(test), "model": str(folder), "shots": shots,
         # The shots actually trained on (size + content hash), so seeds can be checked to differ.
-        "real_images": metrics["data"]["real"]["images"], "real_fingerprint": metrics["data"]["real"]["fingerprint"],
+        "real_images": (metrics["data"].get("real") or {}).get("images", 0),
+        "real_fingerprint": (metrics["data"].get("real") or {}).get("fingerprint"),
         "best_val_acc": metrics["best_val_acc"], "best_step": metrics["best_step"],
         "total_steps": metrics["total_steps"],
     }
