@@ -76,7 +76,8 @@ def bench(arch: str, size: int, batch: int, method: str, reps: int, clock=time.p
         task.after_step(model)
         step_no[0] += 1
 
-    bound(), step()  # warm-up
+    for _ in range(3):  # warm-up: the allocator and oneDNN primitive caches of both shapes
+        bound(), step()
     tb, ts = [], []
     for _ in range(reps):
         for fn, out in ((bound, tb), (step, ts)):
