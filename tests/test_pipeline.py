@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from _interrupt import cli_until
 from synclone.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -87,24 +85,6 @@ def test_label_spaces_must_align_across_stages(tmp_path, capsys):
     assert code == 2 and "label spaces don't align" in out and "train.real" in out
 
 
-def _run_until(recipe_path: Path, ready, timeout: float = 600) -> None:
-    """Start `synclone run` in a process and SIGKILL it as soon as ``ready()`` holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "synclone.cli", "run", str(recipe_path)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    t0 = time.time()
-    try:
-        while not ready():
-            if proc.poll() is not None:
-                raise AssertionError("the run finished before it could be interrupted")
-            if time.time() - t0 > timeout:
-                raise AssertionError("timed out waiting to interrupt")
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_results(tmp_path, capsys):
     ref = write(tmp_path, small_recipe(tmp_path / "ref", train_steps=150), "ref.yaml")
@@ -114,11 +94,11 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, capsys):
     rec = write(tmp_path, small_recipe(out, train_steps=150), "int.yaml")
     gen = out / "generated" / "train" / "train"
     # 1) killed during generation, once some images exist
-    _run_until(rec, lambda: gen.is_dir() and len(list(gen.rglob("*.png"))) >= 20)
+    cli_until(["run", str(rec)], lambda: gen.is_dir() and len(list(gen.rglob("*.png"))) >= 20, ENV)
     assert not (out / "generated" / "train" / "stage.json").exists()
     # 2) killed during training of the real model, after its first checkpoint
     ckpt = out / "train" / "real" / "checkpoints" / "last.pt"
-    _run_until(rec, ckpt.is_file)
+    cli_until(["run", str(rec)], ckpt.is_file, ENV)
     assert (out / "generated" / "train" / "stage.json").exists()
     assert not (out / "train" / "real" / "stage.json").exists()
     gen_mtime = (out / "generated" / "train" / "stage.json").stat().st_mtime

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from _interrupt import cli_until
 from synclone.cli import main
 from synclone.recipe.sweep import load_sweep, parse_grid
 
@@ -163,24 +161,6 @@ def test_stages_are_shared_and_a_changed_grid_value_reruns_only_its_points(tmp_p
     assert (out / "report.html").is_file() and 'id="sweep"' in (out / "report.html").read_text()
 
 
-def _sweep_until(argv: list[str], ready, timeout: float = 600) -> None:
-    """Start `synclone sweep` in a process and SIGKILL it (and its children) as soon as ``ready()`` holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "synclone.cli", "sweep", *argv], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    t0 = time.time()
-    try:
-        while not ready():
-            if proc.poll() is not None:
-                raise AssertionError("the sweep finished before it could be interrupted")
-            if time.time() - t0 > timeout:
-                raise AssertionError("timed out waiting to interrupt")
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.slow
 def test_a_killed_sweep_continues_and_gives_the_same_table(tmp_path, capsys):
     grid = ["--grid", "vars.ipc=4,6", "--seeds", "0,1"]
@@ -197,7 +177,7 @@ def test_a_killed_sweep_continues_and_gives_the_same_table(tmp_path, capsys):
         made = [p for p in stages.glob("*-*") if p.is_dir()] if stages.is_dir() else []
         return (points / "ipc-4__seed-0" / "timings.json").is_file() and len(made) > 4
 
-    _sweep_until([str(rec), *grid], second_point_started)
+    cli_until(["sweep", str(rec), *grid], second_point_started, ENV)
     assert not (out / "results.parquet").exists()
     done_before = {p.name for p in points.iterdir() if (p / "timings.json").is_file()}
     assert "ipc-4__seed-0" in done_before and len(done_before) < 4

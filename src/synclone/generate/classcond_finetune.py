@@ -17,7 +17,6 @@ Exact resume as in the text-to-image path: every draw of step ``s`` comes from `
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,9 +48,9 @@ from synclone.generate.finetune import (
     add_lora,
     batch_indices,
     save_lora,
+    write_adapter_record,
 )
-from synclone.generate.lora import ADAPTER_JSON, LORA_WEIGHTS
-from synclone.util.files import file_sha256, write_json_atomic
+from synclone.generate.lora import LORA_WEIGHTS
 from synclone.util.seeds import mix_seed
 
 
@@ -185,20 +184,6 @@ def finetune_classcond(cfg: FinetuneConfig, real: RealImages, base_folder: Path,
                        defaults=pipe.defaults, info=info)
         weights = out / PIPELINE_DIR / "unet" / "diffusion_pytorch_model.safetensors"
     present = sorted({r.label for r in real.records})
-    record = {
-        "format": "synclone-adapter",
-        "method": cfg.method,
-        "base_model": {"source": pipe.source, "revision": pipe.revision, "kind": "classcond"},
-        "lora": lora,
-        "weights": weights.relative_to(out).as_posix(),
-        "weights_sha256": file_sha256(weights),
-        "steps": step,
-        "images": len(x0),
-        "classes": [real.label_space.classes[c] for c in present],
-        "data_fingerprint": real.fingerprint,
-        "denoising_loss": {"before": loss_before, "after": loss_after, "draws": 4, "seed": cfg.seed},
-        "train_loss_last": float(np.mean(losses[-20:])) if losses else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    write_json_atomic(out / ADAPTER_JSON, record)
-    return out
+    return write_adapter_record(out, cfg, {"source": pipe.source, "revision": pipe.revision, "kind": "classcond"},
+                                lora, weights, step, len(x0), [real.label_space.classes[c] for c in present],
+                                real.fingerprint, loss_before, loss_after, losses)

@@ -566,17 +566,28 @@ def _finetune_sd(cfg: FinetuneConfig, real: RealImages, progress: bool,
     _export(pipe, bare, cfg, out)
     unet_file = f"{PIPELINE_DIR}/unet/diffusion_pytorch_model.safetensors"
     weights = out / (LORA_WEIGHTS if cfg.method == "lora" else unet_file)
+    return write_adapter_record(out, cfg, {"source": ref.source, "revision": ref.revision},
+                                cfg.lora.resolved(SD_TARGETS) if cfg.method == "lora" else None, weights, step,
+                                len(data), list(data.label_space.classes), data.fingerprint, loss_before, loss_after,
+                                losses)
+
+
+def write_adapter_record(out: Path, cfg: FinetuneConfig, base_model: dict, lora: dict | None, weights: Path, step: int,
+                         images: int, classes: list[str], fingerprint: str, loss_before: float, loss_after: float,
+                         losses: list[float]) -> Path:
+    """Write the adapter folder's record (``ADAPTER_JSON``): what was tuned from what, on which images, and the
+    denoising loss before and after; the same record for Stable Diffusion and the built-in generator."""
     record = {
         "format": "synclone-adapter",
         "method": cfg.method,
-        "base_model": {"source": ref.source, "revision": ref.revision},
-        "lora": cfg.lora.resolved(SD_TARGETS) if cfg.method == "lora" else None,
+        "base_model": base_model,
+        "lora": lora,
         "weights": weights.relative_to(out).as_posix(),
         "weights_sha256": file_sha256(weights),
         "steps": step,
-        "images": len(data),
-        "classes": list(data.label_space.classes),
-        "data_fingerprint": data.fingerprint,
+        "images": images,
+        "classes": classes,
+        "data_fingerprint": fingerprint,
         "denoising_loss": {"before": loss_before, "after": loss_after, "draws": 4, "seed": cfg.seed},
         "train_loss_last": float(np.mean(losses[-20:])) if losses else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
