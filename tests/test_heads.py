@@ -192,3 +192,16 @@ def test_zero_shot_init_and_distillation_on_tiny_clip(tiny_clip, tmp_path):
     assert agreement(distilled) > agreement(plain)
     assert (distilled.weight - w).norm() < (plain.weight - w).norm()
     assert np.isfinite(distilled.train_loss).all()
+
+
+def test_non_finite_features_end_in_one_line_and_are_never_cached(tiny_clip, tmp_path):
+    bb = load_backbone(BackboneConfig(name=f"local-dir:{tiny_clip['local_dir']}"))
+    with torch.no_grad():
+        next(bb.encoder.trunk.parameters()).fill_(float("nan"))  # a broken checkpoint
+    data = load_fashion_mnist("test").per_class_subset(2, seed=0)
+    cache = tmp_path / "cache"
+    with pytest.raises(UserError, match="non-finite features for 20 images"):
+        cached_features(bb.encoder, data, cache)
+    assert not cache.exists() or not any(p.is_file() for p in cache.rglob("*"))
+    with pytest.raises(UserError, match="non-finite features"):
+        cached_features(bb.encoder, data, None)

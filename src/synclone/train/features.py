@@ -82,12 +82,13 @@ def cached_features(encoder: ImageEncoder, dataset: Any, cache_dir: str | Path |
     """Features of ``dataset``: read from the cache when present, else encoded once and written there.
 
     ``cache_dir=None`` disables the cache. A cached file whose labels or size disagree with the dataset
-    is treated as stale and rewritten rather than trusted.
+    is treated as stale and rewritten rather than trusted. Non-finite features end the run in one line
+    (:func:`check_finite`) and are never written to the cache.
     """
     name = getattr(dataset, "name", "dataset")
     if cache_dir is None:
         feats, labels = encode_dataset(encoder, dataset, batch_size, device)
-        return FeatureSet(feats, labels, name, cache_hit=False)
+        return check_finite(FeatureSet(feats, labels, name, cache_hit=False))
     path = cache_path(cache_dir, encoder, dataset)
     if path.is_file():
         try:
@@ -95,10 +96,11 @@ def cached_features(encoder: ImageEncoder, dataset: Any, cache_dir: str | Path |
             feats, labels = data["features"], data["labels"]
             if len(labels) == len(dataset) and feats.shape == (len(dataset), encoder.feature_dim) and (
                     not hasattr(dataset, "labels") or torch.equal(labels, dataset.labels.long())):
-                return FeatureSet(feats, labels, name, cache_hit=True, path=path)
+                return check_finite(FeatureSet(feats, labels, name, cache_hit=True, path=path))
         except (SafetensorError, OSError, KeyError):
             pass  # unreadable or partial: fall through and rebuild it
     feats, labels = encode_dataset(encoder, dataset, batch_size, device)
+    check_finite(FeatureSet(feats, labels, name, cache_hit=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": CACHE_FORMAT, "encoder": encoder.description, "dataset": str(name), "n": str(len(labels)),
             "dim": str(feats.shape[1]), "preprocess": json.dumps(encoder.preprocess.to_dict())}
@@ -107,9 +109,11 @@ def cached_features(encoder: ImageEncoder, dataset: Any, cache_dir: str | Path |
     return FeatureSet(feats, labels, name, cache_hit=False, path=path)
 
 
-def check_finite(fs: FeatureSet) -> None:
+def check_finite(fs: FeatureSet) -> FeatureSet:
+    """``fs`` itself when every feature is finite; one line naming the dataset otherwise."""
     if not torch.isfinite(fs.features).all():
         bad = int((~torch.isfinite(fs.features)).any(dim=1).sum())
         raise UserError(f"the encoder gave non-finite features for {bad} images of '{fs.dataset}'; "
                         "check the backbone weights")
+    return fs
 

@@ -41,17 +41,15 @@ class KnnConfig(_ProbeConfig):
 def knn_classifier(cfg: KnnConfig, train: Any = None, val: Any = None, test: Any = None) -> Path:
     """Encode the reference (training) set, score validation and test, write the model folder; returns it."""
     from synclone.models.backbones import load_backbone
-    from synclone.train.features import cached_features, check_finite, default_feature_cache
+    from synclone.train.features import cached_features, default_feature_cache
     t0 = time.perf_counter()
     backbone = load_backbone(cfg.backbone, cfg.device)
     train, val, test, val_name = _datasets(cfg, train, val, test)
     space: LabelSpace = train.label_space
     cache_dir = default_feature_cache() if cfg.cache_dir == "auto" else cfg.cache_dir
 
-    def feats(ds: Any) -> Any:
-        fs = cached_features(backbone.encoder, ds, cache_dir, cfg.encode_batch_size, cfg.device)
-        check_finite(fs)
-        return fs
+    def feats(ds: Any) -> Any:  # cached, and checked finite there
+        return cached_features(backbone.encoder, ds, cache_dir, cfg.encode_batch_size, cfg.device)
 
     f_train, f_val = feats(train), feats(val)
     metrics: dict[str, Any] = {"mode": "knn", "k": cfg.knn.k, "temperature": cfg.knn.temperature,

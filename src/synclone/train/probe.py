@@ -32,7 +32,7 @@ from synclone.labels import LabelSpace
 from synclone.models.backbones import BackboneConfig, load_backbone
 from synclone.models.feature_classifier import LinearHead, save_feature_classifier
 from synclone.train.clip_zeroshot import zeroshot_logits, zeroshot_weights
-from synclone.train.features import FeatureSet, cached_features, check_finite, default_feature_cache
+from synclone.train.features import FeatureSet, cached_features, default_feature_cache
 from synclone.train.heads import GridResult, HeadGridConfig, train_head_grid
 from synclone.util.accuracy import top1
 from synclone.util.files import write_text_atomic
@@ -181,10 +181,8 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
 
     cache_dir = default_feature_cache() if cfg.cache_dir == "auto" else cfg.cache_dir
 
-    def feats(ds: Any) -> FeatureSet:
-        fs = cached_features(backbone.encoder, ds, cache_dir, cfg.encode_batch_size, cfg.device)
-        check_finite(fs)
-        return fs
+    def feats(ds: Any) -> FeatureSet:  # cached, and checked finite there
+        return cached_features(backbone.encoder, ds, cache_dir, cfg.encode_batch_size, cfg.device)
 
     if real is None and cfg.data.real is not None:
         real = resolve_dataset(cfg.data.real, "train", cfg.data.data_root, cfg.data.image_size)
