@@ -32,6 +32,7 @@ The 14 causes of issue 22 and their tests:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -518,15 +519,24 @@ def test_shift_probe_knows_the_generator_of_a_models_training_data(tmp_path):
 
 # --- 6. disk full ------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_train_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
-    mnt = tmp_path / "small"
+
+@contextlib.contextmanager
+def small_tmpfs(mnt: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``mnt`` for the block (the test is skipped where it cannot be mounted)."""
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
                          text=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_train_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
+    with small_tmpfs(tmp_path / "small", "256k") as mnt:
         out = mnt / "run"
         code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY)
         assert code == 2
@@ -547,8 +557,6 @@ def test_train_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
         code, err = run_cli(capsys, "train", f"output={out}", *TRAIN_TINY, "--resume")
         assert code == 0, err
         assert (out / "model" / "model.safetensors").is_file()
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_curate_openclip_scorer_refuses_a_pickled_checkpoint(tmp_path, capsys):
@@ -802,13 +810,7 @@ def test_results_csv_is_written_atomically(tmp_path, tiny_model, capsys, monkeyp
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_generate_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mnt)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "128k") as mnt:
         out = mnt / "ds"
         args = ["generate", "generator.backend=classcond", "generator.model=builtin:fashion_mnist",
                 "generator.steps=2", "images_per_class=20", "batch_size=50", "progress=false", f"output={out}"]
@@ -822,8 +824,6 @@ def test_generate_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys):
         assert code == 0, err
         rows = (out / "train" / "metadata.jsonl").read_text().splitlines()
         assert len(rows) == 200 and all((out / "train" / json.loads(r)["file_name"]).is_file() for r in rows)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_disk_full_is_recognised_however_a_library_reports_it():
