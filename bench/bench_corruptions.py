@@ -21,14 +21,13 @@ import sys
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_section
 
 warnings.filterwarnings("ignore")
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Corruptions"
 
 
@@ -107,19 +106,6 @@ def table(results: dict, sizes, names, common) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
-
-def write_section(text: str) -> None:
-    """Replace (or append) the "## Corruptions" section of bench/RESULTS.md, leaving other sections alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n\n" + old[end + 1 :] if end >= 0 else "\n")
-    RESULTS.write_text(new)
-
-
 def main(argv=None) -> None:
     from synclone.probes.corruptions.engine import ALL_CORRUPTIONS, CORRUPTIONS
 
@@ -165,7 +151,7 @@ def main(argv=None) -> None:
     ])
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 # Why a corruption stays below 10x at 224x224: what bounds ours, and what the reference already does well.

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _results import write_section
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Generator fine-tuning"
 
 
@@ -125,14 +125,7 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        start = old.find(SECTION + "\n")
-        if start < 0:
-            new = old.rstrip("\n") + "\n\n" + text + "\n"
-        else:
-            end = old.find("\n## ", start + len(SECTION))
-            new = old[:start] + text + ("\n\n" + old[end + 1:] if end >= 0 else "\n")
-        RESULTS.write_text(new)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
