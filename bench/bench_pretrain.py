@@ -6,7 +6,10 @@ the encoder and its projection head, forwards and backwards. This bench times th
 one forward of the 2N views, the loss, backward, the AdamW step) against that bound: two
 forward+backward passes of the same module on N already-augmented images each, plus the same AdamW
 step. Measurements are interleaved (bound, step, bound, step, ...) so a change in machine load hits
-both; the median of each is reported. Goal: step >= 0.85 of the bound. On a shared machine,
+both; the median of each is reported, and the ratio is the median of the per-repetition ratios (each
+bound against the step timed right after it), with its interquartile range: on a small network one
+slow repetition moves a ratio of medians, a paired median barely. Goal: step >= 0.85 of the bound.
+On a shared machine,
 ``--threads 1 --clock cpu`` times the process's own CPU seconds, which other processes do not inflate.
 
     .venv/bin/python bench/bench_pretrain.py                                  # 28 px grey, both CNNs
@@ -85,12 +88,15 @@ def bench(arch: str, size: int, batch: int, method: str, reps: int, clock=time.p
             fn()
             out.append(clock() - t)
     b, s = statistics.median(tb), statistics.median(ts)
+    ratios = sorted(x / y for x, y in zip(tb, ts))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     t = clock()
     for k in range(reps):
         task.batch(k, 0, 1)
     views_s = (clock() - t) / reps
     return {"arch": arch, "size": size, "batch": batch, "method": method, "bound_s": b, "step_s": s,
-            "views_s": views_s, "ratio": b / s, "images_per_s": batch / s}
+            "views_s": views_s, "ratio": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3,
+            "images_per_s": batch / s}
 
 
 def main() -> None:
@@ -106,12 +112,13 @@ def main() -> None:
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     torch.set_num_threads(a.threads)
     print(f"{'arch':<20} {'size':>4} {'batch':>5} {'method':<14} {'bound s':>8} {'step s':>8} {'views s':>8} "
-          f"{'step/bound':>10} {'img/s':>7}")
+          f"{'step/bound':>10} {'IQR':>11} {'img/s':>7}")
     for arch in a.arch:
         for method in a.method:
             r = bench(arch, a.size, a.batch, method, a.reps, clock)
             print(f"{r['arch']:<20} {r['size']:>4} {r['batch']:>5} {r['method']:<14} {r['bound_s']:>8.3f} "
-                  f"{r['step_s']:>8.3f} {r['views_s']:>8.3f} {r['ratio']:>10.2f} {r['images_per_s']:>7.0f}",
+                  f"{r['step_s']:>8.3f} {r['views_s']:>8.3f} {r['ratio']:>10.2f} {r['ratio_q1']:>5.2f}-{r['ratio_q3']:<5.2f} "
+                  f"{r['images_per_s']:>7.0f}",
                   flush=True)
 
 

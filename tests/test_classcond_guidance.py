@@ -87,6 +87,8 @@ def test_guided_classcond_generation_through_generate(real, tmp_path):
     assert info["strength_by_class"] == {"Dress": 0.3, "Sneaker": 0.3}  # one shot each -> the 1-shot entry
     rows = [json.loads(x) for x in (out / "train" / "metadata.jsonl").read_text().splitlines()]
     assert sorted(r["reference"] for r in rows) == ["dress/shot0.png"] * 2 + ["sneaker/shot0.png"] * 2
+    # recorded as written, so the metadata does not depend on where the package is installed
+    assert info["generator"] == "builtin:fashion_mnist" and {r["generator"] for r in rows} == {info["generator"]}
     for r in rows:  # every image stays near its class's real shot
         got = np.asarray(Image.open(out / "train" / r["file_name"]), dtype=np.float32) / 255
         ref = images[0 if r["class_name"] == "Dress" else 1, 0].numpy() / 255

@@ -58,14 +58,16 @@ def resolve_model(
     """
     if not name or not str(name).strip():
         raise UserError(f"no {what} given: set it to a hub id (e.g. 'org/name') or a local folder")
-    name = str(name)
+    name = source = str(name)
     if name.startswith(BUILTIN_PREFIX):
+        # Recorded as written (builtin:NAME), not as the folder it resolves to: a dataset's metadata then does
+        # not depend on where the package is installed; the revision fingerprints the weights.
         name = str(builtin_generator(name[len(BUILTIN_PREFIX):]))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / marker).is_file():
             raise UserError(f"{what} folder '{name}' has no {marker}: is it a saved {what} folder?")
-        return ResolvedModel(name, str(path), revision or _folder_fingerprint(path), True, True)
+        return ResolvedModel(source, str(path), revision or _folder_fingerprint(path), True, True)
     looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1)
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
