@@ -98,9 +98,9 @@ def bench(arch: str, size: int, batch: int, method: str, reps: int, clock=time.p
             fn()
             out.append(clock() - t)
     b, s = statistics.median(tb), statistics.median(ts)
-    ratios = sorted(x / y for x, y in zip(tb, ts))
+    ratios = sorted(x / y for x, y in zip(tb, ts, strict=True))
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    joint_ratio = statistics.median(x / y for x, y in zip(tj, ts))
+    joint_ratio = statistics.median(x / y for x, y in zip(tj, ts, strict=True))
     t = clock()
     for k in range(reps):
         task.batch(k, 0, 1)
@@ -128,7 +128,8 @@ def main() -> None:
         for method in a.method:
             r = bench(arch, a.size, a.batch, method, a.reps, clock)
             print(f"{r['arch']:<20} {r['size']:>4} {r['batch']:>5} {r['method']:<14} {r['bound_s']:>8.3f} "
-                  f"{r['step_s']:>8.3f} {r['views_s']:>8.3f} {r['ratio']:>10.2f} {r['ratio_q1']:>5.2f}-{r['ratio_q3']:<5.2f} {r['joint_s']:>8.3f} {r['joint_ratio']:>10.2f} "
+                  f"{r['step_s']:>8.3f} {r['views_s']:>8.3f} {r['ratio']:>10.2f} "
+                  f"{r['ratio_q1']:>5.2f}-{r['ratio_q3']:<5.2f} {r['joint_s']:>8.3f} {r['joint_ratio']:>10.2f} "
                   f"{r['images_per_s']:>7.0f}",
                   flush=True)
 
