@@ -11,8 +11,7 @@ bound against the step timed right after it), with its interquartile range: on a
 slow repetition moves a ratio of medians, a paired median barely. Goal: step >= 0.85 of the bound.
 A second bound, ``joint``, runs the same two passes with one backward at the end: both views'
 activations are then held at once, as a loss over both views requires; where the step is memory-bound
-(the tiny CNN) this is what separates the step from the strict bound.
-On a shared machine,
+(the tiny CNN) this is what separates the step from the strict bound. On a shared machine,
 ``--threads 1 --clock cpu`` times the process's own CPU seconds, which other processes do not inflate.
 
     .venv/bin/python bench/bench_pretrain.py                                  # 28 px grey, both CNNs
@@ -98,7 +97,7 @@ def bench(arch: str, size: int, batch: int, method: str, reps: int, clock=time.p
             fn()
             out.append(clock() - t)
     b, s = statistics.median(tb), statistics.median(ts)
-    ratios = sorted(x / y for x, y in zip(tb, ts, strict=True))
+    ratios = [x / y for x, y in zip(tb, ts, strict=True)]
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     joint_ratio = statistics.median(x / y for x, y in zip(tj, ts, strict=True))
     t = clock()
