@@ -6,6 +6,7 @@ The recipes here are tiny (a few images per class, a few training steps); the qu
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -161,6 +162,51 @@ def test_stages_are_shared_and_a_changed_grid_value_reruns_only_its_points(tmp_p
     assert (out / "report.html").is_file() and 'id="sweep"' in (out / "report.html").read_text()
 
 
+def test_a_moved_sweep_folder_finds_every_finished_stage(tmp_path, capsys):
+    grid = ["--grid", "vars.ipc=2,3"]
+    first = tmp_path / "first"
+    code, _, err = run(capsys, "sweep", str(write(tmp_path / "a.yaml", tiny_recipe(first, inspect=True))), *grid)
+    assert code == 0, err
+    before = pd.read_parquet(first / "results.parquet")
+    keyed = sorted(p.name for p in (first / "stages").iterdir())
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    first.rename(moved)
+    rec = tmp_path / "a.yaml"
+    code, _, err = run(capsys, "sweep", str(rec), *grid, "--out", str(moved))
+    assert code == 0, err
+    # stage hashes and store keys hold paths relative to the sweep's folders: nothing is made again
+    assert ran(moved, "ipc-2") == set() and ran(moved, "ipc-3") == set()
+    assert sorted(p.name for p in (moved / "stages").iterdir()) == keyed
+    pd.testing.assert_frame_equal(before, pd.read_parquet(moved / "results.parquet"))
+    # and a changed value still reruns what depends on it
+    code, _, err = run(capsys, "sweep", str(rec), "--grid", "vars.ipc=2,4", "--out", str(moved))
+    assert code == 0, err
+    assert ran(moved, "ipc-4") == {"generate.train", "train.synthetic", "inspect.train", "evaluate", "report"}
+
+
+def test_a_store_keyed_by_an_older_release_is_not_redone(tmp_path, capsys, monkeypatch):
+    plan_module = importlib.import_module("synclone.recipe.plan")  # the package re-exports plan() under this name
+    out = tmp_path / "sweep"
+    rec = write(tmp_path / "r.yaml", tiny_recipe(out))
+    # releases before portable keys hashed the paths as written: no folder was a token
+    monkeypatch.setattr(plan_module, "_roots", lambda **folders: ())
+    code, _, err = run(capsys, "sweep", str(rec), "--grid", "vars.ipc=2")
+    assert code == 0, err
+    def records() -> dict[str, str]:
+        return {p.parent.name: json.loads(p.read_text())["hash"] for p in (out / "stages").glob("*/stage.json")}
+
+    old = records()
+    monkeypatch.undo()
+    code, _, err = run(capsys, "sweep", str(rec), "--grid", "vars.ipc=2")
+    assert code == 0, err
+    # what the stages made is kept; only the derived evaluation and report, hashed over the new hashes, are redone
+    assert ran(out, "ipc-2") == {"evaluate", "report"}
+    new = records()
+    assert sorted(new) == sorted(old) and len(old) == 3  # the old folders serve: generation, real model, clone
+    assert all(new[name] != old[name] for name in old)  # their records now hold the portable hash
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_continues_and_gives_the_same_table(tmp_path, capsys):
     grid = ["--grid", "vars.ipc=4,6", "--seeds", "0,1"]
@@ -188,7 +234,7 @@ def test_a_killed_sweep_continues_and_gives_the_same_table(tmp_path, capsys):
     a = pd.read_parquet(ref / "results.parquet")
     b = pd.read_parquet(out / "results.parquet")
     pd.testing.assert_frame_equal(a, b)
-    # the dataset's path and the stage folder's key (which holds the paths it reads) differ between the two sweeps
+    # the dataset's and the inspection's paths differ between the two sweeps (their store keys do not)
     da = pd.read_parquet(ref / "diagnostics.parquet").drop(columns=["dataset", "stage"])
     db = pd.read_parquet(out / "diagnostics.parquet").drop(columns=["dataset", "stage"])
     pd.testing.assert_frame_equal(da, db)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,40 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# The folders a plan writes into (the recipe's output, a sweep's store), each with the token that stands for it
+# in stage hashes and store keys: set by :func:`plan` while it builds the stages.
+_ROOTS: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("synclone_plan_roots", default=())
+
+
+def _roots(**folders: str | Path | None) -> tuple[tuple[str, str], ...]:
+    """(path prefix, token) pairs for ``token=folder``, as written and resolved, longest prefix first."""
+    pairs = {(str(form), f"@{token}") for token, folder in folders.items() if folder is not None
+             for form in (Path(folder), Path(folder).resolve())}
+    return tuple(sorted(pairs, key=lambda pair: -len(pair[0])))
+
+
+def _portable(obj: Any, roots: tuple[tuple[str, str], ...]) -> Any:
+    """``obj`` with every path inside one of ``roots`` written from its token (``@store/generate.train-...``)."""
+    if isinstance(obj, dict):
+        return {k: _portable(v, roots) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_portable(v, roots) for v in obj]
+    if isinstance(obj, str):
+        for prefix, token in roots:
+            if obj == prefix or obj.startswith((prefix + "/", prefix + os.sep)):
+                return token + obj[len(prefix):].replace(os.sep, "/")
+    return obj
+
+
+def _key(obj: Any) -> str:
+    """The hash of a stage's config in which the plan's own folders are tokens.
+
+    A finished run or sweep moved to another folder (or reached through another path) keeps its stage hashes and
+    store keys, so nothing is redone: the config says what a stage makes, not where the whole run lives.
+    """
+    return _hash(_portable(obj, _ROOTS.get()))
+
+
 TRAIN_KINDS = ("supervised", "classifier-tuning", "linear-probe", "fewshot", "pretrained", "pretrain", "knn",
                "transfer")
 # Entries whose output is not a classifier to evaluate: a pre-trained backbone, a transfer table.
@@ -254,17 +290,24 @@ class Stage:
         self.name, self.folder, self.cfg, self._run, self.derived = name, folder, cfg, run, derived
         self.estimate_s = estimate_s
         # Where a stage runs (executor) never changes its result, so it stays out of the hash.
-        self.hash = _hash([cfg.model_dump(mode="json", exclude={"executor"}), upstream or []])
+        made_of = [cfg.model_dump(mode="json", exclude={"executor"}), upstream or []]
+        self.hash = _key(made_of)
+        # The hash of the releases whose hashes held the folders as they were: their finished stages stay done.
+        self.legacy_hash = _hash(made_of)
+
+    def _record(self) -> dict | None:
+        try:
+            return json.loads((self.folder / STAGE_JSON).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def state(self) -> str:
         """'done' (finished with this config), 'changed' (finished with another), 'partial' or 'new'."""
-        p = self.folder / STAGE_JSON
-        if p.is_file():
-            try:
-                rec = json.loads(p.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
+        if (self.folder / STAGE_JSON).is_file():
+            rec = self._record()
+            if rec is None:
                 return "partial"
-            return "done" if rec.get("hash") == self.hash else "changed"
+            return "done" if rec.get("hash") in (self.hash, self.legacy_hash) else "changed"
         return "partial" if self.folder.exists() else "new"
 
     def recorded_seconds(self) -> float | None:
@@ -278,6 +321,9 @@ class Stage:
         """Run the stage unless it is done; the seconds it took, or None when it was skipped."""
         state = self.state()
         if state == "done":
+            rec = self._record() or {}
+            if rec.get("hash") != self.hash:  # recorded by an older release: from now on the folder may move
+                write_text_atomic(self.folder / STAGE_JSON, json.dumps({**rec, "hash": self.hash}) + "\n")
             return None
         if state == "changed":
             if not self.derived:
@@ -305,14 +351,25 @@ def plan(recipe: Recipe, problems: Any = None, store: str | Path | None = None) 
     enters a config as its path, which holds its own key, so the key covers everything a stage depends on:
     runs whose stages agree share them (one generation serves every training that reads it) and the usual
     ``stage.json`` check skips what is finished. Evaluation and the report stay in ``recipe.output``.
+
+    Paths inside ``recipe.output`` and ``store`` enter hashes and keys relative to them: a moved run or sweep
+    folder, given as the new ``output``, finds every finished stage.
     """
+    problems = problems if problems is not None else Problems(collect=False)
+    out = Path(recipe.output)
+    token = _ROOTS.set(_roots(output=out, store=store))
+    try:
+        return _plan(recipe, problems, out, store)
+    finally:
+        _ROOTS.reset(token)
+
+
+def _plan(recipe: Recipe, problems: Any, out: Path, store: str | Path | None) -> list[Stage]:
     from synclone.curate import CurateConfig
     from synclone.evaluate import EvaluateConfig
     from synclone.generate import GenerateConfig
     from synclone.train import TrainConfig
 
-    problems = problems if problems is not None else Problems(collect=False)
-    out = Path(recipe.output)
     stages: list[Stage] = []
     with problems.catch():
         refs = _Refs(out, recipe)
@@ -323,8 +380,7 @@ def plan(recipe: Recipe, problems: Any = None, store: str | Path | None = None) 
         """``build(folder)``, or in a store ``build`` at the folder keyed by its config."""
         if store is None:
             return build(folder)
-        key = _hash(build(_PLACEHOLDER).cfg.model_dump(mode="json", exclude={"executor"}))
-        return build(Path(store) / f"{name}-{key}")
+        return build(_store_folder(store, name, build(_PLACEHOLDER).cfg.model_dump(mode="json", exclude={"executor"})))
 
     if recipe.domain is not None:
         from synclone.data.shifted import ShiftedDomainConfig
@@ -465,9 +521,19 @@ def _inspect_stages(recipe: Recipe, refs: _Refs, upstream: list[str], store: str
         if store is None:
             stages.append(build(folder / "inspect"))
         else:
-            key = _hash(build(_PLACEHOLDER).cfg.model_dump(mode="json"))
-            stages.append(build(Path(store) / f"{name}-{key}"))
+            stages.append(build(_store_folder(store, name, build(_PLACEHOLDER).cfg.model_dump(mode="json"))))
     return stages
+
+
+def _store_folder(store: str | Path, name: str, config: dict) -> Path:
+    """``<store>/<name>-<key>``: the folder of the stage with this config (less its own folder) in a store.
+
+    A folder an older release keyed by the paths as written is used where it exists and the portable one does not,
+    so a store made before keys became portable is not redone.
+    """
+    folder = Path(store) / f"{name}-{_key(config)}"
+    legacy = Path(store) / f"{name}-{_hash(config)}"
+    return legacy if legacy.is_dir() and not folder.exists() else folder
 
 
 def _run_inspect(cfg: Any, resume: bool) -> None:
