@@ -10,7 +10,9 @@ The 14 causes of issue 22 and their tests:
 2. streamed reads and unreadable files: ``test_streamed_read_of_a_bomb_is_one_line``,
    ``test_streamed_folder_skips_and_records_unusable_files``, ``test_evaluate_skips_undecodable_images_and_limits_them``
    (streamed and in memory), ``test_training_in_memory_skips_...``, ``test_training_on_shards_skips_...``,
-   ``test_training_on_a_cut_short_shard_is_one_line_naming_it``, ``test_max_unreadable_is_one_setting_...``
+   ``test_training_on_a_cut_short_shard_is_one_line_naming_it``, ``test_max_unreadable_is_one_setting_...``,
+   ``test_probes_skip_undecodable_images_and_limit_them`` (linear probe, kNN),
+   ``test_fewshot_evaluation_set_limits_its_unreadable_images``
    (the DataLoader worker path: test_train_augment.py ``test_unreadable_images_are_skipped_counted_and_limited``)
 3. rows pointing at /dev/zero or a FIFO: ``test_open_image_refuses_devices_fifos_and_bombs``,
    ``test_unreadable_rows_become_recorded_skips``
@@ -675,6 +677,60 @@ def test_training_in_memory_skips_undecodable_images_and_limits_them(tmp_path, c
     assert not (out2 / "model").exists() and not (out2 / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("kind, streamed", [("linear-probe", True), ("linear-probe", False), ("knn", False)])
+def test_probes_skip_undecodable_images_and_limit_them(tmp_path, capsys, kind, streamed):
+    from synclone.labels import LabelSpace
+    from synclone.models import create_classifier, save_model
+
+    folder, bad = _undecodable_folder(tmp_path / "data")
+    save_model(create_classifier("synclone_cnn_tiny", LabelSpace("ab", ("a", "b")), (3, 16, 16)), tmp_path / "cnn")
+    out = tmp_path / "probe"
+    args = ["train", "--kind", kind, f"output={out}", "backbone.kind=synclone", f"backbone.name={tmp_path / 'cnn'}",
+            f"data.train={folder}", "data.test=null", "data.val_fraction=0.25", "cache_dir=null",
+            *(["data.image_size=16"] if streamed else []),
+            *(["heads.lrs=[0.01]", "heads.weight_decays=[0.0]", "heads.epochs=2"] if kind != "knn" else [])]
+    code, err = run_cli(capsys, *args, "data.max_unreadable=2")
+    assert code == 0, err
+    listed = (out / "skipped_images.txt").read_text().splitlines()
+    # streamed, the two fail when decoded (in the training or the validation split); in memory, when read
+    assert len(listed) == 2 and all(ln.split("\t")[0] in ("training", "validation", "training read")
+                                    for ln in listed), listed
+    assert all(any(str(b) in ln for ln in listed) for b in bad)
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert metrics["skipped_images"] == 2
+    assert metrics.get("n_train", metrics.get("n_reference")) + metrics.get("n_val", 0) <= 16
+    out2 = tmp_path / "probe2"
+    code, err = run_cli(capsys, *[a.replace(str(out), str(out2)) for a in args])
+    assert code == 2
+    assert_one_line(err, "2 of 18 images could not be read", "data.max_unreadable=0.001", out2 / "skipped_images.txt")
+    assert sorted(p.name for p in out2.iterdir()) == ["skipped_images.txt"]  # no model made of what was left
+
+
+def test_fewshot_evaluation_set_limits_its_unreadable_images(tmp_path):
+    import shutil
+
+    from synclone.errors import UserError
+    from synclone.train import TrainConfig
+    from synclone.train.fewshot import fewshot
+
+    test_folder, bad = _undecodable_folder(tmp_path / "test")
+    clean = tmp_path / "train"
+    shutil.copytree(test_folder, clean, ignore=lambda _, names: [n for n in names if n.startswith(("trunc", "garb"))])
+
+    def config(out: str, limit: float) -> TrainConfig:
+        return TrainConfig.model_validate({
+            "output": str(tmp_path / out), "model": {"arch": "synclone_cnn_tiny"},
+            "data": {"real": str(clean), "val_fraction": 0.25, "max_unreadable": limit},
+            "optim": {"steps": 2, "batch_size": 4, "warmup_steps": 0}, "threads": 1})
+
+    res = fewshot(config("ok", 2), shots=3, seeds=[0], eval_data=str(test_folder), progress=False)
+    assert res["per_seed"][0]["n_test"] == 16  # scored on the 16 readable test images
+    listed = (tmp_path / "ok" / "skipped_images.txt").read_text().splitlines()
+    assert len(listed) == 2 and all(ln.startswith("evaluation read\t") for ln in listed)
+    with pytest.raises(UserError, match="2 of 18 evaluation images could not be read"):
+        fewshot(config("strict", 0.001), shots=3, seeds=[0], eval_data=str(test_folder), progress=False)
+
+
 def test_training_on_shards_skips_an_undecodable_member_naming_its_shard(tmp_path, capsys):
     folder, _ = _undecodable_folder(tmp_path / "data")
     shards = tmp_path / "shards"
@@ -845,8 +901,9 @@ def test_max_unreadable_is_one_setting_a_share_or_a_count():
     from synclone.data.readable import MAX_UNREADABLE, allowed_unreadable
     from synclone.evaluate import EvaluateConfig
     from synclone.train import TrainConfig
+    from synclone.train.probe import ProbeDataConfig
 
     assert CurateConfig(input="a", output="b").max_unreadable == EvaluateConfig().max_unreadable == \
-        TrainConfig().data.max_unreadable == MAX_UNREADABLE == 0.001
+        TrainConfig().data.max_unreadable == ProbeDataConfig().max_unreadable == MAX_UNREADABLE == 0.001
     assert allowed_unreadable(0.001, 999) == 0 and allowed_unreadable(0.001, 1000) == 1
     assert allowed_unreadable(0.001, 1_281_167) == 1281 and allowed_unreadable(3, 10) == 3

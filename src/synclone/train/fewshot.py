@@ -19,6 +19,7 @@ import numpy as np
 
 from synclone.config import validate
 from synclone.data.imageset import TensorImageSet
+from synclone.data.readable import SKIPPED_LIST, UnreadableImages, read_skips
 from synclone.data.sources import resolve_dataset
 from synclone.errors import UserError
 from synclone.models import load_model
@@ -81,7 +82,7 @@ def fewshot(cfg: TrainConfig, shots: int | None, seeds: list[int], eval_data: st
         train(scfg, resume=resume, progress=progress)
         # Training is over for this seed: from here on the test set may be read.
         if test is None:
-            test = resolve_dataset(eval_data, "test", cfg.data.data_root)
+            test = _read_test(eval_data, cfg, out)
         per_seed.append(_evaluate(run, scfg, test, eval_data, select, shots))
     accs = np.array([r["accuracy"] for r in per_seed], dtype=np.float64)
     result = {
@@ -111,6 +112,17 @@ def fewshot(cfg: TrainConfig, shots: int | None, seeds: list[int], eval_data: st
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / RESULT, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _read_test(eval_data: str, cfg: TrainConfig, out: Path) -> TensorImageSet:
+    """The evaluation set; the images a folder reader left out are listed in ``<output>/skipped_images.txt``, and
+    past ``data.max_unreadable`` of them the run stops (a largely unreadable test folder is not a smaller test)."""
+    test = resolve_dataset(eval_data, "test", cfg.data.data_root)
+    left_out = read_skips(test)
+    UnreadableImages(cfg.data.max_unreadable, out / SKIPPED_LIST, "data.max_unreadable").add(
+        [f"evaluation read\t{k}: {why}" for k, why in left_out.items()], len(test) + len(left_out),
+        "evaluation images")
+    return test
 
 
 def _finished(run: Path, scfg: TrainConfig, eval_data: str, select: str) -> dict | None:

@@ -44,7 +44,7 @@ def knn_classifier(cfg: KnnConfig, train: Any = None, val: Any = None, test: Any
     from synclone.train.features import cached_features, default_feature_cache
     t0 = time.perf_counter()
     backbone = load_backbone(cfg.backbone, cfg.device)
-    train, val, test, val_name = _datasets(cfg, train, val, test)
+    train, val, test, val_name, _, unreadable = _datasets(cfg, train, val, test)
     space: LabelSpace = train.label_space
     cache_dir = default_feature_cache() if cfg.cache_dir == "auto" else cfg.cache_dir
 
@@ -53,7 +53,8 @@ def knn_classifier(cfg: KnnConfig, train: Any = None, val: Any = None, test: Any
 
     f_train, f_val = feats(train), feats(val)
     metrics: dict[str, Any] = {"mode": "knn", "k": cfg.knn.k, "temperature": cfg.knn.temperature,
-                               "n_reference": len(f_train.labels), "selected_on": val_name}
+                               "n_reference": len(f_train.labels), "selected_on": val_name,
+                               "skipped_images": len(unreadable)}
 
     def knn_top1(fs: Any) -> float:
         logits = knn_logits(fs.features, f_train.features, f_train.labels, len(space), cfg.knn.k, cfg.knn.temperature)

@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 
 from synclone.config import StrictModel, write_run_info
+from synclone.data.readable import SKIPPED_LIST, UnreadableImages, max_unreadable_field, read_skips, readable_subset
 from synclone.data.sources import resolve_dataset
 from synclone.data.streaming import concat_sets
 from synclone.errors import UserError
@@ -66,6 +67,7 @@ class ProbeDataConfig(StrictModel):
     # the encoder still applies its own preprocessing.
     image_size: int | None = Field(None, ge=8)
     seed: int = 0
+    max_unreadable: float = max_unreadable_field("images (training, validation, test, real shots)")
 
 
 class _ProbeConfig(StrictModel):
@@ -107,22 +109,35 @@ class ProbeResult:
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, Any, Any, str]:
+def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any, real: Any = None,
+              load_real: bool = False) -> tuple[Any, Any, Any, str, Any, UnreadableImages]:
     """Load, split and subset the data the way the supervised loop does (synclone.train.loop.load_sources):
     the validation split is held out from the whole training source first, then the per-class budget is
-    taken from the rest, so probe and supervised runs of the same config see the same images."""
+    taken from the rest, so probe and supervised runs of the same config see the same images.
+
+    ``load_real``: read ``data.real`` when ``real`` is not given (the separate real shots of a two-batch probe).
+    Returns (train, val, test, val_name, real, unreadable): every set without its unreadable images, which are
+    listed in ``<output>/skipped_images.txt``; past ``data.max_unreadable`` of the images read, one error line.
+    """
     d = cfg.data
+    left_out: list[str] = []  # what the folder readers already dropped
+
+    def resolve(spec: str, split: str, what: str) -> Any:
+        ds = resolve_dataset(spec, split, d.data_root, d.image_size)
+        left_out.extend(f"{what} read\t{k}: {why}" for k, why in read_skips(ds).items())
+        return ds
+
     if train is None:
         specs = [d.train] if isinstance(d.train, str) else list(d.train)
         if not specs:
             raise UserError("data.train is an empty list: give at least one dataset")
-        parts = [resolve_dataset(s, "train", d.data_root, d.image_size) for s in specs]
+        parts = [resolve(s, "train", "training") for s in specs]
         for s, part in zip(specs[1:], parts[1:], strict=True):
             parts[0].label_space.check_aligned(part.label_space, what=f"training data '{specs[0]}'",
                                                other_what=f"training data '{s}'")
         train = concat_sets(parts, "+".join(p.name for p in parts))
     if val is None and d.val is not None:
-        val = resolve_dataset(d.val, "train", d.data_root, d.image_size)
+        val = resolve(d.val, "train", "validation")
     if val is None:
         source = getattr(train, "name", d.train)
         train, val = train.split(d.val_fraction, seed=d.seed)
@@ -136,9 +151,12 @@ def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, 
     if d.train_per_class is not None:
         train = train.per_class_subset(d.train_per_class, seed=d.seed)
     if test is None and d.test is not None:
-        test = resolve_dataset(d.test, "test", d.data_root, d.image_size)
+        test = resolve(d.test, "test", "test")
         if d.test_per_class is not None:
             test = test.per_class_subset(d.test_per_class, seed=d.seed)
+    if real is None and load_real and d.real is not None:
+        real = resolve(d.real, "train", "real shots")
+    train, val, test, real, unreadable = _without_unreadable(cfg, left_out, train, val, test, real)
     for other, what in ((val, "validation"), (test, "test")):
         if other is not None:
             train.label_space.check_aligned(other.label_space, what="training data", other_what=f"{what} data")
@@ -148,7 +166,26 @@ def _datasets(cfg: _ProbeConfig, train: Any, val: Any, test: Any) -> tuple[Any, 
         if empty:
             raise UserError(f"the {what} split of '{ds.name}' has no images of class(es) {', '.join(empty[:5])}; "
                             "every class needs examples (raise the per-class size or the validation fraction)")
-    return train, val, test, val_name
+    return train, val, test, val_name, real, unreadable
+
+
+def _without_unreadable(cfg: _ProbeConfig, left_out: list[str], *sets: Any) -> tuple[Any, ...]:
+    """``sets`` less the images that fail to decode (a streamed set would fail mid-encoding), and the record.
+
+    Every image is decoded once beforehand (:func:`synclone.data.readable.readable_subset`; in-memory sets are
+    already decoded and cost nothing), so a truncated file is a listed skip rather than a crash after an hour
+    of encoding, and a folder that is largely unreadable stops the run instead of quietly shrinking its data.
+    """
+    unreadable = UnreadableImages(cfg.data.max_unreadable, Path(cfg.output) / SKIPPED_LIST, "data.max_unreadable")
+    checked, failed = [], list(left_out)
+    for ds, what in zip(sets, ("training", "validation", "test", "real shots"), strict=True):
+        if ds is not None:
+            ds, bad = readable_subset(ds)
+            failed += [f"{what}\t{e}" for e in bad]
+        checked.append(ds)
+    n_read = sum(len(ds) for ds in checked if ds is not None) + len(failed)
+    unreadable.add(failed, n_read)
+    return (*checked, unreadable)
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -176,7 +213,7 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
     if mode == "classifier_tuning" and not backbone.is_clip:
         raise UserError(f"classifier tuning needs a CLIP backbone (kind open_clip or hf_clip), got "
                         f"'{cfg.backbone.kind}'; use linear_probe for other backbones")
-    train, val, test, val_name = _datasets(cfg, train, val, test)
+    train, val, test, val_name, real, unreadable = _datasets(cfg, train, val, test, real, load_real=True)
     label_space: LabelSpace = train.label_space
 
     cache_dir = default_feature_cache() if cfg.cache_dir == "auto" else cfg.cache_dir
@@ -184,8 +221,6 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
     def feats(ds: Any) -> FeatureSet:  # cached, and checked finite there
         return cached_features(backbone.encoder, ds, cache_dir, cfg.encode_batch_size, cfg.device)
 
-    if real is None and cfg.data.real is not None:
-        real = resolve_dataset(cfg.data.real, "train", cfg.data.data_root, cfg.data.image_size)
     if real is not None:
         label_space.check_aligned(real.label_space, what="training data",
                                   other_what=f"real shots '{getattr(real, 'name', cfg.data.real)}'")
@@ -214,7 +249,8 @@ def _run(cfg: _ProbeConfig, mode: str, train: Any, val: Any, test: Any, log: boo
 
     head = LinearHead(grid.weight, grid.bias, grid.scale)
     metrics: dict[str, Any] = {"mode": mode, "val_top1": grid.val_top1[grid.best], "selected_on": val_name,
-                               "n_train": len(f_train.labels), "n_val": len(f_val.labels)}
+                               "n_train": len(f_train.labels), "n_val": len(f_val.labels),
+                               "skipped_images": len(unreadable)}
     if f_real is not None:
         metrics["n_real"] = len(f_real.labels)
         metrics["two_batch"] = {"synthetic": heads_cfg.batch_size, "real": heads_cfg.real_batch_size,
