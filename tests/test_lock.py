@@ -110,3 +110,24 @@ def test_output_that_is_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(UserError, match="is a file"), output_lock(f):
         pass
+
+
+@pytest.mark.parametrize("kind, args", [
+    ("knn", ["backbone.kind=synclone", "backbone.name=cnn"]),
+    ("pretrain", []),
+    ("linear-probe", ["backbone.kind=synclone", "backbone.name=cnn"]),
+])
+def test_every_training_kind_refuses_a_folder_in_use(tmp_path, capsys, kind, args):
+    from synclone.cli import main
+
+    folder, ready = tmp_path / "out", tmp_path / "ready"
+    proc = _hold_in_child(folder, ready)
+    try:
+        _wait_for(ready, proc)
+        code = main(["train", "--kind", kind, f"output={folder}", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and f"pid {proc.pid}" in err and "synclone generate holder.yaml" in err, err
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]  # nothing was written
+    finally:
+        proc.kill()
+        proc.wait()

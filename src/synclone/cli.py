@@ -82,11 +82,15 @@ def train(
     elif kind == "pretrain":
         from synclone.train.pretrain import PretrainConfig, pretrain
 
-        _done(pretrain(_load(PretrainConfig, args, extra), resume=resume, progress=not quiet))
+        cfg = _load(PretrainConfig, args, extra)
+        with _locked(cfg.output, "train", args):
+            _done(pretrain(cfg, resume=resume, progress=not quiet))
     elif kind == "knn":
         from synclone.train.knn import KnnConfig, knn_classifier
 
-        _done(knn_classifier(_load(KnnConfig, args, extra)))
+        cfg = _load(KnnConfig, args, extra)
+        with _locked(cfg.output, "train", args):
+            _done(knn_classifier(cfg))
     elif kind in ("classifier-tuning", "linear-probe"):
         from synclone.train.probe import ClassifierTuningConfig, LinearProbeConfig, classifier_tuning, linear_probe
 
