@@ -337,6 +337,42 @@ def test_pretrain_writes_a_backbone_that_probes_and_fine_tuning_read(prompted, t
         train(TrainConfig.model_validate(keep), progress=False)
 
 
+@pytest.mark.parametrize("image_size", [None, 28])  # read into memory, or streamed
+def test_pretrain_skips_unreadable_images_keeping_the_prompt_groups(prompted, tmp_path, image_size):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prompted["multi"], data)
+    bad = sorted((data / "train").rglob("*.png"))[5:7]
+    for path in bad:  # a valid PNG header, the pixel data cut off
+        path.write_bytes(path.read_bytes()[:60])
+
+    def config(out: str, limit: float) -> PretrainConfig:
+        d = pt_cfg(tmp_path / out, str(data), "multipositive", optim={"batch_size": 12},
+                   ssl={"group_size": 3}).model_dump(mode="json")
+        d["data"].update(image_size=image_size, max_unreadable=limit)
+        return PretrainConfig.model_validate(d)
+
+    cfg = config("ok", 2)
+    task = SSLTask(cfg)
+    from synclone.train.loop import load_sources
+
+    task.prepare(load_sources(cfg, task.resolve), world=1)
+    assert task.n_groups < len(task.groups)  # grouped by prompt, not one group per image
+    if image_size is None:
+        # read into memory without the two, the images still carry their own prompt's group: every image of a
+        # group has that prompt's blob (the only 255 pixels) in the same place
+        blobs = (task.data.images == 255).flatten(1)
+        for g in task.groups.unique():
+            members = blobs[task.groups == g]
+            assert (members == members[0]).all()
+    pretrain(cfg, progress=False)
+    listed = (tmp_path / "ok" / "skipped_images.txt").read_text().splitlines()
+    assert len(listed) == 2 and all(any(p.name in ln for ln in listed) for p in bad)
+    with pytest.raises(UserError, match=r"2 of \d+ training images could not be read.*data.max_unreadable=0.001"):
+        pretrain(config("strict", 0.001), progress=False)
+
+
 def test_pretrain_refuses_bad_input_with_numbers(prompted, tmp_path):
     with pytest.raises(UserError, match=r"multipositive needs several images per prompt.*50 images and 50 distinct.*"
                                         r"method: simclr"):

@@ -283,7 +283,16 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
             return ShardLocalSampler(ds.shard_ids, per_step, cfg.seed, source_id)
         return CyclingSampler(len(ds), per_step, cfg.seed, source_id)
 
+    undecodable: list[str] = []
     if task is not None:
+        # A self-supervised task builds its own batches (groups of positives, split over processes), so an image
+        # cannot drop out of one as below: streamed training images are decode-checked once, before training.
+        for name in ("real", "synthetic"):
+            part = getattr(src, name)
+            if part is not None:
+                part, bad = readable_subset(part)
+                setattr(src, name, part)
+                undecodable += [f"{name}\t{e}" for e in bad]
         task.prepare(src, world)
         samplers = []
     elif d.mix == "ratio":
@@ -315,7 +324,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
         skipped.entries += [ln for ln in (out / SKIPPED_LIST).read_text(encoding="utf-8").splitlines()
                             if ln.startswith("step ") and ln.split()[1].isdigit() and int(ln.split()[1]) < step]
         skipped.counts["training images"] = len(skipped.entries)
-    skipped.add([f"read\t{k}: {why}" for k, why in src.read_skips.items()], n_read, "training images")
+    skipped.add([f"read\t{k}: {why}" for k, why in src.read_skips.items()] + undecodable, n_read, "training images")
     src.val, bad_val = readable_subset(src.val)
     skipped.add([f"validation\t{e}" for e in bad_val], n_read, "training images")
     bad_seen: set[tuple[int, int]] = set()  # (source, index) of the training images already listed
