@@ -124,5 +124,18 @@ def readable_subset(ds: ImageSet, threads: int = 4) -> tuple[ImageSet, list[str]
     return ds.subset(keep, ds.name), list(bad.values())
 
 
+def readable_sets(sets: dict[str, ImageSet | None]) -> tuple[dict[str, ImageSet | None], list[str]]:
+    """Each named set (None stays None) without its undecodable images (:func:`readable_subset`), and one
+    ``<name>\t<reason>`` line per image dropped, ready for :meth:`UnreadableImages.add`."""
+    checked: dict[str, ImageSet | None] = {}
+    lines: list[str] = []
+    for name, ds in sets.items():
+        if ds is not None:
+            ds, bad = readable_subset(ds)
+            lines += [f"{name}\t{e}" for e in bad]
+        checked[name] = ds
+    return checked, lines
+
+
 __all__ = ["MAX_UNREADABLE", "SKIPPED_LIST", "UnreadableImages", "allowed_unreadable", "max_unreadable_field",
-           "read_skips", "readable_subset", "unreadable_in"]
+           "read_skips", "readable_sets", "readable_subset", "unreadable_in"]

@@ -312,10 +312,7 @@ class Stage:
 
     def recorded_seconds(self) -> float | None:
         """The seconds this stage took when it last ran, from its stage.json (None when unknown)."""
-        try:
-            return json.loads((self.folder / STAGE_JSON).read_text(encoding="utf-8")).get("seconds")
-        except (OSError, json.JSONDecodeError):
-            return None
+        return (self._record() or {}).get("seconds")
 
     def run(self) -> float | None:
         """Run the stage unless it is done; the seconds it took, or None when it was skipped."""

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from synclone.config import write_run_info
 from synclone.data.imageset import ImageSet, TensorImageSet
-from synclone.data.readable import SKIPPED_LIST, UnreadableImages, read_skips, readable_subset
+from synclone.data.readable import SKIPPED_LIST, UnreadableImages, read_skips, readable_sets, readable_subset
 from synclone.data.shards import ShardImageSet
 from synclone.data.sources import resolve_dataset
 from synclone.data.streaming import concat_sets
@@ -283,16 +283,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, task=None) -> Path:  
             return ShardLocalSampler(ds.shard_ids, per_step, cfg.seed, source_id)
         return CyclingSampler(len(ds), per_step, cfg.seed, source_id)
 
-    undecodable: list[str] = []
+    undecodable: list[str] = []  # training images a task's sources dropped (below)
     if task is not None:
         # A self-supervised task builds its own batches (groups of positives, split over processes), so an image
         # cannot drop out of one as below: streamed training images are decode-checked once, before training.
-        for name in ("real", "synthetic"):
-            part = getattr(src, name)
-            if part is not None:
-                part, bad = readable_subset(part)
-                setattr(src, name, part)
-                undecodable += [f"{name}\t{e}" for e in bad]
+        parts, undecodable = readable_sets({"real": src.real, "synthetic": src.synthetic})
+        src.real, src.synthetic = parts["real"], parts["synthetic"]
         task.prepare(src, world)
         samplers = []
     elif d.mix == "ratio":

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from synclone.config import StrictModel, write_run_info
-from synclone.data.readable import SKIPPED_LIST, UnreadableImages, max_unreadable_field, read_skips, readable_subset
+from synclone.data.readable import SKIPPED_LIST, UnreadableImages, max_unreadable_field, read_skips, readable_sets
 from synclone.data.sources import resolve_dataset
 from synclone.data.streaming import concat_sets
 from synclone.errors import UserError
@@ -177,15 +177,10 @@ def _without_unreadable(cfg: _ProbeConfig, left_out: list[str], *sets: Any) -> t
     of encoding, and a folder that is largely unreadable stops the run instead of quietly shrinking its data.
     """
     unreadable = UnreadableImages(cfg.data.max_unreadable, Path(cfg.output) / SKIPPED_LIST, "data.max_unreadable")
-    checked, failed = [], list(left_out)
-    for ds, what in zip(sets, ("training", "validation", "test", "real shots"), strict=True):
-        if ds is not None:
-            ds, bad = readable_subset(ds)
-            failed += [f"{what}\t{e}" for e in bad]
-        checked.append(ds)
-    n_read = sum(len(ds) for ds in checked if ds is not None) + len(failed)
-    unreadable.add(failed, n_read)
-    return (*checked, unreadable)
+    checked, bad = readable_sets(dict(zip(("training", "validation", "test", "real shots"), sets, strict=True)))
+    failed = left_out + bad
+    unreadable.add(failed, sum(len(ds) for ds in checked.values() if ds is not None) + len(failed))
+    return (*checked.values(), unreadable)
 
 
 # --- the run ------------------------------------------------------------------------------------------
