@@ -44,6 +44,8 @@ def test_train_writes_model_folder_and_run_snapshot(trained):
     assert (run / "model" / "model.safetensors").is_file()
     snap = json.loads((run / "run.json").read_text())
     assert snap["git_sha"] and "torch" in snap["versions"]
+    # The kernel level decides the float rounding, so a run records the one torch used here.
+    assert snap["host"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and snap["host"]["cpu"]
     resolved = (run / "config.yaml").read_text()
     assert "real_per_class: 30" in resolved and "steps: 30" in resolved
     metrics = json.loads((run / "metrics.json").read_text())
@@ -171,3 +173,15 @@ def test_fewshot_from_the_cli(capsys, tmp_path):
     assert "top-1 over 1 seed(s):" in err and out.strip().endswith("fewshot.json")
     res = json.loads((tmp_path / "fs" / "fewshot.json").read_text())
     assert res["n"] == 1 and res["std"] is None and 0.0 <= res["mean"] <= 1.0
+
+
+def test_run_records_the_cpu_kernel_level_it_was_made_with(tmp_path):
+    """Forcing torch's portable kernels (which round differently) must show in run.json: the record follows
+    the kernels a process uses, not the CPU's flags."""
+    code = ("import sys; from synclone.config import write_run_info; "
+            "print(write_run_info(sys.argv[1])['host']['cpu_capability'])")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "DEFAULT"
+    assert json.loads((tmp_path / "run.json").read_text())["host"]["cpu_capability"] == "DEFAULT"

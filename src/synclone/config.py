@@ -239,6 +239,30 @@ def git_sha() -> str:
     return "unknown"
 
 
+def _cpu_model() -> str:
+    try:  # Linux names the model here; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def host_info() -> dict:
+    """The machine a run is made on: platform, CPU count, CPU model and torch's CPU kernel level.
+
+    The same code, config and data give bit-identical weights on one machine, but not across CPUs: torch and
+    oneDNN pick kernels by the instruction set they find (``cpu_capability``: AVX2, AVX512, ...), the float
+    rounding of those kernels differs, and training carries the difference to every digit. Two runs whose
+    numbers differ are comparable only when these fields agree.
+    """
+    import torch  # every caller runs torch work; kept out of the module so config loading stays light
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def write_run_info(out_dir: str | Path, cfg: BaseModel | None = None, command: str | None = None) -> dict:
     """Write ``config.yaml`` (resolved) and ``run.json`` (versions, git sha, command, time) into ``out_dir``."""
     out = Path(out_dir)
@@ -250,7 +274,7 @@ def write_run_info(out_dir: str | Path, cfg: BaseModel | None = None, command: s
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
         "versions": package_versions(),
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "host": host_info(),
     }
     write_text_atomic(out / "run.json", json.dumps(info, indent=2) + "\n")
     return info
