@@ -167,14 +167,23 @@ def test_a_moved_sweep_folder_finds_every_finished_stage(tmp_path, capsys):
     first = tmp_path / "first"
     code, _, err = run(capsys, "sweep", str(write(tmp_path / "a.yaml", tiny_recipe(first, inspect=True))), *grid)
     assert code == 0, err
+    assert "different CPUs" not in err  # one machine made every stage
     before = pd.read_parquet(first / "results.parquet")
     keyed = sorted(p.name for p in (first / "stages").iterdir())
     moved = tmp_path / "elsewhere" / "moved"
     moved.parent.mkdir()
     first.rename(moved)
+    # the moved folder is continued on "another machine": one stage's record names another CPU
+    record = next((moved / "stages").glob("generate.train-*/run.json"))
+    info = json.loads(record.read_text())
+    here = f"{info['host']['cpu']}, {info['host']['cpu_capability']}"
+    info["host"].update(cpu="Other CPU", cpu_capability="AVX512")
+    record.write_text(json.dumps(info))
     rec = tmp_path / "a.yaml"
     code, _, err = run(capsys, "sweep", str(rec), *grid, "--out", str(moved))
     assert code == 0, err
+    notes = [line for line in err.splitlines() if "different CPUs" in line]
+    assert len(notes) == 1 and f"1 on Other CPU, AVX512 ({record.parent.name})" in notes[0] and here in notes[0]
     # stage hashes and store keys hold paths relative to the sweep's folders: nothing is made again
     assert ran(moved, "ipc-2") == set() and ran(moved, "ipc-3") == set()
     assert sorted(p.name for p in (moved / "stages").iterdir()) == keyed
@@ -183,6 +192,23 @@ def test_a_moved_sweep_folder_finds_every_finished_stage(tmp_path, capsys):
     code, _, err = run(capsys, "sweep", str(rec), "--grid", "vars.ipc=2,4", "--out", str(moved))
     assert code == 0, err
     assert ran(moved, "ipc-4") == {"generate.train", "train.synthetic", "inspect.train", "evaluate", "report"}
+
+
+def test_a_run_continued_on_another_cpu_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    rec = write(tmp_path / "r.yaml", tiny_recipe(out))
+    code, _, err = run(capsys, "run", str(rec))
+    assert code == 0, err
+    assert "different CPUs" not in err
+    records = sorted(out.glob("train/*/run.json"))
+    assert len(records) == 2  # the real and the synthetic model
+    info = json.loads(records[0].read_text())
+    info["host"].update(cpu="Other CPU", cpu_capability="DEFAULT")
+    records[0].write_text(json.dumps(info))
+    code, _, err = run(capsys, "run", str(rec))
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "different CPUs" in line]
+    assert len(notes) == 1 and f"1 on Other CPU, DEFAULT ({records[0].parent.name})" in notes[0], err
 
 
 def test_a_store_keyed_by_an_older_release_is_not_redone(tmp_path, capsys, monkeypatch):

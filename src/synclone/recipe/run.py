@@ -9,16 +9,19 @@ from pathlib import Path
 from synclone.config import validate, write_run_info
 from synclone.errors import UserError
 from synclone.recipe.check import check
+from synclone.recipe.hosts import mixed_hosts_note
 from synclone.recipe.plan import Problems, Recipe, disk_estimate, model_folders, plan
 from synclone.util.files import write_text_atomic
 
 
-def run_recipe(recipe: Recipe, dry_run: bool = False, store: str | Path | None = None) -> Path:
+def run_recipe(recipe: Recipe, dry_run: bool = False, store: str | Path | None = None,
+               note_hosts: bool = True) -> Path:
     """Run (or with ``dry_run`` only check and print) the recipe; returns the report path or the output folder.
 
     Every problem found before work starts (configs, references, data, weights, label spaces) is listed
     together; then a :class:`UserError` stops the run (``run`` and ``--dry-run`` alike) before anything is made.
     ``store``: a folder of stages shared with other runs (:func:`synclone.recipe.plan.plan`; ``synclone sweep``).
+    ``note_hosts``: say so when the stages were made on different CPUs (a sweep says it once for all its runs).
     """
 
     problems = Problems()
@@ -60,6 +63,8 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, store: str | Path | None =
         # A stage skipped now still reports the seconds it took when it ran (kept in its stage.json).
         times[s.name] = {"seconds": s.recorded_seconds() if took is None else round(took, 1), "ran": took is not None}
     write_text_atomic(out / "timings.json", json.dumps(times, indent=2) + "\n")
+    if note_hosts and (note := mixed_hosts_note(s.folder for s in stages)):
+        print(note, file=sys.stderr, flush=True)
     return out / "report.html" if (out / "report.html").is_file() else out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from synclone.errors import UserError
+from synclone.recipe.hosts import mixed_hosts_note
 from synclone.recipe.plan import Problems, Recipe, load_recipe, plan
 from synclone.recipe.run import _duration, run_recipe
 from synclone.util.files import atomic_path, write_text_atomic
@@ -216,7 +218,7 @@ def run_sweep(sweep: Sweep) -> Path:
     for i, p in enumerate(sweep.points, 1):
         print(f"=== sweep point {i}/{len(sweep.points)}: {p.describe()}", flush=True)
         t0 = time.perf_counter()
-        run_recipe(sweep.point_recipe(p), store=sweep.store)
+        run_recipe(sweep.point_recipe(p), store=sweep.store, note_hosts=False)
         times = json.loads((sweep.point_folder(p) / "timings.json").read_text(encoding="utf-8"))
         ran = [k for k, v in times.items() if v.get("ran")]
         print(f"=== point {i}/{len(sweep.points)} done in {time.perf_counter() - t0:.0f} s: {len(ran)} stage(s) ran, "
@@ -226,6 +228,10 @@ def run_sweep(sweep: Sweep) -> Path:
     if not diagnostics.empty:
         _write_table(diagnostics, out / "diagnostics")
     report = build_sweep_report(out, title=sweep.base.title)
+    # Once for the whole sweep rather than per run: a moved sweep continued on another machine mixes CPUs.
+    stages = (s.folder for p in sweep.points for s in plan(sweep.point_recipe(p), store=sweep.store))
+    if note := mixed_hosts_note(stages):
+        print(note, file=sys.stderr, flush=True)
     print(f"sweep of {len(sweep.points)} runs: {time.perf_counter() - t_all:.0f} s", flush=True)
     return report
 
