@@ -205,9 +205,10 @@ def run_sweep(sweep: Sweep) -> Path:
 
     # A grid value that breaks the recipe (a config error at some point) stops the sweep before anything runs;
     # what a point's machine lacks is checked by its run, as in synclone run.
+    folders: list[Path] = []
     for p in sweep.points:
         problems = Problems()
-        plan(sweep.point_recipe(p), problems, store=sweep.store)
+        folders += [s.folder for s in plan(sweep.point_recipe(p), problems, store=sweep.store)]
         if problems.errors:
             more = f" (and {len(problems.errors) - 1} more)" if len(problems.errors) > 1 else ""
             raise UserError(f"sweep point {p.describe()}: {problems.errors[0]}{more}; nothing was run")
@@ -229,8 +230,8 @@ def run_sweep(sweep: Sweep) -> Path:
         _write_table(diagnostics, out / "diagnostics")
     report = build_sweep_report(out, title=sweep.base.title)
     # Once for the whole sweep rather than per run: a moved sweep continued on another machine mixes CPUs.
-    stages = (s.folder for p in sweep.points for s in plan(sweep.point_recipe(p), store=sweep.store))
-    if note := mixed_hosts_note(stages):
+    # Stage folders are keyed by config, so those planned before the run are the ones it filled.
+    if note := mixed_hosts_note(folders):
         print(note, file=sys.stderr, flush=True)
     print(f"sweep of {len(sweep.points)} runs: {time.perf_counter() - t_all:.0f} s", flush=True)
     return report
