@@ -61,6 +61,55 @@ def test_second_writer_refused_naming_holder(tmp_path):
     assert not (folder / LOCK_NAME).exists()
 
 
+def _lock_unnamed_in_child(folder, ready, name_after_s):
+    """A child that locks ``folder``'s lock file, writes ``ready``, and writes its name only after ``name_after_s``
+    seconds (never when None): the gap between a holder's flock and its record, widened."""
+    code = textwrap.dedent(f"""
+        import fcntl, json, os, pathlib, time
+        fd = os.open({str(folder / LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        pathlib.Path({str(ready)!r}).write_text("x")
+        if {name_after_s!r} is not None:
+            time.sleep({name_after_s!r})
+            os.pwrite(fd, json.dumps({{"pid": os.getpid(), "host": "h", "command": "slow starter"}}).encode(), 0)
+        time.sleep(60)
+    """)
+    return subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
+
+
+def test_a_writer_refused_before_the_holder_wrote_its_name_still_names_it(tmp_path):
+    """Two runs started together: the loser can meet the lock in the instant before the winner has written its
+    name (seen in CI on a fast machine); it waits for the name instead of refusing anonymously."""
+    folder, ready = tmp_path / "out", tmp_path / "ready"
+    folder.mkdir()
+    proc = _lock_unnamed_in_child(folder, ready, name_after_s=0.5)
+    try:
+        _wait_for(ready, proc)
+        with pytest.raises(UserError) as err, output_lock(folder, "second"):
+            pass
+        assert f"pid {proc.pid}" in str(err.value) and "slow starter" in str(err.value)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_holder_that_never_names_itself_is_refused_after_the_wait(tmp_path, monkeypatch):
+    from synclone.util import lock
+
+    monkeypatch.setattr(lock, "NAME_WAIT_S", 0.2)
+    folder, ready = tmp_path / "out", tmp_path / "ready"
+    folder.mkdir()
+    proc = _lock_unnamed_in_child(folder, ready, name_after_s=None)
+    try:
+        _wait_for(ready, proc)
+        with pytest.raises(UserError, match="in use by another synclone run: a process that has not written its "
+                                            "name yet"), output_lock(folder, "second"):
+            pass
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_stale_lock_of_dead_pid_taken_over_with_note(tmp_path, capfd):
     folder = tmp_path / "out"
     folder.mkdir()

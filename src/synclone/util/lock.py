@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,8 @@ from pathlib import Path
 from synclone.errors import UserError
 
 LOCK_NAME = ".synclone.lock"
+# A holder writes its name just after taking the lock; a writer refused in that gap waits this long for the name.
+NAME_WAIT_S = 2.0
 _held: dict[Path, int] = {}  # folder -> nesting depth in this process
 
 
@@ -74,6 +77,18 @@ def _read_holder(fd: int) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
+def _wait_for_holder(fd: int) -> dict:
+    """The holder's record from the locked file ``fd``, waiting up to :data:`NAME_WAIT_S` for it to be written.
+
+    Two runs started together race: the loser can find the lock taken an instant before the winner has written its
+    name (seen on a fast machine), and would then refuse without saying who holds the folder.
+    """
+    deadline = time.monotonic() + NAME_WAIT_S
+    while not (holder := _read_holder(fd)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return holder
+
+
 def describe_holder(holder: dict) -> str:
     """``pid 123 on host h ('synclone generate ...', since 2026-...)`` from a lock file's contents."""
     if not holder:
@@ -103,11 +118,12 @@ def _acquire(folder: Path, command: str) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = _read_holder(fd)
-            os.close(fd)
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
                 raise UserError(f"cannot lock output folder '{folder}' ({err.strerror}); the file system may not "
                                 "support locks: use a local folder") from None
+            holder = _wait_for_holder(fd)
+            os.close(fd)
             raise UserError(f"output folder '{folder}' is in use by another synclone run: {describe_holder(holder)}; "
                             "wait for it to finish, or choose another output folder") from None
         # The holder before us may have removed the file between our open and our lock: lock the file that is
