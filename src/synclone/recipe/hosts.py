@@ -8,9 +8,11 @@ continued there) gives numbers that match a one-machine run only up to run-to-ru
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
+
+from synclone.config import read_json
+from synclone.errors import UserError
 
 
 def stage_hosts(folders: Iterable[Path]) -> dict[str, list[str]]:
@@ -21,8 +23,8 @@ def stage_hosts(folders: Iterable[Path]) -> dict[str, list[str]]:
     hosts: dict[str, list[str]] = {}
     for folder in dict.fromkeys(Path(f) for f in folders):
         try:
-            host = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("host")
-        except (OSError, ValueError, AttributeError):
+            host = read_json(folder / "run.json").get("host")
+        except UserError:  # missing or unreadable: that stage tells nothing about its CPU
             continue
         if isinstance(host, dict) and host.get("cpu_capability"):
             hosts.setdefault(f"{host.get('cpu') or 'unknown CPU'}, {host['cpu_capability']}", []).append(folder.name)
